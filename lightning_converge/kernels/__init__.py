@@ -1,0 +1,14 @@
+"""Every fused pass over parameters, gradients or optimizer state, written once.
+
+Each name below is a :class:`~lightning_converge.kernels.dispatch.Kernel`: call it
+with ``backend="auto" | "reference" | "compiled" | "triton"``.
+"""
+
+from lightning_converge.kernels.adamw import adamw
+from lightning_converge.kernels.ademamix import ademamix
+from lightning_converge.kernels.adan import adan
+from lightning_converge.kernels.adopt import adopt
+from lightning_converge.kernels.dispatch import BACKENDS, Kernel, resolve_backend, scalar
+from lightning_converge.kernels.lion import lion
+
+__all__ = ["BACKENDS", "Kernel", "resolve_backend", "scalar", "adamw", "ademamix", "adan", "adopt", "lion"]

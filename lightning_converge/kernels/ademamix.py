@@ -1,0 +1,74 @@
+"""AdEMAMix ("The AdEMAMix Optimizer: Better, Faster, Older"), as in apple/ml-ademamix (PyTorch)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lightning_converge.kernels.cautious import cautious_mask
+from lightning_converge.kernels.dispatch import kernel
+
+
+def _half_life(beta: Tensor) -> Tensor:
+    # Number of steps for beta**t to fall to one half, minus one (the paper's f).
+    return math.log(0.5) / torch.log(beta + 1e-8) - 1
+
+
+def warmed_up_alpha_beta3(
+    step: Tensor,
+    alpha: Tensor,
+    beta1: Tensor,
+    beta3: Tensor,
+    alpha_warmup: int | None,
+    beta3_warmup: int | None,
+) -> tuple[Tensor, Tensor]:
+    """The paper's schedulers: alpha rises linearly from 0; beta3 rises from beta1
+    linearly in half-life. Both reach their final values at their warm-up step count."""
+    if alpha_warmup:
+        alpha = alpha * torch.clamp(step / alpha_warmup, max=1.0)
+    if beta3_warmup:
+        frac = torch.clamp(step / beta3_warmup, max=1.0)
+        half_life = (1 - frac) * _half_life(beta1) + frac * _half_life(beta3)
+        beta3 = torch.where(frac < 1, torch.pow(0.5, 1 / (half_life + 1)), beta3)
+    return alpha, beta3
+
+
+@kernel
+def ademamix(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avg_fasts: list[Tensor],
+    exp_avg_slows: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: Tensor,
+    beta1: Tensor,
+    beta2: Tensor,
+    beta3: Tensor,
+    alpha: Tensor,
+    eps: Tensor,
+    weight_decay: Tensor,
+    alpha_warmup: int | None = None,
+    beta3_warmup: int | None = None,
+    cautious: bool = False,
+) -> None:
+    """One AdEMAMix step, in place.
+
+    Bias correction on the fast EMA and the second moment only; the slow EMA
+    enters scaled by alpha; weight decay is added to the update (scaled by lr).
+    """
+    for p, g, m1, m2, nu, step in zip(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, steps):
+        g32 = g.float()
+        alpha_t, beta3_t = warmed_up_alpha_beta3(step, alpha, beta1, beta3, alpha_warmup, beta3_warmup)
+        m1.lerp_(g32, 1 - beta1)
+        m2.lerp_(g32, 1 - beta3_t)
+        nu.mul_(beta2).add_(g32 * g32 * (1 - beta2))
+        denom = nu.sqrt() / torch.sqrt(1 - beta2**step) + eps
+        update = (m1 / (1 - beta1**step) + alpha_t * m2) / denom
+        if cautious:
+            update = update * cautious_mask(update, g32)
+        p32 = p.float()
+        p.copy_(p32 - lr * (update + weight_decay * p32))

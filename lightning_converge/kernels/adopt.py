@@ -1,0 +1,55 @@
+"""ADOPT ("ADOPT: Modified Adam Can Converge with Any beta2 with the Optimal Rate"), clipped variant."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_converge.kernels.cautious import cautious_mask
+from lightning_converge.kernels.dispatch import kernel
+
+
+@kernel
+def adopt(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: Tensor,
+    beta1: Tensor,
+    beta2: Tensor,
+    eps: Tensor,
+    weight_decay: Tensor,
+    decouple: bool = False,
+    clip_exponent: float | None = 0.25,
+    cautious: bool = False,
+) -> None:
+    """One ADOPT step, in place. ``steps`` already count this step (1 on the first).
+
+    The first step only initializes the second moment with g**2. Afterwards the
+    gradient is normalized by the *previous* second moment, clipped at
+    ``(step-1)**clip_exponent`` (None: no clipping), enters the momentum, and the
+    parameter moves by the momentum. Weight decay is L2 (added to the gradient)
+    unless ``decouple``, then ``p *= 1 - lr*wd`` from the second step on.
+    """
+    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        first = step == 1
+        p32 = p.float()
+        g32 = g.float()
+        if not decouple:
+            g32 = g32 + weight_decay * p32
+        normed = g32 / torch.clamp(v.sqrt(), min=eps)
+        if clip_exponent is not None:
+            clip = (step - 1) ** clip_exponent
+            normed = torch.minimum(torch.maximum(normed, -clip), clip)
+        m_new = torch.where(first, m, m.lerp(normed, 1 - beta1))
+        update = m_new
+        if cautious:
+            update = update * cautious_mask(update, g32)
+        if decouple:
+            p32 = p32 * (1 - lr * weight_decay)
+        p.copy_(torch.where(first, p.float(), p32 - lr * update))
+        m.copy_(m_new)
+        v.copy_(torch.where(first, g32 * g32, v * beta2 + g32 * g32 * (1 - beta2)))

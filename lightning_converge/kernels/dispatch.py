@@ -1,0 +1,142 @@
+"""One dispatch point for every fused pass.
+
+A :class:`Kernel` holds one update rule written three ways:
+
+* ``reference``: plain torch ops over lists of tensors. It is the specification.
+* ``compiled``: ``torch.compile`` of the reference; the CPU default. Inductor fuses
+  the whole list into a few C++ loops, so one pass reads and writes each byte once.
+* ``triton``: ``@triton.jit`` kernels; the CUDA default, testable on CPU with
+  ``TRITON_INTERPRET=1``.
+
+Hyperparameters that change during training (lr, betas, step, decay) are passed
+as 0-d tensors so that the compiled graph never specializes on their values: a
+learning-rate schedule does not recompile.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any, Callable, Sequence
+
+import torch
+
+BACKENDS = ("auto", "reference", "compiled", "triton")
+BACKEND_ENV = "LIGHTNING_CONVERGE_BACKEND"
+
+# One code object serves every optimizer and parameter group; each distinct list
+# of shapes is a separate compiled graph, so allow more than dynamo's default of 8.
+torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+torch._dynamo.config.accumulated_cache_size_limit = max(
+    torch._dynamo.config.accumulated_cache_size_limit, 512
+)
+
+
+def validate_backend(backend: str) -> str:
+    """Return ``backend`` if it names a backend, else raise a ``ValueError`` naming the choices."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    if not triton_available():
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Choose the concrete backend for tensors on ``device``.
+
+    ``LIGHTNING_CONVERGE_BACKEND`` overrides ``"auto"`` (and only ``"auto"``: an
+    explicit argument wins). ``"auto"`` means triton on CUDA when it is installed,
+    else compiled. A backend that cannot run on ``device`` raises.
+    """
+    validate_backend(backend)
+    if backend == "auto":
+        backend = validate_backend(os.environ.get(BACKEND_ENV, "auto"))
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and triton_available() else "compiled"
+    if backend == "triton" and not _triton_runs_on(device):
+        raise RuntimeError(
+            f"backend='triton' cannot run on {device.type} tensors here: it needs CUDA, "
+            "or TRITON_INTERPRET=1 on CPU, and the triton package. "
+            "Use backend='compiled' or 'reference'."
+        )
+    return backend
+
+
+def _first_device(args: Sequence[Any]) -> torch.device:
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            return arg.device
+        if isinstance(arg, (list, tuple)) and arg and isinstance(arg[0], torch.Tensor):
+            return arg[0].device
+    raise ValueError("a kernel needs at least one tensor argument")
+
+
+class Kernel:
+    """A fused pass with a reference, a compiled and (optionally) a triton implementation.
+
+    Call it like the reference, plus ``backend=``. The triton implementation is
+    registered by :meth:`register_triton` from ``kernels/triton_impl.py`` and has
+    the reference's signature.
+    """
+
+    def __init__(self, reference: Callable[..., Any]):
+        self.reference = reference
+        self.__name__ = reference.__name__
+        self.__doc__ = reference.__doc__
+        self._compiled: Callable[..., Any] | None = None
+        self._triton: Callable[..., Any] | None = None
+        self._triton_loader: Callable[[], Callable[..., Any]] | None = None
+
+    @property
+    def compiled(self) -> Callable[..., Any]:
+        if self._compiled is None:
+            self._compiled = torch.compile(self.reference, fullgraph=True)
+        return self._compiled
+
+    def register_triton(self, loader: Callable[[], Callable[..., Any]]) -> None:
+        """Register a zero-argument loader that imports triton lazily and returns the implementation."""
+        self._triton_loader = loader
+
+    @property
+    def triton(self) -> Callable[..., Any]:
+        if self._triton is None:
+            if self._triton_loader is None:
+                raise NotImplementedError(f"kernel {self.__name__!r} has no triton implementation")
+            self._triton = self._triton_loader()
+        return self._triton
+
+    def implementation(self, backend: str, device: torch.device) -> Callable[..., Any]:
+        name = resolve_backend(backend, device)
+        if name == "reference":
+            return self.reference
+        if name == "compiled":
+            return self.compiled
+        return self.triton
+
+    def __call__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> Any:
+        return self.implementation(backend, _first_device(args))(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Kernel({self.__name__})"
+
+
+def kernel(reference: Callable[..., Any]) -> Kernel:
+    """Decorator: turn a reference implementation into a dispatching :class:`Kernel`."""
+    return Kernel(reference)
+
+
+def scalar(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A 0-d float32 tensor on ``device``: how changing hyperparameters enter kernels."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device=device, dtype=torch.float32)
+    return torch.tensor(value, dtype=torch.float32, device=device)

@@ -1,0 +1,30 @@
+"""Lion ("Symbolic Discovery of Optimization Algorithms")."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lightning_converge.kernels.cautious import cautious_mask
+from lightning_converge.kernels.dispatch import kernel
+
+
+@kernel
+def lion(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    lr: Tensor,
+    beta1: Tensor,
+    beta2: Tensor,
+    weight_decay: Tensor,
+    cautious: bool = False,
+) -> None:
+    """One Lion step, in place: ``p -= lr * sign(b1*m + (1-b1)*g)``, then ``m = b2*m + (1-b2)*g``."""
+    for p, g, m in zip(params, grads, exp_avgs):
+        g32 = g.float()
+        update = m.lerp(g32, 1 - beta1).sign()
+        if cautious:
+            update = update * cautious_mask(update, g32)
+        p.copy_(p.float() * (1 - lr * weight_decay) - lr * update)
+        m.lerp_(g32, 1 - beta2)

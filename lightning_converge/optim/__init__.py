@@ -1,0 +1,10 @@
+"""``torch.optim.Optimizer`` classes built on the fused kernels of :mod:`lightning_converge.kernels`."""
+
+from lightning_converge.optim.adamw import AdamW
+from lightning_converge.optim.ademamix import AdEMAMix
+from lightning_converge.optim.adan import Adan
+from lightning_converge.optim.adopt import ADOPT
+from lightning_converge.optim.base import FusedOptimizer
+from lightning_converge.optim.lion import Lion
+
+__all__ = ["ADOPT", "AdEMAMix", "Adan", "AdamW", "FusedOptimizer", "Lion"]
