@@ -9,6 +9,20 @@ from lightning_converge.kernels.ademamix import ademamix
 from lightning_converge.kernels.adan import adan
 from lightning_converge.kernels.adopt import adopt
 from lightning_converge.kernels.dispatch import BACKENDS, Kernel, resolve_backend, scalar
+from lightning_converge.kernels.ema import ema_update
+from lightning_converge.kernels.grokfast import grokfast_ema
 from lightning_converge.kernels.lion import lion
 
-__all__ = ["BACKENDS", "Kernel", "resolve_backend", "scalar", "adamw", "ademamix", "adan", "adopt", "lion"]
+__all__ = [
+    "BACKENDS",
+    "Kernel",
+    "resolve_backend",
+    "scalar",
+    "adamw",
+    "ademamix",
+    "adan",
+    "adopt",
+    "ema_update",
+    "grokfast_ema",
+    "lion",
+]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import Tensor
 
@@ -37,3 +39,6 @@ def adamw(
         if cautious:
             update = update * cautious_mask(update, g32)
         p.copy_(p.float() * (1 - lr * weight_decay) - lr * update)
+
+
+adamw.register_triton(lambda: importlib.import_module("lightning_converge.kernels.triton.adamw").adamw)

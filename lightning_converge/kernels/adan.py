@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import Tensor
 
@@ -52,3 +54,6 @@ def adan(
         else:
             p.copy_((p.float() - lr * update) / (1 + lr * weight_decay))
         prev.copy_(g32)
+
+
+adan.register_triton(lambda: importlib.import_module("lightning_converge.kernels.triton.adan").adan)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
@@ -72,3 +73,6 @@ def ademamix(
             update = update * cautious_mask(update, g32)
         p32 = p.float()
         p.copy_(p32 - lr * (update + weight_decay * p32))
+
+
+ademamix.register_triton(lambda: importlib.import_module("lightning_converge.kernels.triton.ademamix").ademamix)

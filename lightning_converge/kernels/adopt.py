@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import Tensor
 
@@ -53,3 +55,6 @@ def adopt(
         p.copy_(torch.where(first, p.float(), p32 - lr * update))
         m.copy_(m_new)
         v.copy_(torch.where(first, g32 * g32, v * beta2 + g32 * g32 * (1 - beta2)))
+
+
+adopt.register_triton(lambda: importlib.import_module("lightning_converge.kernels.triton.adopt").adopt)

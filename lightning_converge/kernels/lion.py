@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 from torch import Tensor
 
 from lightning_converge.kernels.cautious import cautious_mask
@@ -28,3 +30,6 @@ def lion(
             update = update * cautious_mask(update, g32)
         p.copy_(p.float() * (1 - lr * weight_decay) - lr * update)
         m.lerp_(g32, 1 - beta2)
+
+
+lion.register_triton(lambda: importlib.import_module("lightning_converge.kernels.triton.lion").lion)

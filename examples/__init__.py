@@ -1,0 +1,1 @@
+"""LightningModules and DataModules used by configs/ and benchmarks/."""

@@ -1,0 +1,190 @@
+"""Grokfast ("Grokfast: Accelerated Grokking by Amplifying Slow Gradients", Lee et al., 2024)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from lightning_converge.kernels.dispatch import scalar, validate_backend
+from lightning_converge.kernels.grokfast import grokfast_ema
+from lightning_converge.schedules import ScheduleLike, as_schedule
+
+FILTERS = ("ema", "ma")
+FILTER_TYPES = ("mean", "sum")
+
+
+class Grokfast(pl.Callback):
+    """Amplify the slow component of the gradients: ``grad += lamb * slow``.
+
+    Two filters, with the numbers of the paper's official code:
+
+    * ``filter="ema"``: ``slow = alpha * slow + (1 - alpha) * grad``, where ``slow``
+      starts as the parameter's first gradient. The pass is the fused
+      :func:`~lightning_converge.kernels.grokfast.grokfast_ema` kernel (``backend``).
+    * ``filter="ma"``: ``slow`` is the mean (``filter_type="mean"``) or the sum
+      (``"sum"``) of the last ``window_size`` gradients; with ``warmup`` it is applied
+      only once the window is full. A ring buffer and a running fp32 sum make each
+      step cost O(parameters), not O(parameters * window_size).
+
+    ``alpha`` and ``lamb`` are numbers or schedules (callables of ``trainer.global_step``).
+
+    When it runs: in ``on_before_optimizer_step``, once per optimizer step. The
+    gradients there are already accumulated over ``accumulate_grad_batches``,
+    unscaled by fp16 AMP and, under DDP, averaged across ranks, so every rank
+    filters the same gradients and keeps the same state. Lightning clips gradients
+    after this hook, so clipping sees the filtered gradients.
+
+    Only parameters of the optimizer being stepped that have a gradient this step
+    are filtered; the others keep their state untouched. A step whose gradients are
+    not all finite (an fp16 overflow: the grad scaler will skip that step) changes
+    neither the gradients nor the filter. The filter keeps copies of gradients,
+    never references to the live ``.grad`` tensors, which are zeroed in place or freed.
+
+    State, by parameter name, in :meth:`state_dict` (tensors and plain values only),
+    so a resumed run continues exactly. Logs ``grokfast/slow_norm``, the L2 norm of
+    this step's slow gradients.
+    """
+
+    def __init__(
+        self,
+        filter: str = "ema",
+        alpha: ScheduleLike = 0.98,
+        lamb: ScheduleLike = 2.0,
+        window_size: int = 100,
+        filter_type: str = "mean",
+        warmup: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        if filter not in FILTERS:
+            raise ValueError(f"filter must be one of {FILTERS}, got {filter!r}")
+        if filter_type not in FILTER_TYPES:
+            raise ValueError(f"filter_type must be one of {FILTER_TYPES}, got {filter_type!r}")
+        if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
+            raise ValueError(f"window_size must be an integer >= 1, got {window_size!r}")
+        self.filter = filter
+        self.alpha = as_schedule(alpha, "alpha")
+        self.lamb = as_schedule(lamb, "lamb")
+        # Schedules are pure functions of the step: a bad value at step 0 is caught before training.
+        _check_alpha(self.alpha(0))
+        _check_lamb(self.lamb(0))
+        self.window_size = window_size
+        self.filter_type = filter_type
+        self.warmup = warmup
+        self.backend = validate_backend(backend)
+        # "ema": the slow gradient. "ma": the last window_size gradients (a ring, in the
+        # gradients' dtype, so the running sum subtracts exactly what it added), their
+        # fp32 running sum, and how many gradients each parameter has pushed.
+        self._slow: dict[str, Tensor] = {}
+        self._window: dict[str, Tensor] = {}
+        self._window_sum: dict[str, Tensor] = {}
+        self._pushed: dict[str, int] = {}
+        self._names_by_id: dict[int, str] = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Fires once, after the strategy moved the model and any checkpoint was restored:
+        map parameters to their names and move restored state next to its parameter."""
+        params = dict(pl_module.named_parameters())
+        self._names_by_id = {id(p): name for name, p in params.items()}
+        for states in (self._slow, self._window, self._window_sum):
+            for name, tensor in states.items():
+                if name not in params:
+                    raise ValueError(f"Grokfast state names parameter {name!r}, which the model does not have")
+                states[name] = tensor.to(params[name].device)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Fires once per optimizer step, after accumulation, unscaling and the DDP all-reduce: filter."""
+        names, grads = [], []
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and id(p) in self._names_by_id:
+                    names.append(self._names_by_id[id(p)])
+                    grads.append(p.grad)
+        if not grads or not _all_finite(grads):
+            return
+        step = trainer.global_step
+        lamb = _check_lamb(self.lamb(step))
+        if self.filter == "ema":
+            slows = self._filter_ema(names, grads, _check_alpha(self.alpha(step)), lamb)
+        else:
+            slows = self._filter_ma(names, grads, lamb)
+        pl_module.log("grokfast/slow_norm", torch.linalg.vector_norm(torch.stack(torch._foreach_norm(slows))))
+
+    def _filter_ema(self, names: Sequence[str], grads: list[Tensor], alpha: float, lamb: float) -> list[Tensor]:
+        for name, grad in zip(names, grads):
+            if name not in self._slow:
+                self._slow[name] = grad.detach().to(torch.float32, copy=True)
+        slows = [self._slow[name] for name in names]
+        device = grads[0].device
+        grokfast_ema(grads, slows, alpha=scalar(alpha, device), lamb=scalar(lamb, device), backend=self.backend)
+        return slows
+
+    def _filter_ma(self, names: Sequence[str], grads: list[Tensor], lamb: float) -> list[Tensor]:
+        slows = []
+        for name, grad in zip(names, grads):
+            if name not in self._window:
+                self._window[name] = grad.new_zeros((self.window_size, *grad.shape))
+                self._window_sum[name] = torch.zeros_like(grad, dtype=torch.float32)
+                self._pushed[name] = 0
+            # The slot of the gradient leaving the window (zeros while the window fills).
+            oldest = self._window[name][self._pushed[name] % self.window_size]
+            window_sum = self._window_sum[name].sub_(oldest).add_(grad)
+            oldest.copy_(grad)
+            self._pushed[name] += 1
+            filled = min(self._pushed[name], self.window_size)
+            slow = window_sum / filled if self.filter_type == "mean" else window_sum
+            if filled == self.window_size or not self.warmup:
+                grad.add_(slow, alpha=lamb)
+            slows.append(slow)
+        return slows
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.filter == "ema":
+            return {"filter": "ema", "slow": dict(self._slow)}
+        return {
+            "filter": "ma",
+            "window_size": self.window_size,
+            "window": dict(self._window),
+            "window_sum": dict(self._window_sum),
+            "pushed": dict(self._pushed),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict["filter"] != self.filter:
+            raise ValueError(
+                f"the checkpoint holds Grokfast state of filter={state_dict['filter']!r}, "
+                f"but this callback has filter={self.filter!r}"
+            )
+        if self.filter == "ema":
+            self._slow = dict(state_dict["slow"])
+            return
+        if state_dict["window_size"] != self.window_size:
+            raise ValueError(
+                f"the checkpoint holds Grokfast windows of window_size={state_dict['window_size']}, "
+                f"but this callback has window_size={self.window_size}"
+            )
+        self._window = dict(state_dict["window"])
+        self._window_sum = dict(state_dict["window_sum"])
+        self._pushed = dict(state_dict["pushed"])
+
+
+def _check_alpha(value: float) -> float:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"alpha must be in [0, 1), got {value}")
+    return value
+
+
+def _check_lamb(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"lamb must be a finite number, got {value}")
+    return value
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether no tensor holds an inf or NaN (the max-abs norm propagates both)."""
+    return bool(torch.stack(torch._foreach_norm(tensors, math.inf)).isfinite().all())

@@ -1,0 +1,12 @@
+"""The ``triton`` backend of the optimizer kernels: one module per update rule.
+
+Importing any module below imports triton, so nothing imports them eagerly: each
+rule in ``kernels/`` registers its implementation with
+:meth:`~lightning_converge.kernels.dispatch.Kernel.register_triton` through a
+loader that runs on first use. Users without triton can import everything else.
+
+Every implementation has its reference's signature and mutates the same tensors.
+It launches one program grid per tensor (see :func:`.common.launch_per_tensor`)
+and reads the changing hyperparameters from their 0-d tensors inside the kernel,
+so a schedule never causes a host sync or a recompile.
+"""

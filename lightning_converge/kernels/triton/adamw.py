@@ -1,0 +1,85 @@
+"""Triton AdamW: :func:`lightning_converge.kernels.adamw.adamw` in one pass per tensor."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from lightning_converge.kernels.triton.common import (
+    block_offsets,
+    cautious_masked,
+    count_agreeing,
+    launch_per_tensor,
+    lerp,
+    load_f32,
+    scalar_pow,
+    store,
+)
+
+
+@triton.jit
+def _adamw_kernel(
+    param_ptr,
+    grad_ptr,
+    exp_avg_ptr,
+    exp_avg_sq_ptr,
+    step_ptr,
+    lr_ptr,
+    beta1_ptr,
+    beta2_ptr,
+    eps_ptr,
+    weight_decay_ptr,
+    count_ptr,
+    numel,
+    BLOCK: tl.constexpr,
+    CAUTIOUS: tl.constexpr,
+    COUNT_PASS: tl.constexpr,
+):
+    offsets, mask = block_offsets(numel, BLOCK)
+    step = tl.load(step_ptr)
+    beta1 = tl.load(beta1_ptr)
+    beta2 = tl.load(beta2_ptr)
+
+    grad = load_f32(grad_ptr, offsets, mask)
+    exp_avg = lerp(load_f32(exp_avg_ptr, offsets, mask), grad, 1 - beta1)
+    exp_avg_sq = load_f32(exp_avg_sq_ptr, offsets, mask) * beta2 + grad * grad * (1 - beta2)
+    denom = tl.sqrt(exp_avg_sq) / tl.sqrt(1 - scalar_pow(beta2, step)) + tl.load(eps_ptr)
+    update = exp_avg / (1 - scalar_pow(beta1, step)) / denom
+
+    if COUNT_PASS:
+        count_agreeing(update, grad, mask, count_ptr)
+    else:
+        if CAUTIOUS:
+            update = cautious_masked(update, grad, count_ptr, numel)
+        lr = tl.load(lr_ptr)
+        param = load_f32(param_ptr, offsets, mask)
+        store(param_ptr, offsets, param * (1 - lr * tl.load(weight_decay_ptr)) - lr * update, mask)
+        store(exp_avg_ptr, offsets, exp_avg, mask)
+        store(exp_avg_sq_ptr, offsets, exp_avg_sq, mask)
+
+
+def adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: Tensor,
+    beta1: Tensor,
+    beta2: Tensor,
+    eps: Tensor,
+    weight_decay: Tensor,
+    cautious: bool = False,
+) -> None:
+    """One AdamW step, in place: the reference's contract, run as triton kernels."""
+    launch_per_tensor(
+        _adamw_kernel,
+        params,
+        grads,
+        [exp_avgs, exp_avg_sqs],
+        steps,
+        [lr, beta1, beta2, eps, weight_decay],
+        cautious=cautious,
+    )

@@ -1,0 +1,126 @@
+"""Triton AdEMAMix: :func:`lightning_converge.kernels.ademamix.ademamix` in one pass per tensor."""
+
+from __future__ import annotations
+
+import math
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from lightning_converge.kernels.triton.common import (
+    block_offsets,
+    cautious_masked,
+    count_agreeing,
+    launch_per_tensor,
+    lerp,
+    load_f32,
+    scalar_pow,
+    store,
+)
+
+LOG_HALF = tl.constexpr(math.log(0.5))
+
+
+@triton.jit
+def _half_life(beta):
+    # Number of steps for beta**t to fall to one half, minus one (the paper's f).
+    return LOG_HALF / tl.log(beta + 1e-8) - 1
+
+
+@triton.jit
+def _warmed_up_alpha_beta3(step, alpha, beta1, beta3, ALPHA_WARMUP: tl.constexpr, BETA3_WARMUP: tl.constexpr):
+    """The reference's ``warmed_up_alpha_beta3`` on scalars: alpha rises linearly from 0,
+    beta3 from beta1 linearly in half-life; a warm-up of None (or 0) means none."""
+    if ALPHA_WARMUP:
+        alpha = alpha * tl.minimum(step / ALPHA_WARMUP, 1.0)
+    if BETA3_WARMUP:
+        frac = tl.minimum(step / BETA3_WARMUP, 1.0)
+        half_life = (1 - frac) * _half_life(beta1) + frac * _half_life(beta3)
+        beta3 = tl.where(frac < 1, scalar_pow(0.5, 1 / (half_life + 1)), beta3)
+    return alpha, beta3
+
+
+@triton.jit
+def _ademamix_kernel(
+    param_ptr,
+    grad_ptr,
+    exp_avg_fast_ptr,
+    exp_avg_slow_ptr,
+    exp_avg_sq_ptr,
+    step_ptr,
+    lr_ptr,
+    beta1_ptr,
+    beta2_ptr,
+    beta3_ptr,
+    alpha_ptr,
+    eps_ptr,
+    weight_decay_ptr,
+    count_ptr,
+    numel,
+    BLOCK: tl.constexpr,
+    CAUTIOUS: tl.constexpr,
+    COUNT_PASS: tl.constexpr,
+    ALPHA_WARMUP: tl.constexpr,
+    BETA3_WARMUP: tl.constexpr,
+):
+    offsets, mask = block_offsets(numel, BLOCK)
+    step = tl.load(step_ptr)
+    beta1 = tl.load(beta1_ptr)
+    beta2 = tl.load(beta2_ptr)
+    alpha, beta3 = _warmed_up_alpha_beta3(
+        step, tl.load(alpha_ptr), beta1, tl.load(beta3_ptr), ALPHA_WARMUP, BETA3_WARMUP
+    )
+
+    grad = load_f32(grad_ptr, offsets, mask)
+    exp_avg_fast = lerp(load_f32(exp_avg_fast_ptr, offsets, mask), grad, 1 - beta1)
+    exp_avg_slow = lerp(load_f32(exp_avg_slow_ptr, offsets, mask), grad, 1 - beta3)
+    exp_avg_sq = load_f32(exp_avg_sq_ptr, offsets, mask) * beta2 + grad * grad * (1 - beta2)
+    denom = tl.sqrt(exp_avg_sq) / tl.sqrt(1 - scalar_pow(beta2, step)) + tl.load(eps_ptr)
+    update = (exp_avg_fast / (1 - scalar_pow(beta1, step)) + alpha * exp_avg_slow) / denom
+
+    if COUNT_PASS:
+        count_agreeing(update, grad, mask, count_ptr)
+    else:
+        if CAUTIOUS:
+            update = cautious_masked(update, grad, count_ptr, numel)
+        param = load_f32(param_ptr, offsets, mask)
+        # Weight decay enters the update, so it is scaled by lr only (as in apple/ml-ademamix).
+        param = param - tl.load(lr_ptr) * (update + tl.load(weight_decay_ptr) * param)
+        store(param_ptr, offsets, param, mask)
+        store(exp_avg_fast_ptr, offsets, exp_avg_fast, mask)
+        store(exp_avg_slow_ptr, offsets, exp_avg_slow, mask)
+        store(exp_avg_sq_ptr, offsets, exp_avg_sq, mask)
+
+
+def ademamix(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avg_fasts: list[Tensor],
+    exp_avg_slows: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: Tensor,
+    beta1: Tensor,
+    beta2: Tensor,
+    beta3: Tensor,
+    alpha: Tensor,
+    eps: Tensor,
+    weight_decay: Tensor,
+    alpha_warmup: int | None = None,
+    beta3_warmup: int | None = None,
+    cautious: bool = False,
+) -> None:
+    """One AdEMAMix step, in place: the reference's contract, run as triton kernels."""
+    launch_per_tensor(
+        _ademamix_kernel,
+        params,
+        grads,
+        [exp_avg_fasts, exp_avg_slows, exp_avg_sqs],
+        steps,
+        [lr, beta1, beta2, beta3, alpha, eps, weight_decay],
+        cautious=cautious,
+        ALPHA_WARMUP=alpha_warmup,
+        BETA3_WARMUP=beta3_warmup,
+    )

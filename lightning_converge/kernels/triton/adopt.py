@@ -1,0 +1,103 @@
+"""Triton ADOPT: :func:`lightning_converge.kernels.adopt.adopt` in one pass per tensor."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from lightning_converge.kernels.triton.common import (
+    block_offsets,
+    cautious_masked,
+    count_agreeing,
+    launch_per_tensor,
+    lerp,
+    load_f32,
+    scalar_pow,
+    store,
+)
+
+
+@triton.jit
+def _adopt_kernel(
+    param_ptr,
+    grad_ptr,
+    exp_avg_ptr,
+    exp_avg_sq_ptr,
+    step_ptr,
+    lr_ptr,
+    beta1_ptr,
+    beta2_ptr,
+    eps_ptr,
+    weight_decay_ptr,
+    count_ptr,
+    numel,
+    BLOCK: tl.constexpr,
+    CAUTIOUS: tl.constexpr,
+    COUNT_PASS: tl.constexpr,
+    DECOUPLE: tl.constexpr,
+    CLIP_EXPONENT: tl.constexpr,
+):
+    offsets, mask = block_offsets(numel, BLOCK)
+    step = tl.load(step_ptr)
+    # The first step only initializes the second moment: every other write keeps its old value.
+    first = step == 1
+    weight_decay = tl.load(weight_decay_ptr)
+
+    param = load_f32(param_ptr, offsets, mask)
+    grad = load_f32(grad_ptr, offsets, mask)
+    if not DECOUPLE:
+        grad = grad + weight_decay * param
+    exp_avg_sq = load_f32(exp_avg_sq_ptr, offsets, mask)
+    normed = grad / tl.maximum(tl.sqrt(exp_avg_sq), tl.load(eps_ptr))
+    if CLIP_EXPONENT is not None:
+        clip = scalar_pow(step - 1, CLIP_EXPONENT)
+        normed = tl.minimum(tl.maximum(normed, -clip), clip)
+    exp_avg = load_f32(exp_avg_ptr, offsets, mask)
+    exp_avg = tl.where(first, exp_avg, lerp(exp_avg, normed, 1 - tl.load(beta1_ptr)))
+    update = exp_avg
+
+    if COUNT_PASS:
+        count_agreeing(update, grad, mask, count_ptr)
+    else:
+        if CAUTIOUS:
+            update = cautious_masked(update, grad, count_ptr, numel)
+        lr = tl.load(lr_ptr)
+        beta2 = tl.load(beta2_ptr)
+        decayed = param
+        if DECOUPLE:
+            decayed = param * (1 - lr * weight_decay)
+        store(param_ptr, offsets, tl.where(first, param, decayed - lr * update), mask)
+        store(exp_avg_ptr, offsets, exp_avg, mask)
+        exp_avg_sq = tl.where(first, grad * grad, exp_avg_sq * beta2 + grad * grad * (1 - beta2))
+        store(exp_avg_sq_ptr, offsets, exp_avg_sq, mask)
+
+
+def adopt(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: Tensor,
+    beta1: Tensor,
+    beta2: Tensor,
+    eps: Tensor,
+    weight_decay: Tensor,
+    decouple: bool = False,
+    clip_exponent: float | None = 0.25,
+    cautious: bool = False,
+) -> None:
+    """One ADOPT step, in place: the reference's contract, run as triton kernels."""
+    launch_per_tensor(
+        _adopt_kernel,
+        params,
+        grads,
+        [exp_avgs, exp_avg_sqs],
+        steps,
+        [lr, beta1, beta2, eps, weight_decay],
+        cautious=cautious,
+        DECOUPLE=decouple,
+        CLIP_EXPONENT=clip_exponent,
+    )

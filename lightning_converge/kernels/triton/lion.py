@@ -1,0 +1,72 @@
+"""Triton Lion: :func:`lightning_converge.kernels.lion.lion` in one pass per tensor."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from lightning_converge.kernels.triton.common import (
+    block_offsets,
+    cautious_masked,
+    count_agreeing,
+    launch_per_tensor,
+    lerp,
+    load_f32,
+    sign,
+    store,
+)
+
+
+@triton.jit
+def _lion_kernel(
+    param_ptr,
+    grad_ptr,
+    exp_avg_ptr,
+    lr_ptr,
+    beta1_ptr,
+    beta2_ptr,
+    weight_decay_ptr,
+    count_ptr,
+    numel,
+    BLOCK: tl.constexpr,
+    CAUTIOUS: tl.constexpr,
+    COUNT_PASS: tl.constexpr,
+):
+    offsets, mask = block_offsets(numel, BLOCK)
+    grad = load_f32(grad_ptr, offsets, mask)
+    exp_avg = load_f32(exp_avg_ptr, offsets, mask)
+    update = sign(lerp(exp_avg, grad, 1 - tl.load(beta1_ptr)))
+
+    if COUNT_PASS:
+        count_agreeing(update, grad, mask, count_ptr)
+    else:
+        if CAUTIOUS:
+            update = cautious_masked(update, grad, count_ptr, numel)
+        lr = tl.load(lr_ptr)
+        param = load_f32(param_ptr, offsets, mask)
+        store(param_ptr, offsets, param * (1 - lr * tl.load(weight_decay_ptr)) - lr * update, mask)
+        store(exp_avg_ptr, offsets, lerp(exp_avg, grad, 1 - tl.load(beta2_ptr)), mask)
+
+
+def lion(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    lr: Tensor,
+    beta1: Tensor,
+    beta2: Tensor,
+    weight_decay: Tensor,
+    cautious: bool = False,
+) -> None:
+    """One Lion step, in place: the reference's contract, run as triton kernels."""
+    launch_per_tensor(
+        _lion_kernel,
+        params,
+        grads,
+        [exp_avgs],
+        None,
+        [lr, beta1, beta2, weight_decay],
+        cautious=cautious,
+    )
