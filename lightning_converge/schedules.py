@@ -197,9 +197,8 @@ class Piecewise(Schedule):
         values = list(values)
         increasing = all(a < b for a, b in zip(boundaries, boundaries[1:]))
         self._require(increasing, "boundaries", "strictly increasing", boundaries)
-        self._require(
-            len(values) == len(boundaries) + 1, "values", f"{len(boundaries) + 1} entries (len(boundaries) + 1)", values
-        )
+        pieces = len(boundaries) + 1
+        self._require(len(values) == pieces, "values", f"a list of {pieces} entries (len(boundaries) + 1)", values)
         self.boundaries = boundaries
         self.values = [as_schedule(value, name="values") for value in values]
 

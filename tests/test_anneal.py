@@ -153,6 +153,10 @@ class LazyModule(RecordingModule):
 def test_target_built_in_configure_model():
     module, _ = fit([Anneal("head.scale", schedule=Linear(start=0.0, end=2.0, steps=2))], LazyModule(), max_steps=3)
     assert [seen["guidance_scale"] for seen in module.seen] == [0.0, 1.0, 2.0]
+    module = LazyModule()
+    with pytest.raises(ValueError, match="LazyModule.head has no 'scal'"):
+        fit([Anneal("head.scal", schedule=1.0)], module)
+    assert module.seen == []
 
 
 def test_bad_arguments_raise():
@@ -166,23 +170,16 @@ def test_bad_arguments_raise():
 
 def test_configured_from_a_lightning_cli_config(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lightning-converge"])
-    step_decay = {"class_path": "lightning_converge.schedules.Step", "init_args": {"value": 0.1, "gamma": 0.5, "step_size": 2}}
-    config = {
-        "seed_everything": False,
-        "trainer": {
-            "logger": False,
-            "callbacks": [
-                {
-                    "class_path": "lightning_converge.callbacks.Anneal",
-                    "init_args": {
-                        "target": "optimizer.weight_decay",
-                        "schedule": step_decay,
-                    },
-                }
-            ]
-        }
+    step_decay = {
+        "class_path": "lightning_converge.schedules.Step",
+        "init_args": {"value": 0.1, "gamma": 0.5, "step_size": 2},
     }
+    anneal = {
+        "class_path": "lightning_converge.callbacks.Anneal",
+        "init_args": {"target": "optimizer.weight_decay", "schedule": step_decay},
+    }
+    config = {"seed_everything": False, "trainer": {"logger": False, "callbacks": [anneal]}}
     cli = LightningCLI(RecordingModule, run=False, args=config, save_config_callback=None)
-    [anneal] = [callback for callback in cli.trainer.callbacks if isinstance(callback, Anneal)]
-    assert anneal.target == "optimizer.weight_decay"
-    assert [anneal.schedule(s) for s in range(5)] == [0.1, 0.1, 0.05, 0.05, 0.025]
+    [built] = [callback for callback in cli.trainer.callbacks if isinstance(callback, Anneal)]
+    assert built.target == "optimizer.weight_decay" and isinstance(built.schedule, Step)
+    assert [built.schedule(s) for s in range(5)] == [0.1, 0.1, 0.05, 0.05, 0.025]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -108,7 +108,7 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> No
 
 # ADOPT's clip (step - 1) ** clip_exponent is exp(log(0) * e) = 0 at step 1: right, but numpy warns.
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
-@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1], ids=["no_decay", "decay"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("rule_name, options", list(_cases()))
 def test_triton_matches_reference(rule_name, options, dtype, weight_decay):
@@ -137,7 +137,8 @@ def test_triton_matches_reference(rule_name, options, dtype, weight_decay):
 
 
 def test_non_contiguous_and_empty_tensors():
-    """Transposed tensors are updated in place through contiguous copies; empty ones are skipped."""
+    """Transposed tensors are updated in place through contiguous copies, a one-element
+    tensor like any other, and empty ones are skipped."""
     generator = torch.Generator().manual_seed(1)
     shapes = [(5, 33), (1,), (0,)]
     params = [torch.randn(shape, generator=generator).t() for shape in shapes]

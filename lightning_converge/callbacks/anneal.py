@@ -95,7 +95,9 @@ class Anneal(Callback):
         else:
             self._parameter_groups(trainer)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.interval == "step":
             self._apply(trainer, pl_module, trainer.global_step)
 

@@ -85,7 +85,7 @@ class Kernel:
     """A fused pass with a reference, a compiled and (optionally) a triton implementation.
 
     Call it like the reference, plus ``backend=``. The triton implementation is
-    registered by :meth:`register_triton` from ``kernels/triton_impl.py`` and has
+    registered lazily by :meth:`register_triton` (modules in ``kernels/triton/``) and has
     the reference's signature.
     """
 

@@ -56,7 +56,6 @@ def launch_per_tensor(
     counts = torch.zeros(len(params), dtype=torch.int32, device=device) if cautious else None
     per_tensor_steps = steps if steps is not None else [None] * len(params)
     for index, (param, grad, state, step) in enumerate(zip(params, grads, zip(*states), per_tensor_steps)):
-        updated = [param, *state]
         if any(t.shape != param.shape for t in (grad, *state)):
             raise ValueError(
                 f"tensor {index}: gradient and state must have the parameter's shape {tuple(param.shape)}, "
@@ -64,7 +63,8 @@ def launch_per_tensor(
             )
         if param.numel() == 0:
             continue
-        dense = [t.contiguous() for t in updated]
+        updated = [param, *state]
+        dense = [t.contiguous() for t in updated]  # the tensors themselves when already contiguous
         step_args = () if step is None else (scalar(step, device),)
         count = None if counts is None else counts[index]
         args = (dense[0], grad.contiguous(), *dense[1:], *step_args, *hyperparameters, count, param.numel())
