@@ -1,0 +1,39 @@
+"""The `lightning-converge` LightningCLI runs the shipped configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lightning_converge.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_fits_a_few_steps(config, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)  # class_paths such as examples.grokking resolve from the project root
+    main(
+        [
+            "fit",
+            "--config", str(config),
+            "--trainer.max_steps", "3",
+            "--trainer.max_epochs", "1",
+            "--trainer.limit_val_batches", "1",
+            "--trainer.val_check_interval", "null",
+            "--trainer.check_val_every_n_epoch", "1",
+            "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.logger", "false",
+        ]
+    )
+    assert "logs and checkpoints:" in capsys.readouterr().out
+
+
+def test_unknown_argument_is_rejected_before_training(capsys):
+    with pytest.raises(SystemExit) as error:
+        main(["fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--model.init_args.no_such_argument", "1"])
+    assert error.value.code != 0
