@@ -1,3 +1,7 @@
 """Lightning callbacks of this pack; import them from here."""
 
 from lightning_converge.callbacks.anneal import Anneal
+from lightning_converge.callbacks.ema import EMA
+from lightning_converge.callbacks.grades import GradES
+from lightning_converge.callbacks.grokfast import Grokfast
+from lightning_converge.callbacks.lawa import LAWA

@@ -186,5 +186,6 @@ def _check_lamb(value: float) -> float:
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:
-    """Whether no tensor holds an inf or NaN (the max-abs norm propagates both)."""
-    return bool(torch.stack(torch._foreach_norm(tensors, math.inf)).isfinite().all())
+    """Whether no tensor holds an inf or NaN: a sum propagates both, and is the fastest
+    reduction on CPU (the max-abs norm is ten times slower there)."""
+    return bool(torch.stack([t.sum(dtype=torch.float32) for t in tensors]).isfinite().all())
