@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,12 @@ from lightning_converge.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _cli_argv(monkeypatch):
+    # LightningCLI warns when pytest's own arguments sit in sys.argv beside `args`.
+    monkeypatch.setattr(sys, "argv", ["lightning-converge"])
 
 
 @pytest.mark.slow
