@@ -1,0 +1,141 @@
+"""The collectives compressors use, and the byte accounting of what they send.
+
+Every byte the compressed strategies put on the wire while training (gradients,
+1-bit Adam's momenta) goes through an :class:`Exchange`, so what is counted is
+what is sent. (Gathering their state into a checkpoint is not counted.) The count is the size of the tensors handed to
+the collectives, independent of the algorithm the backend runs underneath:
+
+* ``bytes_sent``: the sizes of this rank's input tensors (its payload).
+* ``bytes_received``: the sizes of the output tensors it gets back: the sum for an
+  all-reduce, every rank's payload (its own included) for an all-gather, and its
+  share for an all-to-all.
+* ``uncompressed_bytes``: what plain DDP would have sent for the same gradients (the
+  buckets' sizes in their own dtype), the numerator of the compression ratio.
+
+A ring all-reduce moves about twice its input over the links, and an all-gather's
+received bytes grow with the number of ranks; those are properties of the
+collectives, reported through ``bytes_received``, not folded into ``bytes_sent``.
+
+Without an initialized process group an :class:`Exchange` acts as a world of one
+rank: collectives return their inputs, and bytes are still counted, which is how
+compressors are tested in one process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass
+class CommStats:
+    """Bytes moved since the last :meth:`Exchange.take_stats` (one optimizer step, for the strategies)."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    uncompressed_bytes: int = 0
+
+    @property
+    def compression_ratio(self) -> float:
+        """``uncompressed_bytes / bytes_sent``; 1.0 when nothing was sent."""
+        return self.uncompressed_bytes / self.bytes_sent if self.bytes_sent else 1.0
+
+
+def _as_bytes(tensors: Sequence[Tensor]) -> Tensor:
+    """All ``tensors`` as one flat uint8 buffer, so a multi-tensor payload takes one collective."""
+    return torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in tensors])
+
+
+def _from_bytes(buffer: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Split a uint8 buffer made by :func:`_as_bytes` back into tensors shaped and typed like ``like``."""
+    pieces = buffer.split([t.numel() * t.element_size() for t in like])
+    # clone(): a slice at an odd byte offset cannot be viewed as a wider dtype.
+    return [piece.clone().view(t.dtype).view(t.shape) for piece, t in zip(pieces, like)]
+
+
+class Exchange:
+    """Counting collectives over ``group`` (the default process group when None)."""
+
+    def __init__(self, group: Any = None) -> None:
+        self.group = group
+        self.stats = CommStats()
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.group) if dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group) if dist.is_initialized() else 0
+
+    def take_stats(self) -> CommStats:
+        """Return the bytes counted so far and start counting afresh."""
+        stats, self.stats = self.stats, CommStats()
+        return stats
+
+    def count_uncompressed(self, tensor: Tensor) -> None:
+        """Record that plain DDP would have all-reduced ``tensor``."""
+        self.stats.uncompressed_bytes += tensor.numel() * tensor.element_size()
+
+    def all_reduce(self, tensors: Sequence[Tensor]) -> None:
+        """Sum ``tensors`` (one dtype) over the ranks, in place, in one collective."""
+        if not tensors:
+            return
+        flat = tensors[0].reshape(-1) if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
+        nbytes = flat.numel() * flat.element_size()
+        self.stats.bytes_sent += nbytes
+        self.stats.bytes_received += nbytes
+        if self.world_size == 1:
+            return
+        dist.all_reduce(flat, group=self.group)
+        if len(tensors) > 1 or flat.data_ptr() != tensors[0].data_ptr():
+            for tensor, piece in zip(tensors, flat.split([t.numel() for t in tensors])):
+                tensor.copy_(piece.view_as(tensor))
+
+    def average(self, tensor: Tensor) -> Tensor:
+        """Average ``tensor`` over the ranks in place, exactly as DDP's own all-reduce does.
+
+        DDP's reducer multiplies each gradient by ``1 / world_size`` and sums across
+        ranks; doing the same keeps an uncompressed step bit-identical to plain DDP.
+        """
+        self.all_reduce([tensor.mul_(1 / self.world_size)])
+        return tensor
+
+    def all_gather(self, tensors: Sequence[Tensor]) -> list[list[Tensor]]:
+        """Every rank's ``tensors``, indexed ``[rank][i]``; one collective for the whole payload.
+
+        The tensors must have the same shapes and dtypes on every rank.
+        """
+        buffer = _as_bytes(tensors)
+        world_size = self.world_size
+        self.stats.bytes_sent += buffer.numel()
+        self.stats.bytes_received += buffer.numel() * world_size
+        if world_size == 1:
+            return [list(tensors)]
+        gathered = buffer.new_empty(world_size * buffer.numel())
+        dist.all_gather_into_tensor(gathered, buffer, group=self.group)
+        return [_from_bytes(row, tensors) for row in gathered.view(world_size, -1)]
+
+    def all_to_all(self, tensors: Sequence[Tensor]) -> list[list[Tensor]]:
+        """Send row ``j`` of each of ``tensors`` (leading dimension ``world_size``) to rank ``j``.
+
+        Returns what this rank received, indexed ``[source rank][i]``: the source's row
+        ``rank`` of its ``tensors[i]``. One collective for the whole payload.
+        """
+        world_size = self.world_size
+        if any(t.shape[0] != world_size for t in tensors):
+            raise ValueError(f"all_to_all needs tensors with a leading dimension of {world_size} (the world size)")
+        rows = [[t[j] for t in tensors] for j in range(world_size)]
+        buffer = torch.cat([_as_bytes(row) for row in rows])
+        self.stats.bytes_sent += buffer.numel()
+        self.stats.bytes_received += buffer.numel()
+        if world_size == 1:
+            return rows
+        received = torch.empty_like(buffer)
+        dist.all_to_all_single(received, buffer, group=self.group)
+        return [_from_bytes(row, rows[0]) for row in received.view(world_size, -1)]
+

@@ -1,0 +1,202 @@
+"""What the compressed data-parallel strategies share: DDP with this pack's own communication hook."""
+
+# No ``from __future__ import annotations``: DDP checks the hook's annotations as objects.
+from datetime import timedelta
+from typing import Any, Callable, ClassVar, Iterable, Literal, Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.apply_func import apply_to_collection
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_converge.comm import CommStats, Exchange, Layout
+
+
+def _run_comm_hook(strategy: "CommHookDDPStrategy", bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+    """The DDP communication hook: one bucket's gradients -> their average, as a completed future.
+
+    Collectives run synchronously inside the hook. DDP hands buckets over in
+    the same order on every rank, so the ranks' collectives pair up.
+    """
+    buffer = bucket.buffer()
+    layout = strategy.layout_of(bucket.parameters())
+    if layout.numel != buffer.numel():
+        raise RuntimeError(f"DDP bucket of {buffer.numel()} elements holds parameters of {layout.numel}")
+    strategy.exchange.count_uncompressed(buffer)
+    averaged = strategy.reduce_bucket(buffer, layout)
+    future: torch.futures.Future[Tensor] = torch.futures.Future()
+    future.set_result(averaged.to(buffer.dtype))
+    return future
+
+
+# DDPStrategy's own arguments, given by keyword (Lightning sets most of them after construction).
+DDP_STRATEGY_ARGUMENTS = (
+    "accelerator",
+    "parallel_devices",
+    "cluster_environment",
+    "checkpoint_io",
+    "precision_plugin",
+    "process_group_backend",
+    "timeout",
+    "start_method",
+)
+
+
+def pop_ddp_strategy_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Remove and return the :data:`DDP_STRATEGY_ARGUMENTS` in ``kwargs``, leaving a subclass's own options."""
+    return {name: kwargs.pop(name) for name in DDP_STRATEGY_ARGUMENTS if name in kwargs}
+
+
+class CommHookDDPStrategy(DDPStrategy):
+    """DDP whose gradient all-reduce is replaced by :meth:`reduce_bucket`, on every device, with byte accounting.
+
+    Lightning registers DDP communication hooks on CUDA only; this strategy
+    registers its own on the wrapped module itself, so it runs on CPU and gloo too.
+    Subclasses implement :meth:`reduce_bucket` and keep their per-rank state in
+    :meth:`comm_state_dict` / :meth:`load_comm_state_dict`. Every collective of
+    training goes through ``self.exchange``, which counts the bytes.
+
+    When each hook fires:
+
+    * :meth:`configure_ddp`, during ``Trainer.fit`` set-up, right after Lightning
+      wraps the module in ``DistributedDataParallel``: registers the communication
+      hook on the wrapped module.
+    * the communication hook, during the backward pass of each micro-batch that
+      synchronizes gradients (the last of a gradient-accumulation window: Lightning
+      runs the others under ``no_sync``, which communicates nothing), once per DDP
+      bucket as the bucket's gradients become ready, in the same bucket order on
+      every rank. Gradients there are as backward left them: unclipped, and
+      under fp16 AMP still scaled.
+    * :meth:`optimizer_step`, once per optimizer step after the step: logs this
+      step's ``comm/bytes_sent``, ``comm/bytes_received`` and
+      ``comm/compression_ratio`` (uncompressed bytes over bytes sent) through the
+      LightningModule's ``log``, and keeps them in ``last_comm_stats``.
+    * :meth:`save_checkpoint` (every rank, whenever the Trainer saves): gathers
+      every rank's :meth:`comm_state_dict` into the checkpoint under
+      ``checkpoint_key``, unless the checkpoint holds weights only.
+    * :meth:`load_checkpoint` (every rank, when ``fit`` resumes from ``ckpt_path``):
+      each rank loads its own entry; with a different number of ranks the state
+      starts afresh, with a warning.
+
+    Args:
+        ddp_kwargs: options of the ``DistributedDataParallel`` wrapper
+            (``find_unused_parameters``, ``bucket_cap_mb``, ``static_graph``, ...).
+        The other arguments are :class:`~lightning.pytorch.strategies.DDPStrategy`'s.
+    """
+
+    checkpoint_key: ClassVar[str]
+
+    def __init__(
+        self,
+        *,
+        accelerator: Optional["pl.accelerators.Accelerator"] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        ddp_kwargs: Optional[dict[str, Any]] = None,
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+            **(ddp_kwargs or {}),
+        )
+        self.exchange = Exchange()
+        self.last_comm_stats = CommStats()
+        self._parameter_names: dict[int, str] = {}
+
+    def reduce_bucket(self, buffer: Tensor, layout: Layout) -> Tensor:
+        """The gradients of one DDP bucket -> what every rank uses as their average.
+
+        ``buffer`` is this rank's flat bucket (it may be overwritten), holding the
+        gradients of the parameters in ``layout``.
+        """
+        raise NotImplementedError
+
+    def comm_state_dict(self) -> dict[str, Any]:
+        """This rank's communication state (tensors and plain values only)."""
+        return {}
+
+    def load_comm_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`comm_state_dict` returned on this rank."""
+
+    @property
+    def optimizer_steps_done(self) -> int:
+        """Optimizer steps taken so far (``trainer.global_step``): the same on every rank, and restored on resume."""
+        return self.lightning_module.trainer.global_step
+
+    def configure_ddp(self) -> None:
+        super().configure_ddp()
+        self._parameter_names = {id(p): name for name, p in self.lightning_module.named_parameters()}
+        self.model.register_comm_hook(self, _run_comm_hook)
+
+    def layout_of(self, parameters: Iterable[Tensor]) -> Layout:
+        """The layout of a flat buffer holding ``parameters``' gradients, named as in the LightningModule."""
+        parameters = list(parameters)
+        names = tuple(self._parameter_names.get(id(p), f"parameter{i}") for i, p in enumerate(parameters))
+        return Layout(names, tuple(p.shape for p in parameters))
+
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: Optional[torch.nn.Module] = None,
+        **kwargs: Any,
+    ) -> Any:
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        self.log_comm_stats()
+        return output
+
+    def log_comm_stats(self) -> None:
+        """Log the bytes counted since the last call (one optimizer step) and start counting afresh."""
+        self.last_comm_stats = stats = self.exchange.take_stats()
+        module = self.lightning_module
+        for name, value in (
+            ("comm/bytes_sent", stats.bytes_sent),
+            ("comm/bytes_received", stats.bytes_received),
+            ("comm/compression_ratio", stats.compression_ratio),
+        ):
+            module.log(name, float(value), on_step=True, on_epoch=False)
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None
+    ) -> None:
+        if "optimizer_states" in checkpoint:  # a full checkpoint, not save_weights_only
+            state = apply_to_collection(self.comm_state_dict(), Tensor, lambda t: t.detach().cpu())
+            states: list[Any] = [None] * self.world_size
+            if self.world_size > 1:
+                dist.all_gather_object(states, state)
+            else:
+                states = [state]
+            checkpoint[self.checkpoint_key] = {"world_size": self.world_size, "ranks": states}
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        saved = checkpoint.get(self.checkpoint_key)
+        if saved is not None:
+            if saved["world_size"] == self.world_size:
+                self.load_comm_state_dict(saved["ranks"][self.global_rank])
+            else:
+                rank_zero_warn(
+                    f"{type(self).__name__}: the checkpoint's communication state is from {saved['world_size']} "
+                    f"ranks, this run has {self.world_size}; it starts afresh."
+                )
+        return checkpoint
