@@ -23,8 +23,9 @@ class ConvergeCLI(LightningCLI):
 
     def after_fit(self) -> None:
         trainer = self.trainer
+        # log_dir is broadcast from rank 0 under DDP: every rank must ask for it.
+        log_dir = trainer.log_dir or trainer.default_root_dir
         if trainer.is_global_zero:
-            log_dir = trainer.log_dir or trainer.default_root_dir
             print(f"\nlogs and checkpoints: {os.path.abspath(log_dir)}")
             checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "")
             if checkpoint:

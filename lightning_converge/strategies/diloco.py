@@ -1,0 +1,760 @@
+"""DiLoCo and Streaming DiLoCo: data-parallel training that communicates every H steps, not every step.
+
+* :class:`DiLoCoStrategy` ("DiLoCo: Distributed Low-Communication Training of
+  Language Models", Douillard et al., 2023), registered as ``strategy="diloco"``.
+  Each worker runs the user's optimizer (the *inner* optimizer, from
+  ``configure_optimizers``) alone for ``inner_steps`` steps, with no gradient
+  all-reduce. Then the workers average their *pseudo-gradients* (global
+  parameters minus local parameters) in one all-reduce, an *outer* optimizer
+  (SGD with Nesterov momentum, lr 0.7, momentum 0.9 in the paper) applies the
+  average to the global parameters, and every worker continues from the new
+  global parameters. ``inner_steps`` may be a schedule, such as
+  :class:`~lightning_converge.schedules.QSR` (Quadratic Synchronization Rule),
+  which is given the inner optimizer's live learning rate.
+  ``delay=1`` overlaps the all-reduce with the next inner phase: the average
+  is applied one outer step late, the "delayed outer gradients" of "Eager
+  Updates For Overlapped Communication and Computation in DiLoCo" (Kale et al.,
+  2025).
+* :class:`StreamingDiLoCoStrategy` ("Streaming DiLoCo with overlapping
+  communication", Douillard et al., 2025), registered as
+  ``strategy="streaming_diloco"``: the parameter tensors are split into
+  ``num_fragments`` fragments that synchronize in turn, so the peak bandwidth
+  falls by ``num_fragments``; each fragment's all-reduce starts
+  ``overlap_steps`` inner steps before it is applied, and the new global value
+  is mixed into the local one with ``mixing_alpha``.
+
+Both are one engine: DiLoCo is Streaming DiLoCo with one fragment, no overlap
+and no mixing (plus, with ``delay=1``, an overlap of a whole outer step).
+
+**Schedule.** Training is cut into *rounds* of H inner steps (H is
+``inner_steps``, evaluated when the round starts). Fragment ``f`` (0-based,
+of F) synchronizes ``(f + 1) * H // F`` steps into each round, so the last
+fragment syncs when the round ends; with one fragment that is every H steps.
+"Synchronizes" means: its pseudo-gradient is taken and its all-reduce starts
+after that inner step; the result is applied ``overlap_steps`` steps later (at
+once when 0), or with ``delay=1`` when the fragment next syncs. Steps count the
+inner optimizer's steps since the start of training (``trainer.global_step``
+with one optimizer and no resets).
+
+**Inside Lightning.** The strategy is a :class:`~lightning.pytorch.strategies.DDPStrategy`
+(launchers, samplers, the process group and checkpoints work as for
+``"ddp"``) that does not wrap the model in ``DistributedDataParallel``:
+:meth:`DiLoCoStrategy.configure_ddp`, where DDP would wrap it, instead
+broadcasts rank 0's parameters and buffers, opens a separate process group for
+the pseudo-gradients (so Lightning's own collectives never queue behind an
+overlapped all-reduce) and builds the outer state. The outer state (an fp32
+copy of the global parameters and the outer optimizer's state) lives on
+``outer_state_device``, CPU by default. The all-reduce runs on the
+parameters' device, in fp32 unless a ``compressor`` is given.
+
+Each inner step logs ``diloco/outer_step`` (outer updates applied so far, one
+per fragment sync), ``comm/bytes_sent`` (bytes of pseudo-gradient this worker
+has sent in the exchanges completed so far: the payload handed to the
+collective, compressed when a ``compressor`` is set, not the ring algorithm's
+``2 (n - 1) / n`` multiple of it on the wire; the convention of
+:class:`lightning_converge.comm.Exchange`) and ``comm/wait_seconds`` (time
+spent blocked, waiting for exchanges to complete).
+
+``delay=1`` in detail: at each outer step the worker takes its pseudo-gradient
+(measured from the global parameters its inner phase started from) and starts
+its all-reduce, applies the previous outer step's average, which had a whole
+inner phase to arrive, and starts the next inner phase from the resulting
+global parameters. Every average thus reaches the global parameters exactly
+one outer step late; at the first outer step there is nothing to apply yet,
+and the workers restart from the initial parameters.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.optimizer import _optimizer_to_device
+from lightning.pytorch.overrides.distributed import _sync_module_states
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+
+from lightning_converge.comm import Compressor, Exchange, Layout, make_compressor
+from lightning_converge.kernels import diloco_outer_step, ema_update, scalar
+from lightning_converge.kernels.dispatch import validate_backend
+from lightning_converge.schedules import QSR, Schedule, as_schedule
+
+OuterOptimizerFactory = Callable[[Iterable[Tensor]], Optimizer]
+
+# Built-in outer optimizers, run by the fused ``diloco_outer_step`` kernel: name -> nesterov.
+_BUILT_IN_OUTER_OPTIMIZERS = {"nesterov": True, "sgd": False}
+_FRAGMENT_ASSIGNMENTS = ("strided", "contiguous")
+# Options of the DistributedDataParallel wrapper, which does not exist here, with their defaults:
+# those are accepted (LightningCLI passes every one of them) and anything else raises.
+_DDP_WRAPPER_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(DistributedDataParallel.__init__).parameters.items()
+    if parameter.default is not inspect.Parameter.empty
+}
+# DDPStrategy's options for the wrapper's gradient hooks; None means unused.
+_DDP_HOOK_OPTIONS = ("_ddp_comm_state", "_ddp_comm_hook", "_ddp_comm_wrapper", "_model_averaging_period")
+
+
+@dataclass
+class _PendingSync:
+    """One fragment's pseudo-gradient on its way through the all-reduce, not yet applied.
+
+    ``apply_at_step`` is the inner step after which the average is applied, or
+    None for "when the fragment next syncs" (``delay=1``). ``exchange`` resolves
+    to the average over the workers (flat fp32, on the parameters' device) and
+    the bytes this worker sent; once it has, or for an average restored from a
+    checkpoint, it is None and ``average`` holds the result.
+    """
+
+    apply_at_step: Optional[int]
+    exchange: Optional[torch.futures.Future] = None
+    average: Optional[Tensor] = None
+
+
+@dataclass
+class _Fragment:
+    """Parameter tensors that synchronize together (indices into the strategy's parameter list)."""
+
+    index: int
+    param_indices: list[int]
+    # Names and shapes of the tensors, in the order of the flat pseudo-gradient (what compressors read).
+    layout: Layout
+    pending: Optional[_PendingSync] = None
+    # True while the local parameters equal the global ones: nothing new to send.
+    in_sync: bool = True
+
+
+class DiLoCoStrategy(DDPStrategy):
+    """DiLoCo: local training for ``inner_steps`` steps, then one outer step on the averaged pseudo-gradients.
+
+    Args:
+        inner_steps: H, the inner steps between synchronizations: an int >= 1,
+            or a schedule evaluated at the step each round starts (rounded to the
+            nearest int). A :class:`~lightning_converge.schedules.QSR` is given the
+            inner optimizer's current learning rate, which must be the same on
+            every worker (any step-based lr schedule is).
+        outer_optimizer: ``"nesterov"`` (SGD with Nesterov momentum, the paper's)
+            or ``"sgd"`` (heavy-ball momentum), both run by the fused
+            :func:`~lightning_converge.kernels.diloco_outer_step` kernel; or a
+            callable taking the list of global parameters (fp32 tensors on
+            ``outer_state_device``) and returning a ``torch.optim.Optimizer``,
+            e.g. ``functools.partial(torch.optim.Adam, lr=1e-3)``, which then
+            owns its own hyperparameters.
+        outer_lr: the built-in outer optimizers' learning rate, a number or a
+            schedule of the inner step. ``1.0`` with ``outer_momentum=0`` makes
+            the global parameters the plain average of the local ones.
+        outer_momentum: the built-in outer optimizers' momentum, in [0, 1).
+        compressor: how pseudo-gradients travel: None sends them as fp32; a
+            name from :data:`lightning_converge.comm.COMPRESSORS` (``"fp16"``,
+            ``"bf16"``, ``"int8"``, ``"sign"``, ...) or a
+            :class:`~lightning_converge.comm.Compressor` (to set its options)
+            compresses them, with error feedback across outer steps when the
+            compressor has it. The outer step is fp32 either way. A compressor's
+            collectives block, so they run on a thread of their own to overlap
+            with the inner steps.
+        delay: 0 waits for each all-reduce before continuing. 1 starts it and
+            goes on with the next inner phase from the global parameters without
+            its result; the average is applied at the next outer step, one outer
+            step late, when the next all-reduce starts. The all-reduce is then
+            hidden behind a whole inner phase.
+        outer_state_device: where the global parameters and the outer
+            optimizer's state are kept.
+        kernel_backend: backend of the fused kernels (``"auto"``, ``"reference"``,
+            ``"compiled"``, ``"triton"``), see :mod:`lightning_converge.kernels`.
+        timeout: seconds (or a ``timedelta``) a collective may wait before it
+            fails; this is the process groups' timeout, so a worker that dies or
+            hangs makes the others raise within it instead of waiting forever.
+        **ddp_kwargs: the other :class:`~lightning.pytorch.strategies.DDPStrategy`
+            arguments (``process_group_backend``, ``start_method``,
+            ``cluster_environment``, ...). Options of the ``DistributedDataParallel``
+            wrapper (``find_unused_parameters``, ``ddp_comm_hook``, ...) raise:
+            the model is not wrapped.
+
+    Only one inner optimizer is supported. When ``fit`` ends, in-flight
+    all-reduces are applied and each fragment whose local parameters moved
+    since its last sync takes one last, blocking outer step, so every worker
+    ends with the same (global) parameters.
+
+    Checkpoints hold, besides what ``"ddp"`` saves, ``checkpoint["diloco"]``: the
+    global parameters, the outer optimizer's state, the position in the
+    schedule, the averaged pseudo-gradients still to be applied (the strategy
+    waits for in-flight all-reduces when saving), and every worker's local
+    model state and inner-optimizer state (``world_size`` copies), so a run
+    resumed from a checkpoint taken in the middle of an inner phase continues
+    exactly. The checkpoint's ``state_dict`` holds the global parameters (the
+    model the workers agree on; what ``save_weights_only`` checkpoints keep).
+    Resumed with a different number of workers, the interrupted inner phase
+    restarts from the global parameters.
+    """
+
+    def __init__(
+        self,
+        inner_steps: Union[int, Schedule, Callable[[int], float]] = 500,
+        outer_optimizer: Union[str, OuterOptimizerFactory] = "nesterov",
+        outer_lr: Union[float, Schedule] = 0.7,
+        outer_momentum: float = 0.9,
+        compressor: Union[str, Compressor, None] = None,
+        delay: int = 0,
+        outer_state_device: Union[str, torch.device] = "cpu",
+        kernel_backend: str = "auto",
+        timeout: Union[float, timedelta, None] = default_pg_timeout,
+        **ddp_kwargs: Any,
+    ) -> None:
+        if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+            timeout = timedelta(seconds=timeout)
+        super().__init__(timeout=timeout, **ddp_kwargs)
+        wrapper_options = [
+            name
+            for name, value in self._ddp_kwargs.items()
+            if name not in _DDP_WRAPPER_DEFAULTS or value != _DDP_WRAPPER_DEFAULTS[name]
+        ] + [name.lstrip("_") for name in _DDP_HOOK_OPTIONS if getattr(self, name) is not None]
+        if wrapper_options:
+            raise TypeError(
+                f"{type(self).__name__} does not wrap the model in DistributedDataParallel, so these options "
+                f"have no meaning here: {wrapper_options}"
+            )
+        if isinstance(outer_optimizer, str):
+            if outer_optimizer not in _BUILT_IN_OUTER_OPTIMIZERS:
+                raise ValueError(
+                    f"outer_optimizer must be one of {sorted(_BUILT_IN_OUTER_OPTIMIZERS)} or a callable "
+                    f"params -> torch.optim.Optimizer, got {outer_optimizer!r}"
+                )
+        elif not callable(outer_optimizer):
+            raise TypeError(
+                f"outer_optimizer must be a name or a callable params -> torch.optim.Optimizer, got {outer_optimizer!r}"
+            )
+        if not 0.0 <= outer_momentum < 1.0:
+            raise ValueError(f"outer_momentum must be in [0, 1), got {outer_momentum!r}")
+        if isinstance(outer_lr, (int, float)) and not (math.isfinite(outer_lr) and outer_lr > 0):
+            raise ValueError(f"outer_lr must be a finite number > 0, got {outer_lr!r}")
+        if delay not in (0, 1) or isinstance(delay, bool):
+            raise ValueError(f"delay must be 0 or 1 (outer steps by which the outer update lags), got {delay!r}")
+        if isinstance(compressor, str):
+            compressor = make_compressor(compressor)
+        elif not (compressor is None or isinstance(compressor, Compressor)):
+            raise TypeError(f"compressor must be None, a compressor's name or a Compressor, got {compressor!r}")
+
+        self._inner_steps = as_schedule(inner_steps, "inner_steps")
+        self._outer_optimizer_spec = outer_optimizer
+        self._outer_lr = as_schedule(outer_lr, "outer_lr")
+        self._outer_momentum = float(outer_momentum)
+        self._compressor = compressor
+        self._delay = delay
+        self._outer_device = torch.device(outer_state_device)
+        self._kernel_backend = validate_backend(kernel_backend)
+        # The streaming options; a DiLoCo round is one fragment, applied at once, replacing the local values.
+        self._num_fragments = 1
+        self._overlap_steps = 0
+        self._mixing_alpha = 0.0
+        self._fragment_assignment = "contiguous"
+        if not callable(inner_steps):
+            self._check_round_length(inner_steps)
+
+        # Set up by configure_ddp when fitting starts.
+        self._group: Optional[dist.ProcessGroup] = None
+        # With a compressor: its byte-counting collectives, and the thread they run on (they block).
+        self._exchange: Optional[Exchange] = None
+        self._comm_thread: Optional[ThreadPoolExecutor] = None
+        self._params: list[torch.nn.Parameter] = []
+        self._global_params: list[Tensor] = []
+        self._momentum_buffers: list[Tensor] = []
+        self._outer_optimizer: Optional[Optimizer] = None
+        self._fragments: list[_Fragment] = []
+        # Position in the schedule and counters: what a checkpoint restores.
+        self._inner_step = 0
+        self._round_start = 0
+        self._round_length = 0
+        self._outer_steps = 0
+        self._bytes_sent = 0
+        self._wait_seconds = 0.0
+
+    # ------------------------------------------------------------------ public read-outs
+
+    @property
+    def outer_steps(self) -> int:
+        """Outer updates applied so far (one per fragment sync)."""
+        return self._outer_steps
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes of pseudo-gradient this worker has sent in the exchanges completed so far."""
+        return self._bytes_sent
+
+    @property
+    def wait_seconds(self) -> float:
+        """Seconds this worker has spent blocked, waiting for exchanges to complete."""
+        return self._wait_seconds
+
+    @property
+    def global_parameters(self) -> list[Tensor]:
+        """The global parameters (fp32, on ``outer_state_device``), in ``module.parameters()`` order."""
+        return self._global_params
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def configure_ddp(self) -> None:
+        """Fires in ``setup`` when fitting starts, where ``DDPStrategy`` would wrap the model.
+
+        The model stays unwrapped (no per-step gradient all-reduce). Instead:
+        rank 0's parameters and buffers are broadcast, a separate process group is
+        opened for the pseudo-gradients, and the outer state is built from the
+        (now identical) parameters.
+        """
+        module = self.lightning_module
+        _sync_module_states(module)
+        self._group = dist.new_group(backend=dist.get_backend(), timeout=self._timeout)
+        if self._compressor is not None:
+            self._exchange = Exchange(self._group)
+            self._comm_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diloco-exchange")
+        names, params = zip(*module.named_parameters())
+        self._params = list(params)
+        self._fragments = [
+            _Fragment(index, indices, Layout(tuple(names[i] for i in indices), tuple(params[i].shape for i in indices)))
+            for index, indices in enumerate(self._assign_fragments(len(params)))
+        ]
+        self._global_params = [p.detach().to(self._outer_device, torch.float32, copy=True) for p in self._params]
+        if isinstance(self._outer_optimizer_spec, str):
+            self._momentum_buffers = [torch.zeros_like(g) for g in self._global_params]
+        else:
+            self._outer_optimizer = self._outer_optimizer_spec(self._global_params)
+            if not isinstance(self._outer_optimizer, Optimizer):
+                raise TypeError(
+                    f"outer_optimizer must return a torch.optim.Optimizer, got {type(self._outer_optimizer).__name__}"
+                )
+
+    def setup(self, trainer: Any) -> None:
+        """Fires once per ``fit``/``validate``/... before the loops run: DDP's setup, then, when fitting,
+        the check that there is one inner optimizer and the length of the first round."""
+        super().setup(trainer)
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        if len(self.optimizers) != 1:
+            raise ValueError(
+                f"{type(self).__name__} supports one inner optimizer, "
+                f"configure_optimizers returned {len(self.optimizers)}"
+            )
+        self._start_round()
+
+    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        """Fires for every step of the inner optimizer (automatic or manual optimization): the step,
+        then the syncs and outer updates the schedule puts after it."""
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        self._after_inner_step()
+        return output
+
+    def on_train_end(self) -> None:
+        """Fires when ``fit`` finishes training (not on an exception): applies what is in flight and
+        syncs whatever moved since its last sync, so every worker ends with the global parameters."""
+        with torch.no_grad():
+            for fragment in self._fragments:
+                overlapped = fragment.pending is not None and fragment.pending.apply_at_step is not None
+                if overlapped:  # its time has not come; it must not be lost
+                    self._apply_outer_update(fragment)
+                if not fragment.in_sync:  # a delay=1 update still pending is applied inside, as at any sync
+                    self._start_sync(fragment, apply_at_step=self._inner_step)
+                if fragment.pending is not None:
+                    self._apply_outer_update(fragment, mixing_alpha=0.0)  # replace, so all workers end identical
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """Fires when a checkpoint is assembled: the model's state with the global parameters in place
+        of this worker's local ones (the model the workers agree on)."""
+        state = super().lightning_module_state_dict()
+        if not self._global_params:
+            return state
+        index_of = {id(p): i for i, p in enumerate(self._params)}
+        for name, param in self.lightning_module.named_parameters(remove_duplicate=False):
+            if name in state:
+                state[name] = self._global_params[index_of[id(param)]].to(param.dtype)
+        return state
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        """Fires on every rank when a checkpoint is saved: adds ``checkpoint["diloco"]`` (collective:
+        rank 0 gathers every worker's local state) unless the checkpoint holds weights only."""
+        if self._fragments and "optimizer_states" in checkpoint:
+            checkpoint["diloco"] = self._checkpoint_state()
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        """Fires when resuming ``fit``, after ``setup``: Lightning restores the inner optimizer from
+        rank 0's state, then each worker restores its own local state and the outer state."""
+        super().load_optimizer_state_dict(checkpoint)
+        if "diloco" in checkpoint:
+            self._restore_checkpoint_state(checkpoint["diloco"])
+
+    def teardown(self) -> None:
+        """Fires when the trainer finishes a stage, also after an exception: closes the pseudo-gradient
+        process group (an all-reduce still in flight is abandoned)."""
+        if self._group is not None:
+            for fragment in self._fragments:
+                fragment.pending = None
+            if self._comm_thread is not None:
+                self._comm_thread.shutdown(wait=False, cancel_futures=True)
+                self._comm_thread = None
+            dist.destroy_process_group(self._group)
+            self._group = None
+        super().teardown()
+
+    # ------------------------------------------------------------------ the schedule
+
+    def _assign_fragments(self, num_params: int) -> list[list[int]]:
+        if self._num_fragments > num_params:
+            raise ValueError(
+                f"num_fragments={self._num_fragments} is larger than the number of parameter tensors ({num_params})"
+            )
+        if self._fragment_assignment == "strided":
+            return [list(range(f, num_params, self._num_fragments)) for f in range(self._num_fragments)]
+        return [chunk.tolist() for chunk in torch.arange(num_params).tensor_split(self._num_fragments)]
+
+    def _check_round_length(self, length: Any) -> int:
+        """Return ``length`` as the number of inner steps of a round, or raise naming what is wrong with it."""
+        if not (isinstance(length, (int, float)) and not isinstance(length, bool) and math.isfinite(length)):
+            raise ValueError(f"inner_steps must be an integer >= 1 or a schedule of the step, got {length!r}")
+        length = round(length)
+        if length < 1:
+            raise ValueError(f"inner_steps must be >= 1, got {length}")
+        if length < self._num_fragments:
+            raise ValueError(
+                f"inner_steps={length} is smaller than num_fragments={self._num_fragments}: "
+                "each fragment needs a sync step of its own in every round"
+            )
+        period = length // self._num_fragments
+        if self._overlap_steps >= period:
+            raise ValueError(
+                f"overlap_steps={self._overlap_steps} must be smaller than the per-fragment period "
+                f"inner_steps // num_fragments = {length} // {self._num_fragments} = {period}: a fragment's "
+                "all-reduce has to be applied before the next fragment's starts"
+            )
+        return length
+
+    def _start_round(self) -> None:
+        """Begin a round of inner steps at the current step; its length comes from ``inner_steps`` now."""
+        if isinstance(self._inner_steps, QSR):
+            length = self._inner_steps(self._inner_step, lr=self.optimizers[0].param_groups[0]["lr"])
+        else:
+            length = self._inner_steps(self._inner_step)
+        self._round_start = self._inner_step
+        self._round_length = self._check_round_length(length)
+
+    def _sync_step(self, fragment: _Fragment) -> int:
+        """The inner step of the current round after which ``fragment`` syncs."""
+        return self._round_start + (fragment.index + 1) * self._round_length // self._num_fragments
+
+    @torch.no_grad()
+    def _after_inner_step(self) -> None:
+        """Count the step; start the syncs and apply the updates due after it; log the counters."""
+        self._inner_step += 1
+        step = self._inner_step
+        for fragment in self._fragments:
+            fragment.in_sync = False
+        for fragment in self._fragments:
+            if step == self._sync_step(fragment):
+                self._start_sync(fragment, apply_at_step=None if self._delay else step + self._overlap_steps)
+        for fragment in self._fragments:
+            if fragment.pending is not None and fragment.pending.apply_at_step == step:
+                self._apply_outer_update(fragment)
+        if step == self._round_start + self._round_length:
+            self._start_round()
+        module = self.lightning_module
+        module.log("diloco/outer_step", float(self._outer_steps), on_step=True, on_epoch=False)
+        module.log("comm/bytes_sent", float(self._bytes_sent), on_step=True, on_epoch=False)
+        module.log("comm/wait_seconds", self._wait_seconds, on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------ one sync
+
+    def _start_sync(self, fragment: _Fragment, apply_at_step: Optional[int]) -> None:
+        """Take the fragment's pseudo-gradient and start its all-reduce.
+
+        With ``delay=1`` the next inner phase then starts from the newest global
+        parameters: the previous outer step's average (which had a whole inner
+        phase to arrive) is applied, or, at the first outer step, the local
+        parameters just return to the global ones. This pseudo-gradient is taken
+        first: it is measured from the global parameters its inner phase started from.
+        """
+        pseudo_gradient = torch.cat(
+            [
+                (self._global_params[i].to(self._params[i].device) - self._params[i].float()).reshape(-1)
+                for i in fragment.param_indices
+            ]
+        )
+        if self._delay:
+            if fragment.pending is not None:
+                self._apply_outer_update(fragment)
+            else:
+                self._pull_global(fragment, self._mixing_alpha)
+        try:
+            exchange = self._start_exchange(fragment, pseudo_gradient)
+        except RuntimeError as error:
+            raise self._communication_error(error) from error
+        fragment.pending = _PendingSync(apply_at_step, exchange)
+
+    def _start_exchange(self, fragment: _Fragment, pseudo_gradient: Tensor) -> torch.futures.Future:
+        """Start averaging ``pseudo_gradient`` over the workers; the future resolves to (average, bytes sent)."""
+        if self._compressor is None:
+            sent = pseudo_gradient.numel() * pseudo_gradient.element_size()
+            work = dist.all_reduce(pseudo_gradient, group=self._group, async_op=True)
+            return work.get_future().then(lambda done: (done.value()[0].div_(self.world_size), sent))
+        future = torch.futures.Future()
+        step = self._inner_step
+
+        def reduce() -> None:
+            try:
+                average = self._compressor.reduce(pseudo_gradient, fragment.layout, self._exchange, step)
+                future.set_result((average, self._exchange.take_stats().bytes_sent))
+            except Exception as error:  # raised again in the training thread, by wait()
+                future.set_exception(error)
+
+        self._comm_thread.submit(reduce)
+        return future
+
+    def _resolve(self, pending: _PendingSync) -> Tensor:
+        """Wait for the exchange (timed), count its bytes, and return the averaged pseudo-gradient."""
+        if pending.exchange is not None:
+            started = time.perf_counter()
+            try:
+                pending.average, sent = pending.exchange.wait()
+            except RuntimeError as error:
+                raise self._communication_error(error) from error
+            self._wait_seconds += time.perf_counter() - started
+            self._bytes_sent += sent
+            pending.exchange = None
+        return pending.average
+
+    def _apply_outer_update(self, fragment: _Fragment, mixing_alpha: Optional[float] = None) -> None:
+        """Apply the fragment's pending average: one outer step on its global parameters, then the
+        local parameters move to the new global ones (``mixing_alpha``, the strategy's by default)."""
+        averaged = self._resolve(fragment.pending).to(self._outer_device)
+        fragment.pending = None
+        global_params = [self._global_params[i] for i in fragment.param_indices]
+        pseudo_grads = [
+            chunk.view_as(g) for chunk, g in zip(averaged.split([g.numel() for g in global_params]), global_params)
+        ]
+        if self._outer_optimizer is None:
+            diloco_outer_step(
+                global_params,
+                pseudo_grads,
+                [self._momentum_buffers[i] for i in fragment.param_indices],
+                lr=scalar(self._outer_lr(self._inner_step), self._outer_device),
+                momentum=scalar(self._outer_momentum, self._outer_device),
+                nesterov=_BUILT_IN_OUTER_OPTIMIZERS[self._outer_optimizer_spec],
+                backend=self._kernel_backend,
+            )
+        else:
+            # Only this fragment has gradients: torch optimizers skip (and keep the state of) the rest.
+            for param, grad in zip(global_params, pseudo_grads):
+                param.grad = grad
+            self._outer_optimizer.step()
+            for param in global_params:
+                param.grad = None
+        self._pull_global(fragment, self._mixing_alpha if mixing_alpha is None else mixing_alpha)
+        self._outer_steps += 1
+
+    def _pull_global(self, fragment: _Fragment, mixing_alpha: float) -> None:
+        """``local = mixing_alpha * local + (1 - mixing_alpha) * global`` for the fragment (0 replaces)."""
+        local_params = [self._params[i].detach() for i in fragment.param_indices]
+        device = local_params[0].device
+        ema_update(
+            local_params,
+            [self._global_params[i].to(device) for i in fragment.param_indices],
+            decay=scalar(mixing_alpha, device),
+            backend=self._kernel_backend,
+        )
+        fragment.in_sync = mixing_alpha == 0.0
+
+    def _communication_error(self, error: BaseException) -> RuntimeError:
+        return RuntimeError(
+            f"{type(self).__name__}: the exchange of pseudo-gradients failed on rank {self.global_rank} after inner "
+            f"step {self._inner_step}. Another worker has probably died or stopped responding "
+            f"(process-group timeout: {self._timeout}). Cause: {error}"
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        """The outer state and every worker's local state (gathered on rank 0; None elsewhere)."""
+        for fragment in self._fragments:
+            if fragment.pending is not None:
+                self._resolve(fragment.pending)
+        local_state = {
+            "model": self.lightning_module.state_dict(),
+            "optimizer": self.optimizers[0].state_dict(),
+            # error-feedback residuals are each worker's own
+            "compressor": None if self._compressor is None else self._compressor.state_dict(),
+        }
+        workers = [None] * self.world_size if self.is_global_zero else None
+        dist.gather_object(local_state, workers, dst=0, group=self._group)
+        if self._outer_optimizer is None:
+            outer_optimizer_state = {"momentum_buffers": self._momentum_buffers}
+        else:
+            outer_optimizer_state = self._outer_optimizer.state_dict()
+        return {
+            "inner_step": self._inner_step,
+            "round_start": self._round_start,
+            "round_length": self._round_length,
+            "outer_steps": self._outer_steps,
+            "bytes_sent": self._bytes_sent,
+            "wait_seconds": self._wait_seconds,
+            "global_params": self._global_params,
+            "outer_optimizer": outer_optimizer_state,
+            "fragments": [
+                {
+                    "param_indices": fragment.param_indices,
+                    "in_sync": fragment.in_sync,
+                    "pending_average": None if fragment.pending is None else fragment.pending.average,
+                    "pending_apply_at_step": None if fragment.pending is None else fragment.pending.apply_at_step,
+                }
+                for fragment in self._fragments
+            ],
+            "world_size": self.world_size,
+            "workers": workers,
+        }
+
+    def _restore_checkpoint_state(self, state: Mapping[str, Any]) -> None:
+        saved_assignment = [saved["param_indices"] for saved in state["fragments"]]
+        if saved_assignment != [fragment.param_indices for fragment in self._fragments]:
+            raise ValueError(
+                f"{type(self).__name__}: the checkpoint's fragments {saved_assignment} differ from this run's "
+                f"{[fragment.param_indices for fragment in self._fragments]} (num_fragments, fragment_assignment "
+                "and the model must be those of the run that saved it)"
+            )
+        self._inner_step = state["inner_step"]
+        self._round_start = state["round_start"]
+        self._round_length = state["round_length"]
+        self._outer_steps = state["outer_steps"]
+        self._bytes_sent = state["bytes_sent"]
+        self._wait_seconds = state["wait_seconds"]
+        for current, saved in zip(self._global_params, state["global_params"]):
+            current.copy_(saved)
+        if self._outer_optimizer is None:
+            for current, saved in zip(self._momentum_buffers, state["outer_optimizer"]["momentum_buffers"]):
+                current.copy_(saved)
+        else:
+            self._outer_optimizer.load_state_dict(state["outer_optimizer"])
+        device = self.root_device
+        for fragment, saved in zip(self._fragments, state["fragments"]):
+            fragment.in_sync = saved["in_sync"]
+            average = saved["pending_average"]
+            fragment.pending = (
+                None if average is None else _PendingSync(saved["pending_apply_at_step"], average=average.to(device))
+            )
+        if state["world_size"] == self.world_size:
+            worker = state["workers"][self.global_rank]
+            self.lightning_module.load_state_dict(worker["model"])
+            self.optimizers[0].load_state_dict(worker["optimizer"])
+            _optimizer_to_device(self.optimizers[0], self.root_device)
+            if self._compressor is not None:
+                self._compressor.load_state_dict(worker["compressor"])
+        else:
+            # The model already holds the global parameters: Lightning loaded the checkpoint's state_dict.
+            rank_zero_warn(
+                f"{type(self).__name__}: the checkpoint was saved by {state['world_size']} workers and is resumed "
+                f"by {self.world_size}: the interrupted inner phase restarts from the global parameters."
+            )
+            for fragment in self._fragments:
+                fragment.in_sync = True
+
+    # ------------------------------------------------------------------ registration
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            "diloco",
+            cls,
+            description="DiLoCo: inner optimizer alone for inner_steps steps, then an outer Nesterov step "
+            "on the averaged pseudo-gradients",
+            override=True,
+        )
+
+
+class StreamingDiLoCoStrategy(DiLoCoStrategy):
+    """Streaming DiLoCo: fragments of the parameters synchronize in turn, overlapped with training.
+
+    Args:
+        inner_steps: H, the steps between two syncs of the same fragment (an int
+            or a schedule, as for :class:`DiLoCoStrategy`).
+        num_fragments: F, how many fragments the parameter tensors are split
+            into; fragment ``f`` syncs ``(f + 1) * H // F`` steps into each round of
+            H steps. At most the number of parameter tensors, and at most H.
+        overlap_steps: tau, the inner steps between the start of a fragment's
+            all-reduce and the application of its result; must be smaller than
+            the per-fragment period ``H // F``, so one all-reduce is in flight at
+            a time.
+        mixing_alpha: when a fragment's new global value arrives, its local
+            parameters become ``mixing_alpha * local + (1 - mixing_alpha) *
+            global``: 0 replaces them (plain DiLoCo), larger values keep some of
+            the ``overlap_steps`` of local progress made while the all-reduce ran.
+        fragment_assignment: ``"strided"`` puts tensor ``i`` in fragment ``i % F``
+            (the paper's choice: each fragment spans the depth of the network);
+            ``"contiguous"`` gives each fragment a run of consecutive tensors.
+
+    The other arguments are :class:`DiLoCoStrategy`'s, without ``delay``
+    (``overlap_steps`` is the overlap here). The outer state stays fp32 whatever
+    the ``compressor`` does to the exchanged pseudo-gradients.
+    """
+
+    def __init__(
+        self,
+        inner_steps: Union[int, Schedule, Callable[[int], float]] = 500,
+        num_fragments: int = 4,
+        overlap_steps: int = 1,
+        mixing_alpha: float = 0.5,
+        fragment_assignment: str = "strided",
+        outer_optimizer: Union[str, OuterOptimizerFactory] = "nesterov",
+        outer_lr: Union[float, Schedule] = 0.7,
+        outer_momentum: float = 0.9,
+        compressor: Union[str, Compressor, None] = None,
+        outer_state_device: Union[str, torch.device] = "cpu",
+        kernel_backend: str = "auto",
+        timeout: Union[float, timedelta, None] = default_pg_timeout,
+        **ddp_kwargs: Any,
+    ) -> None:
+        super().__init__(
+            inner_steps=inner_steps,
+            outer_optimizer=outer_optimizer,
+            outer_lr=outer_lr,
+            outer_momentum=outer_momentum,
+            compressor=compressor,
+            delay=0,  # overlap_steps is the overlap here
+            outer_state_device=outer_state_device,
+            kernel_backend=kernel_backend,
+            timeout=timeout,
+            **ddp_kwargs,
+        )
+        if not (isinstance(num_fragments, int) and not isinstance(num_fragments, bool) and num_fragments >= 1):
+            raise ValueError(f"num_fragments must be an integer >= 1, got {num_fragments!r}")
+        if not (isinstance(overlap_steps, int) and not isinstance(overlap_steps, bool) and overlap_steps >= 0):
+            raise ValueError(f"overlap_steps must be an integer >= 0, got {overlap_steps!r}")
+        if not 0.0 <= mixing_alpha <= 1.0:
+            raise ValueError(f"mixing_alpha must be in [0, 1], got {mixing_alpha!r}")
+        if fragment_assignment not in _FRAGMENT_ASSIGNMENTS:
+            raise ValueError(f"fragment_assignment must be one of {_FRAGMENT_ASSIGNMENTS}, got {fragment_assignment!r}")
+        self._num_fragments = num_fragments
+        self._overlap_steps = overlap_steps
+        self._mixing_alpha = float(mixing_alpha)
+        self._fragment_assignment = fragment_assignment
+        if not callable(inner_steps):
+            self._check_round_length(inner_steps)
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            "streaming_diloco",
+            cls,
+            description="Streaming DiLoCo: parameter fragments synchronized in turn, overlapped with inner steps",
+            override=True,
+        )
+
+
+DiLoCoStrategy.register_strategies(StrategyRegistry)
+StreamingDiLoCoStrategy.register_strategies(StrategyRegistry)
