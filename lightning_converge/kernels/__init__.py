@@ -8,14 +8,14 @@ from lightning_converge.kernels.adamw import adamw
 from lightning_converge.kernels.ademamix import ademamix
 from lightning_converge.kernels.adan import adan
 from lightning_converge.kernels.adopt import adopt
-from lightning_converge.kernels.diloco import diloco_outer_step as diloco_outer_step
+from lightning_converge.kernels.diloco import diloco_outer_step
 from lightning_converge.kernels.dispatch import BACKENDS, Kernel, resolve_backend, scalar
 from lightning_converge.kernels.ema import ema_update
 from lightning_converge.kernels.grokfast import grokfast_ema
-from lightning_converge.kernels.int8_quantize import int8_quantize as int8_quantize
+from lightning_converge.kernels.int8_quantize import int8_quantize
 from lightning_converge.kernels.lion import lion
-from lightning_converge.kernels.onebit_adam import onebit_adam_update as onebit_adam_update
-from lightning_converge.kernels.sign_quantize import sign_quantize as sign_quantize
+from lightning_converge.kernels.onebit_adam import onebit_adam_update
+from lightning_converge.kernels.sign_quantize import sign_quantize
 
 __all__ = [
     "BACKENDS",
@@ -26,7 +26,11 @@ __all__ = [
     "ademamix",
     "adan",
     "adopt",
+    "diloco_outer_step",
     "ema_update",
     "grokfast_ema",
+    "int8_quantize",
     "lion",
+    "onebit_adam_update",
+    "sign_quantize",
 ]
