@@ -16,7 +16,9 @@ What it measures
     implementations are timed in rounds: every round runs a few steps of each, in
     an order that changes from round to round, so that load from other processes
     on this shared machine falls on all of them alike. The figure reported is the
-    median over all timed steps.
+    median over all timed steps; the 25th-75th percentile range shows the noise,
+    and the median CPU time per step (all threads of this process) is less
+    affected by time-slicing than wall-clock time.
 
     Bandwidth: each rule must move ``BYTES_PER_PARAM[rule]`` bytes per parameter
     per step, so its achieved bandwidth is ``params * bytes / time``. Two streaming
@@ -36,7 +38,7 @@ How to run (from the repository root)
     python benchmarks/optimizer_step.py                  # 25 M parameters, 50 tensors
     python benchmarks/optimizer_step.py --quick          # smoke run: 3 M parameters, few steps,
                                                          # written to optimizer_step_quick.{json,png}
-    python benchmarks/optimizer_step.py --params 50e6 --tensors 100 --steps 90
+    python benchmarks/optimizer_step.py --params 50e6 --tensors 100 --steps 90 --threads 1
 
 Writes benchmarks/results/optimizer_step.json (every number and the machine),
 benchmarks/results/optimizer_step.png (GB/s per implementation against the
@@ -215,29 +217,36 @@ def roofline_contenders(megabytes: int) -> list[Contender]:
     ]
 
 
-def time_call(step: Callable[[], object]) -> float:
-    start = time.perf_counter()
+def time_call(step: Callable[[], object]) -> tuple[float, float]:
+    """Wall-clock and CPU time (all of this process's threads) of one call, in seconds."""
+    wall, cpu = time.perf_counter(), time.process_time()
     step()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def run_rounds(contenders: list[Contender], warmup: int, rounds: int, steps_per_round: int, seed: int) -> dict:
     """Warm every contender up, then time them interleaved; return per-contender step times (s)."""
     first_step = {}
     for contender in contenders:
-        first_step[contender.name] = time_call(contender.step)  # includes torch.compile for ours
+        first_step[contender.name] = time_call(contender.step)[0]  # includes torch.compile for ours
         for _ in range(warmup - 1):
             contender.step()
         print(f"  warmed up {contender.name}: first step {first_step[contender.name]:.2f} s", flush=True)
     times = {contender.name: [] for contender in contenders}
+    cpu_times = {contender.name: [] for contender in contenders}
+    load = []
     order = list(contenders)
     shuffler = random.Random(seed)
     for round_index in range(rounds):
         shuffler.shuffle(order)
         for contender in order:
-            times[contender.name].extend(time_call(contender.step) for _ in range(steps_per_round))
-        print(f"  round {round_index + 1}/{rounds} done (load average {os.getloadavg()[0]:.2f})", flush=True)
-    return {"first_step_s": first_step, "step_times_s": times}
+            for _ in range(steps_per_round):
+                wall, cpu = time_call(contender.step)
+                times[contender.name].append(wall)
+                cpu_times[contender.name].append(cpu)
+        load.append(os.getloadavg()[0])
+        print(f"  round {round_index + 1}/{rounds} done (load average {load[-1]:.2f})", flush=True)
+    return dict(first_step_s=first_step, step_times_s=times, cpu_times_s=cpu_times, load_average_per_round=load)
 
 
 def max_param_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -259,15 +268,16 @@ def summarize(contenders: list[Contender], timing: dict, n_params: int) -> dict:
             median_ms=median * 1e3,
             p25_ms=quartiles[0] * 1e3,
             p75_ms=quartiles[2] * 1e3,
+            cpu_median_ms=statistics.median(timing["cpu_times_s"][contender.name]) * 1e3,
             first_step_s=timing["first_step_s"][contender.name],
             gb_per_s=contender.bytes_per_step / median / 1e9,
         )
     roofline = max(row["gb_per_s"] for row in rows.values() if row["family"] == "roofline")
     by_name = {contender.name: contender for contender in contenders}
     for name, row in rows.items():
+        row["roofline_fraction"] = row["gb_per_s"] / roofline
         if row["family"] == "roofline":
             continue
-        row["roofline_fraction"] = row["gb_per_s"] / roofline
         row["roofline_ms"] = row["bytes_per_step"] / roofline / 1e6  # the time those bytes need at best
         if row["family"] == "ours" and row["rule"] in EXOTIC_RULES:
             peer_name = f"pytorch-optimizer {row['rule']}"
@@ -312,15 +322,21 @@ def summarize(contenders: list[Contender], timing: dict, n_params: int) -> dict:
 
 def markdown(summary: dict) -> str:
     lines = [
-        "| implementation | ms/step (median) | GB/s | % of roofline | speed-up vs pytorch-optimizer |",
-        "|---|---:|---:|---:|---:|",
+        "| implementation | ms/step median | (p25-p75) | CPU ms/step | GB/s | % of roofline | comparison |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for name, row in summary["rows"].items():
-        fraction = f"{row['roofline_fraction']:.0%}" if "roofline_fraction" in row else "(roofline)"
-        speedup = f"{row['speedup_vs_pytorch_optimizer']:.2f}x" if "speedup_vs_pytorch_optimizer" in row else ""
+        comparison = ""
+        if "speedup_vs_pytorch_optimizer" in row:
+            comparison = f"{row['speedup_vs_pytorch_optimizer']:.2f}x faster than pytorch-optimizer"
         if "ratio_vs_torch_fused" in row:
-            speedup = f"{row['ratio_vs_torch_fused']:.2f}x the time of torch fused"
-        lines.append(f"| {name} | {row['median_ms']:.2f} | {row['gb_per_s']:.1f} | {fraction} | {speedup} |")
+            comparison = f"{row['ratio_vs_torch_fused']:.2f}x the time of torch fused"
+        if row["family"] == "roofline" and row["roofline_fraction"] == 1.0:
+            comparison = "the roofline"
+        lines.append(
+            f"| {name} | {row['median_ms']:.2f} | ({row['p25_ms']:.1f}-{row['p75_ms']:.1f}) | "
+            f"{row['cpu_median_ms']:.1f} | {row['gb_per_s']:.1f} | {row['roofline_fraction']:.0%} | {comparison} |"
+        )
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for target in summary["targets"]:
         lines.append(f"| {target['target']} | {target['measured']} | {'yes' if target['met'] else 'NO'} |")
@@ -336,11 +352,15 @@ def plot(summary: dict, path: Path) -> None:
     colors = {"ours": "tab:blue", "torch": "tab:orange", "pytorch-optimizer": "tab:gray", "roofline": "tab:green"}
     names = list(summary["rows"])
     rows = [summary["rows"][name] for name in names]
-    fig, ax = plt.subplots(figsize=(9, 0.4 * len(names) + 1.5))
+    fig, ax = plt.subplots(figsize=(11, 0.4 * len(names) + 1.5))
     positions = range(len(names))
-    ax.barh(positions, [row["gb_per_s"] for row in rows], color=[colors[row["family"]] for row in rows])
-    for position, row in zip(positions, rows):
-        ax.text(row["gb_per_s"], position, f" {row['median_ms']:.1f} ms", va="center", fontsize=8)
+    gb_per_s = [row["gb_per_s"] for row in rows]
+    # Whiskers: the bandwidth at the 75th and 25th percentile step times.
+    spread = [
+        [speed - row["bytes_per_step"] / row["p75_ms"] / 1e6 for speed, row in zip(gb_per_s, rows)],
+        [row["bytes_per_step"] / row["p25_ms"] / 1e6 - speed for speed, row in zip(gb_per_s, rows)],
+    ]
+    ax.barh(positions, gb_per_s, xerr=spread, color=[colors[row["family"]] for row in rows], ecolor="black")
     ax.axvline(summary["roofline_gb_per_s"], color="tab:green", linestyle="--", label="roofline")
     ax.axvline(
         TARGET_ROOFLINE_FRACTION * summary["roofline_gb_per_s"],
@@ -348,13 +368,15 @@ def plot(summary: dict, path: Path) -> None:
         linestyle=":",
         label=f"{TARGET_ROOFLINE_FRACTION:.0%} of roofline",
     )
-    ax.set_yticks(list(positions), names)
+    ax.set_yticks(list(positions), [f"{name}  ({row['median_ms']:.1f} ms)" for name, row in zip(names, rows)])
+    ax.set_xlim(0, 1.15 * max(speed + high for speed, high in zip(gb_per_s, spread[1])))
     ax.invert_yaxis()
-    ax.set_xlabel("GB/s (bytes the rule must move / median step time)")
+    ax.set_xlabel("GB/s (bytes the rule must move / median step time; whiskers: p75 and p25 times)")
     ax.set_title(f"Optimizer step, {summary['n_params'] / 1e6:.1f} M fp32 parameters")
     handles = [plt.Rectangle((0, 0), 1, 1, color=color) for color in colors.values()]
     line_handles, line_labels = ax.get_legend_handles_labels()
-    ax.legend(handles + line_handles, list(colors) + line_labels, loc="lower right", fontsize=8)
+    labels = list(colors) + line_labels
+    ax.legend(handles + line_handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -387,10 +409,11 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=float, default=25e6, help="number of fp32 parameters (about)")
     parser.add_argument("--tensors", type=int, default=50, help="number of parameter tensors (about)")
-    parser.add_argument("--steps", type=int, default=60, help="timed steps per implementation")
+    parser.add_argument("--steps", type=int, default=90, help="timed steps per implementation")
     parser.add_argument("--steps-per-round", type=int, default=3, help="steps of one implementation in a row")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first compiles)")
     parser.add_argument("--copy-mb", type=int, default=256, help="size of each roofline kernel tensor, MB")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 M parameters, 6 steps, 32 MB copy")
     args = parser.parse_args()
@@ -401,6 +424,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rounds = max(1, math.ceil(args.steps / args.steps_per_round))
     shapes = model_shapes(args.params, args.tensors)
     n_params = sum(math.prod(shape) for shape in shapes)
@@ -436,7 +461,9 @@ def main() -> None:
             "the roofline is the faster of the copy and in-place add kernels timed in the same rounds."
         ),
         machine=info,
+        load_average_per_round=timing["load_average_per_round"],
         **summary,
+        step_times_ms={name: [round(t * 1e3, 4) for t in times] for name, times in timing["step_times_s"].items()},
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "optimizer_step_quick" if args.quick else "optimizer_step"  # a smoke run keeps the full results
