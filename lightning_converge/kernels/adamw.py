@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -11,7 +12,16 @@ from lightning_converge.kernels.cautious import cautious_mask
 from lightning_converge.kernels.dispatch import kernel
 
 
-@kernel
+def adam_bias_corrections(steps: list[Tensor], beta1: Tensor, beta2: Tensor) -> dict[str, tuple[Tensor, ...]]:
+    """Per tensor: ``1 - beta1**step`` and ``sqrt(1 - beta2**step)``."""
+    step = torch.stack(steps)
+    return dict(
+        bias_correction1=(1 - beta1**step).unbind(),
+        bias_correction2_sqrt=torch.sqrt(1 - beta2**step).unbind(),
+    )
+
+
+@kernel(step_factors=adam_bias_corrections)
 def adamw(
     params: list[Tensor],
     grads: list[Tensor],
@@ -25,17 +35,20 @@ def adamw(
     eps: Tensor,
     weight_decay: Tensor,
     cautious: bool = False,
+    bias_correction1: Sequence[Tensor],
+    bias_correction2_sqrt: Sequence[Tensor],
 ) -> None:
-    """One AdamW step, in place. ``steps`` already count this step (1 on the first).
+    """One AdamW step, in place. ``steps`` already count this step (1 on the first);
+    the bias corrections derived from them arrive from :func:`adam_bias_corrections`.
 
     Math in fp32 whatever the parameter dtype; state is fp32.
     """
-    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+    for p, g, m, v, bc1, bc2_sqrt in zip(params, grads, exp_avgs, exp_avg_sqs, bias_correction1, bias_correction2_sqrt):
         g32 = g.float()
         m.lerp_(g32, 1 - beta1)
         v.mul_(beta2).add_(g32 * g32 * (1 - beta2))
-        denom = v.sqrt() / torch.sqrt(1 - beta2**step) + eps
-        update = m / (1 - beta1**step) / denom
+        denom = v.sqrt() / bc2_sqrt + eps
+        update = m / bc1 / denom
         if cautious:
             update = update * cautious_mask(update, g32)
         p.copy_(p.float() * (1 - lr * weight_decay) - lr * update)

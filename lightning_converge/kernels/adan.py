@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -11,7 +12,19 @@ from lightning_converge.kernels.cautious import cautious_mask
 from lightning_converge.kernels.dispatch import kernel
 
 
-@kernel
+def adan_bias_corrections(
+    steps: list[Tensor], beta1: Tensor, beta2: Tensor, beta3: Tensor
+) -> dict[str, tuple[Tensor, ...]]:
+    """Per tensor: ``1 - beta1**step``, ``1 - beta2**step`` and ``sqrt(1 - beta3**step)``."""
+    step = torch.stack(steps)
+    return dict(
+        bias_correction1=(1 - beta1**step).unbind(),
+        bias_correction2=(1 - beta2**step).unbind(),
+        bias_correction3_sqrt=torch.sqrt(1 - beta3**step).unbind(),
+    )
+
+
+@kernel(step_factors=adan_bias_corrections)
 def adan(
     params: list[Tensor],
     grads: list[Tensor],
@@ -29,6 +42,9 @@ def adan(
     weight_decay: Tensor,
     no_prox: bool = False,
     cautious: bool = False,
+    bias_correction1: Sequence[Tensor],
+    bias_correction2: Sequence[Tensor],
+    bias_correction3_sqrt: Sequence[Tensor],
 ) -> None:
     """One Adan step, in place.
 
@@ -36,8 +52,16 @@ def adan(
     Three bias corrections: the gradient EMA, the difference EMA, the second moment.
     Weight decay is the proximal form ``p / (1 + lr*wd)`` unless ``no_prox``.
     """
-    for p, g, m, d, n, prev, step in zip(
-        params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads, steps
+    for p, g, m, d, n, prev, bc1, bc2, bc3_sqrt in zip(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_diffs,
+        exp_avg_sqs,
+        prev_grads,
+        bias_correction1,
+        bias_correction2,
+        bias_correction3_sqrt,
     ):
         g32 = g.float()
         diff = g32 - prev
@@ -45,8 +69,8 @@ def adan(
         d.lerp_(diff, 1 - beta2)
         nesterov = g32 + beta2 * diff
         n.mul_(beta3).add_(nesterov * nesterov * (1 - beta3))
-        denom = n.sqrt() / torch.sqrt(1 - beta3**step) + eps
-        update = (m / (1 - beta1**step) + beta2 * d / (1 - beta2**step)) / denom
+        denom = n.sqrt() / bc3_sqrt + eps
+        update = (m / bc1 + beta2 * d / bc2) / denom
         if cautious:
             update = update * cautious_mask(update, g32)
         if no_prox:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib
 import math
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from lightning_converge.kernels.adamw import adam_bias_corrections
 from lightning_converge.kernels.cautious import cautious_mask
 from lightning_converge.kernels.dispatch import kernel
 
@@ -36,7 +38,26 @@ def warmed_up_alpha_beta3(
     return alpha, beta3
 
 
-@kernel
+def ademamix_step_factors(
+    steps: list[Tensor],
+    alpha: Tensor,
+    beta1: Tensor,
+    beta2: Tensor,
+    beta3: Tensor,
+    alpha_warmup: int | None = None,
+    beta3_warmup: int | None = None,
+) -> dict[str, tuple[Tensor, ...]]:
+    """Per tensor: Adam's two bias corrections and the warmed-up alpha and beta3."""
+    step = torch.stack(steps)
+    alpha_t, beta3_t = warmed_up_alpha_beta3(step, alpha, beta1, beta3, alpha_warmup, beta3_warmup)
+    return dict(
+        **adam_bias_corrections(steps, beta1, beta2),
+        alpha_t=alpha_t.expand_as(step).unbind(),
+        beta3_t=beta3_t.expand_as(step).unbind(),
+    )
+
+
+@kernel(step_factors=ademamix_step_factors)
 def ademamix(
     params: list[Tensor],
     grads: list[Tensor],
@@ -55,20 +76,25 @@ def ademamix(
     alpha_warmup: int | None = None,
     beta3_warmup: int | None = None,
     cautious: bool = False,
+    bias_correction1: Sequence[Tensor],
+    bias_correction2_sqrt: Sequence[Tensor],
+    alpha_t: Sequence[Tensor],
+    beta3_t: Sequence[Tensor],
 ) -> None:
-    """One AdEMAMix step, in place.
+    """One AdEMAMix step, in place; per-tensor factors from :func:`ademamix_step_factors`.
 
     Bias correction on the fast EMA and the second moment only; the slow EMA
     enters scaled by alpha; weight decay is added to the update (scaled by lr).
     """
-    for p, g, m1, m2, nu, step in zip(params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, steps):
+    for p, g, m1, m2, nu, bc1, bc2_sqrt, alpha_i, beta3_i in zip(
+        params, grads, exp_avg_fasts, exp_avg_slows, exp_avg_sqs, bias_correction1, bias_correction2_sqrt, alpha_t, beta3_t
+    ):
         g32 = g.float()
-        alpha_t, beta3_t = warmed_up_alpha_beta3(step, alpha, beta1, beta3, alpha_warmup, beta3_warmup)
         m1.lerp_(g32, 1 - beta1)
-        m2.lerp_(g32, 1 - beta3_t)
+        m2.lerp_(g32, 1 - beta3_i)
         nu.mul_(beta2).add_(g32 * g32 * (1 - beta2))
-        denom = nu.sqrt() / torch.sqrt(1 - beta2**step) + eps
-        update = (m1 / (1 - beta1**step) + alpha_t * m2) / denom
+        denom = nu.sqrt() / bc2_sqrt + eps
+        update = (m1 / bc1 + alpha_i * m2) / denom
         if cautious:
             update = update * cautious_mask(update, g32)
         p32 = p.float()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import math
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -11,7 +13,14 @@ from lightning_converge.kernels.cautious import cautious_mask
 from lightning_converge.kernels.dispatch import kernel
 
 
-@kernel
+def adopt_clip_bounds(steps: list[Tensor], clip_exponent: float | None = 0.25) -> dict[str, tuple[Tensor, ...]]:
+    """Per tensor: the clipping bound ``(step-1)**clip_exponent`` (infinite without clipping)."""
+    step = torch.stack(steps)
+    bound = (step - 1) ** clip_exponent if clip_exponent is not None else torch.full_like(step, math.inf)
+    return dict(clip_bound=bound.unbind())
+
+
+@kernel(step_factors=adopt_clip_bounds)
 def adopt(
     params: list[Tensor],
     grads: list[Tensor],
@@ -27,6 +36,7 @@ def adopt(
     decouple: bool = False,
     clip_exponent: float | None = 0.25,
     cautious: bool = False,
+    clip_bound: Sequence[Tensor],
 ) -> None:
     """One ADOPT step, in place. ``steps`` already count this step (1 on the first).
 
@@ -36,16 +46,13 @@ def adopt(
     parameter moves by the momentum. Weight decay is L2 (added to the gradient)
     unless ``decouple``, then ``p *= 1 - lr*wd`` from the second step on.
     """
-    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+    for p, g, m, v, step, bound in zip(params, grads, exp_avgs, exp_avg_sqs, steps, clip_bound):
         first = step == 1
         p32 = p.float()
         g32 = g.float()
         if not decouple:
             g32 = g32 + weight_decay * p32
-        normed = g32 / torch.clamp(v.sqrt(), min=eps)
-        if clip_exponent is not None:
-            clip = (step - 1) ** clip_exponent
-            normed = torch.minimum(torch.maximum(normed, -clip), clip)
+        normed = torch.clamp(g32 / torch.clamp(v.sqrt(), min=eps), -bound, bound)
         m_new = torch.where(first, m, m.lerp(normed, 1 - beta1))
         update = m_new
         if cautious:
