@@ -52,6 +52,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
+from lightning_converge.kernels.dispatch import validate_backend
+from lightning_converge.kernels.finite import all_finite
+
 VALIDATE_WITH = ("average", "live")
 
 Writer = Callable[[pl.LightningModule, dict[str, Any]], None]
@@ -114,6 +117,7 @@ class AveragingCallback(Callback):
         validate_with: str,
         keep_average_on_train_end: bool,
         device: Optional[Union[str, torch.device]],
+        backend: str,
     ) -> None:
         if validate_with not in VALIDATE_WITH:
             raise ValueError(f"{self._name}: validate_with must be one of {VALIDATE_WITH}, got {validate_with!r}")
@@ -121,6 +125,7 @@ class AveragingCallback(Callback):
         self.validate_with = validate_with
         self.keep_average_on_train_end = keep_average_on_train_end
         self.device = None if device is None else torch.device(device)
+        self.backend = validate_backend(backend)
         self._module: Optional[pl.LightningModule] = None  # whose tensors are tracked (None: collect again)
         self._names: list[str] = []
         self._live: list[Tensor] = []  # the module's tracked parameters and buffers, in `_names` order
@@ -195,7 +200,7 @@ class AveragingCallback(Callback):
 
         An inf/NaN that reached the weights would stay in an average for good.
         """
-        finite = bool(torch.stack([torch.isfinite(t).all() for t in self._live]).all())
+        finite = bool(all_finite(self._live, backend=self.backend))
         finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
         if not finite:
             rank_zero_warn(f"{self._name}: the live weights hold inf or NaN; the average skips them")

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from lightning_converge.callbacks.averaging import AveragingCallback, accumulation_dtype, is_count
-from lightning_converge.kernels.dispatch import scalar, validate_backend
+from lightning_converge.kernels.dispatch import scalar
 from lightning_converge.kernels.ema import ema_update
 from lightning_converge.schedules import ScheduleLike, as_schedule
 
@@ -82,6 +82,7 @@ class EMA(AveragingCallback):
             validate_with=validate_with,
             keep_average_on_train_end=keep_average_on_train_end,
             device=device,
+            backend=backend,
         )
         if isinstance(decay, (int, float)) and not isinstance(decay, bool) and not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA: decay must be in [0, 1], got {decay!r}")
@@ -93,7 +94,6 @@ class EMA(AveragingCallback):
         self.update_every = update_every
         self.start_step = start_step
         self.switch_every_epoch = switch_every_epoch
-        self.backend = validate_backend(backend)
         self._averages: dict[str, Tensor] = {}
         self._num_updates = 0
 

@@ -28,6 +28,7 @@ class LAWA(AveragingCallback):
         validate_with: ``"average"`` evaluates validation and test with the
             average of the snapshots; ``"live"`` leaves the model alone.
         keep_average_on_train_end: copy the average into the model when training ends.
+        backend: the backend of the finiteness check before each snapshot.
 
     Snapshots keep the weights' dtype; their mean is taken in fp32 (fp64 for
     fp64 weights) when evaluation or a checkpoint needs it. Until the first
@@ -55,12 +56,14 @@ class LAWA(AveragingCallback):
         include_buffers: bool = False,
         validate_with: str = "average",
         keep_average_on_train_end: bool = True,
+        backend: str = "auto",
     ) -> None:
         super().__init__(
             include_buffers=include_buffers,
             validate_with=validate_with,
             keep_average_on_train_end=keep_average_on_train_end,
             device=device,
+            backend=backend,
         )
         if not is_count(k, minimum=1):
             raise ValueError(f"LAWA: k must be an integer >= 1, got {k!r}")

@@ -11,6 +11,7 @@ from lightning_converge.kernels.adopt import adopt
 from lightning_converge.kernels.diloco import diloco_outer_step
 from lightning_converge.kernels.dispatch import BACKENDS, Kernel, resolve_backend, scalar
 from lightning_converge.kernels.ema import ema_update
+from lightning_converge.kernels.finite import all_finite
 from lightning_converge.kernels.grokfast import grokfast_ema
 from lightning_converge.kernels.int8_quantize import int8_quantize
 from lightning_converge.kernels.lion import lion
@@ -26,6 +27,7 @@ __all__ = [
     "ademamix",
     "adan",
     "adopt",
+    "all_finite",
     "diloco_outer_step",
     "ema_update",
     "grokfast_ema",

@@ -144,6 +144,8 @@ class Kernel:
 
     def implementation(self, backend: str, device: torch.device) -> Callable[..., Any]:
         name = resolve_backend(backend, device)
+        if name == "triton" and backend == "auto" and self._triton_loader is None:
+            name = "compiled"  # a pass without a triton version runs compiled on CUDA too
         if name == "reference":
             return self.reference
         if name == "compiled":
