@@ -19,21 +19,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_converge.callbacks import GradES
+from trainers import make_trainer
 
 MATRICES = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 WEIGHTS = tuple(f"{name}.weight" for name in MATRICES)  # parameter names, as GradES reports them
-
-
-def make_trainer(**kwargs) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    return pl.Trainer(**{**options, **kwargs})
 
 
 class GatedBlocks(pl.LightningModule):

@@ -14,18 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_converge.callbacks import Grokfast
 from lightning_converge.kernels import grokfast_ema, scalar
-
-
-def make_trainer(**kwargs) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    return pl.Trainer(**{**options, **kwargs})
+from trainers import make_trainer
 
 
 class SometimesUnused(pl.LightningModule):
