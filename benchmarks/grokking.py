@@ -19,9 +19,11 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -32,6 +34,10 @@ from examples.grokking import GrokkingTransformer, ModularArithmetic  # noqa: E4
 from lightning_converge.callbacks import Grokfast  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+# The table is the output: keep Lightning's per-run banners and the data-loader advice out of it.
+logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", ".*does not have many workers.*|.*LeafSpec.*")
 
 METHODS = {
     "baseline": dict(weight_decay=0.0, grokfast=None),
