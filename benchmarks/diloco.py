@@ -1,0 +1,551 @@
+"""DiLoCo, its variants and DDP, 2 and 4 workers: loss against steps, bytes sent and seconds over a slow link.
+
+What it measures
+    The character-level GPT of the compression benchmark (``examples.char_lm.CharGPT``,
+    width 192, 4 blocks, 1.9 M parameters: 7.6 MB of fp32 a step for DDP) on CPython's
+    standard-library top-level modules (``examples.char_lm.StdlibText``, ``*.py``,
+    windows of 64 bytes, 8 a worker and step; the last 5% of the stream validates),
+    trained once per method with the same seed (initial weights and batches), the same
+    step budget and the same inner optimizer, ``lightning_converge.optim.AdamW`` (lr
+    2e-3, betas 0.9/0.95, weight decay 0.1, linear warm-up over 10% of the steps, cosine
+    decay to 10%):
+
+    * ``ddp``: ``strategy="ddp"``, the fp32 gradient all-reduce every step;
+    * ``diloco H=10 / 50 / 100``: ``DiLoCoStrategy(inner_steps=H)`` with the paper's outer
+      optimizer (Nesterov, lr 0.7, momentum 0.9);
+    * ``diloco H=50 int8``: the same, pseudo-gradients sent as blockwise int8 with error
+      feedback (``compressor="int8"``);
+    * ``diloco H=50 delay=1``: each all-reduce overlapped with the next inner phase, its
+      result applied one outer step late;
+    * ``streaming H=50 F=4``: ``StreamingDiLoCoStrategy`` with its defaults (4 fragments
+      assigned strided, ``overlap_steps=1``, ``mixing_alpha=0.5``).
+
+    Two workers run every method for ``--steps`` (200) steps. Four workers on this 2-core
+    machine are oversubscribed (two processes a core, so every step computes about half
+    as fast), and a DDP step over the shaped link takes about 4 s with four ranks, so
+    that part is small: ``ddp`` and ``diloco H=10`` (``--h-4``) for ``--steps-4`` (30)
+    steps, three outer steps (with H=50 there would be none before training ends).
+    ``--quick`` runs two workers only, a smaller model (width 64, 2 blocks) for 40 steps
+    with H in (4, 10, 20).
+
+    Loss. The final loss, on which the targets are judged, is the validation loss of the
+    model the workers end with (``--val-batches`` batches, the same for every method),
+    taken after ``fit`` returns: DiLoCo applies what is in flight and syncs whatever
+    moved when training ends, so every worker then holds the same global parameters
+    (checked: the script reports whether the ranks' parameters agree). The curves are
+    the training loss of the workers' own models, averaged over the ranks and smoothed
+    by a trailing mean over 10% of the steps; "seconds to DDP's final loss" is the time
+    of the first step whose smoothed loss is at or below DDP's smoothed loss at its last
+    step (DDP itself gets there at or near its last step). A method that ends above that
+    loss never gets there; so the tables also give the speed-up to the method's own
+    final loss: DDP's seconds to reach it over the method's.
+
+    Bytes. ``comm/bytes_sent`` as the strategies count it: the payload a worker hands to
+    the collectives (pseudo-gradients, compressed or not), including the syncs DiLoCo
+    runs when training ends; for DDP, which counts nothing, its fp32 gradients once a
+    step, the size of the buffers its all-reduce takes. Peak bytes per sync is the
+    largest exchange during training (for Streaming DiLoCo one fragment's; the syncs
+    when training ends, several fragments' at once, are left out of the peak). On the
+    shaped link the kernel's own count of the bytes through the loopback (``tc -s
+    qdisc``: every rank, both directions, headers and Lightning's own collectives) is
+    reported beside it.
+
+    Time. Each launch first trains every method for a few steps with a short H, so that
+    every ``torch.compile`` kernel (the inner AdamW, the outer step, the int8 quantizer,
+    each fragment's mixing) is compiled before anything is timed. Seconds per step are a
+    method's training seconds (the slowest rank's wall-clock at the end of its last
+    step) over its steps, so DiLoCo's sync steps count; the blocking sync when training
+    ends is outside. The ranks run inside a private network namespace; for each method
+    in turn they first train ``--loopback-steps`` (30) steps on its plain loopback, which
+    only times them, then rank 0 shapes the loopback to ``--rate-mbit`` (100) Mbit/s
+    with ``tc qdisc ... tbf`` and the method trains its whole budget over it: the run
+    the losses, bytes and curves come from. Timing the two links back to back lets
+    drifting load from other jobs fall on both alike. Both directions and all ranks
+    share the one shaped loopback: two ranks all-reducing n bytes put 2n bytes through
+    it, four ranks 6n (on a real network each machine would have a link of its own). A
+    gloo all-reduce between two ranks is timed there first to check the rate. One
+    intra-op thread a rank (``--threads``); other jobs may share this CPU (the load
+    average is recorded), which slows the computing part of every step, not the link.
+
+How to run (from the repository root; the shaped link needs root for ``ip netns``)
+    sudo .venv/bin/python benchmarks/diloco.py           # about 15 minutes here
+    sudo .venv/bin/python benchmarks/diloco.py --quick   # smoke run, 1-2 minutes
+    python benchmarks/diloco.py --no-shaping             # plain loopback only, no root needed
+
+Without root, ``ip`` or ``tc`` the shaped link is skipped with a message saying why:
+every method then trains its whole budget on the plain loopback, and the target on
+the shaped link is not judged. Each number of workers is one launch
+(``benchmarks/_dist.py``) whose ranks run the methods one after another. Writes
+``benchmarks/results/diloco.json`` and ``diloco.png`` (``diloco_quick.*`` with
+``--quick``) and prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _dist  # noqa: E402
+from _common import machine, markdown_table, quiet_trainer, result_paths  # noqa: E402
+from examples.char_lm import CharGPT, StdlibText  # noqa: E402
+from lightning_converge.optim import AdamW  # noqa: E402
+from lightning_converge.strategies import DiLoCoStrategy, StreamingDiLoCoStrategy  # noqa: E402
+
+FILES = ("*.py",)  # the standard library's top-level modules, as in benchmarks/compression.py
+# The issue's targets, two workers, DiLoCo at H = --h against DDP.
+MAX_LOSS_GAP = 0.03
+MIN_FEWER_BYTES = 50.0
+MIN_SPEEDUP_SHAPED = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """DDP (``inner_steps`` None), DiLoCo, or with ``num_fragments`` > 1 Streaming DiLoCo (its defaults otherwise)."""
+
+    inner_steps: Optional[int] = None
+    compressor: Optional[str] = None
+    delay: int = 0
+    num_fragments: int = 1
+
+    @property
+    def name(self) -> str:
+        if self.inner_steps is None:
+            return "ddp"
+        if self.num_fragments > 1:
+            return f"streaming H={self.inner_steps} F={self.num_fragments}"
+        options = [self.compressor] if self.compressor else []
+        options += ["delay=1"] if self.delay else []
+        return " ".join([f"diloco H={self.inner_steps}", *options])
+
+    def strategy(self):
+        if self.inner_steps is None:
+            return "ddp"
+        if self.num_fragments > 1:
+            return StreamingDiLoCoStrategy(
+                inner_steps=self.inner_steps, num_fragments=self.num_fragments, compressor=self.compressor
+            )
+        return DiLoCoStrategy(inner_steps=self.inner_steps, compressor=self.compressor, delay=self.delay)
+
+    def warm_up(self) -> tuple[Method, int]:
+        """This method with the shortest H it accepts, and the steps that run each of its kernels."""
+        if self.inner_steps is None:
+            return self, 2
+        shortest = 2 * self.num_fragments  # Streaming's overlap of one step needs a fragment period of two
+        return dataclasses.replace(self, inner_steps=shortest), shortest
+
+
+def methods(world_size: int, args: argparse.Namespace) -> list[Method]:
+    """DDP first (the reference), then the DiLoCo family; four workers run DDP and DiLoCo at H = ``--h-4``."""
+    if world_size == 4:
+        return [Method(), Method(args.h_4)]
+    return [
+        Method(),
+        *(Method(h) for h in args.inner_steps),
+        Method(args.h, compressor="int8"),
+        Method(args.h, delay=1),
+        Method(args.h, num_fragments=args.num_fragments),
+    ]
+
+
+def link_plan(world_size: int, shaped: bool, args: argparse.Namespace) -> list[tuple[str, int]]:
+    """(link, steps) each method trains, in order; the last is the full run, the others only time steps."""
+    steps = args.steps if world_size == 2 else args.steps_4
+    if not shaped:
+        return [("loopback", steps)]
+    return [("loopback", min(steps, args.loopback_steps)), ("shaped", steps)]
+
+
+# ---------------------------------------------------------------- one rank (inside the launched processes)
+
+
+def ddp_bytes_per_step(model: torch.nn.Module) -> int:
+    """What DDP hands its all-reduce every step: every gradient, in the parameters' dtype."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def bytes_sent_so_far(trainer: L.Trainer) -> int:
+    if isinstance(trainer.strategy, DiLoCoStrategy):
+        return trainer.strategy.bytes_sent
+    return trainer.global_step * ddp_bytes_per_step(trainer.lightning_module)
+
+
+class StepRecord(L.Callback):
+    """Per optimizer step on this rank: the training loss, the bytes sent so far and the seconds from the
+    start of training to the step's end. With ``count_loopback``, the loopback qdisc's byte counter when
+    training starts (run it on one rank, inside the shaped namespace)."""
+
+    def __init__(self, count_loopback: bool) -> None:
+        self.count_loopback = count_loopback
+        self.loss: list[float] = []
+        self.bytes_sent: list[int] = []
+        self.step_end_seconds: list[float] = []
+        self.loopback_bytes: list[int] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.count_loopback:
+            self.loopback_bytes.append(_dist.loopback_bytes(None))
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.step_end_seconds.append(time.perf_counter() - self.start)
+        self.bytes_sent.append(bytes_sent_so_far(trainer))
+        self.loss.append(float(outputs["loss"]))
+
+
+@torch.no_grad()
+def validation_loss(model: CharGPT, data: StdlibText, batches: int) -> float:
+    """Mean loss over the first ``batches`` validation batches (the same bytes for every method)."""
+    model.eval()
+    return statistics.fmean(model.loss(batch).item() for batch in itertools.islice(data.val_dataloader(), batches))
+
+
+def fit(method: Method, world_size: int, max_steps: int, args: argparse.Namespace, callbacks: list) -> tuple:
+    L.seed_everything(args.seed, verbose=False)
+    optimizer = functools.partial(AdamW, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    model = CharGPT(
+        dim=args.dim, depth=args.depth, heads=args.heads, seq_len=args.seq_len,
+        warmup_steps=max(1, max_steps // 10), optimizer=optimizer,
+    )
+    data = StdlibText(FILES, seq_len=args.seq_len, batch_size=args.batch_size)
+    trainer = quiet_trainer(
+        devices=world_size, strategy=method.strategy(), max_steps=max_steps, limit_val_batches=0, callbacks=callbacks
+    )
+    trainer.fit(model, data)
+    return model, data, trainer
+
+
+def train_methods_on_this_rank(args: argparse.Namespace) -> None:
+    """Warm every method up, then train each on every link of the plan (one process group for all),
+    writing ``{method index}_{link}_rank{r}.json`` to ``--worker-out``."""
+    torch.set_num_threads(args.threads)
+    # Read before the first fit: Lightning's teardown removes the launcher's WORLD_SIZE.
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    to_run = methods(world_size, args)
+    plan = link_plan(world_size, args.worker_shaped, args)
+    for method in to_run:
+        warm_up_method, warm_up_steps = method.warm_up()
+        fit(warm_up_method, world_size, warm_up_steps, args, callbacks=[])
+    for index, method in enumerate(to_run):
+        for link, steps in plan:
+            if args.worker_shaped:
+                _dist.use_link(link == "shaped", args.rate_mbit, rank)
+            record = StepRecord(count_loopback=link == "shaped" and rank == 0)
+            model, data, trainer = fit(method, world_size, steps, args, callbacks=[record])
+            if record.count_loopback:
+                record.loopback_bytes.append(_dist.loopback_bytes(None))
+            full_run = link == plan[-1][0]
+            result = dict(
+                parameters=sum(p.numel() for p in model.parameters()),
+                loss=record.loss,
+                bytes_sent=record.bytes_sent,
+                bytes_sent_total=bytes_sent_so_far(trainer),  # with the syncs when training ends
+                step_end_seconds=record.step_end_seconds,
+                loopback_bytes=record.loopback_bytes,
+                parameter_checksum=sum(p.double().sum().item() for p in model.parameters()),
+                val_loss=validation_loss(model, data, args.val_batches) if rank == 0 and full_run else None,
+            )
+            (args.worker_out / f"{index}_{link}_rank{rank}.json").write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------- the launcher's side
+
+
+def train(args: argparse.Namespace, world_size: int, netns: Optional[str], work_dir: Path) -> dict[str, dict]:
+    """Launch the ranks (inside ``netns`` when given), train every method on every link of the plan;
+    return link -> method -> the ranks' records merged."""
+    out = work_dir / f"{world_size}_workers"
+    if netns:
+        _dist.set_loopback_rate(None, netns)  # warm-ups on the plain loopback; the ranks shape it when due
+    worker_args = [__file__, *sys.argv[1:], "--worker-out", str(out)] + (["--worker-shaped"] if netns else [])
+    _dist.launch(worker_args, world_size=world_size, netns=netns, threads_per_rank=args.threads,
+                 log_dir=out, timeout=3 * 3600)
+    runs: dict[str, dict] = {}
+    for link, _ in link_plan(world_size, netns is not None, args):
+        runs[link] = {}
+        for index, method in enumerate(methods(world_size, args)):
+            ranks = [json.loads((out / f"{index}_{link}_rank{rank}.json").read_text()) for rank in range(world_size)]
+            rank0 = ranks[0]
+            runs[link][method.name] = dict(
+                parameters=rank0["parameters"],
+                loss=[statistics.fmean(values) for values in zip(*(r["loss"] for r in ranks))],
+                bytes_sent=rank0["bytes_sent"],
+                bytes_sent_total=rank0["bytes_sent_total"],
+                # A step is done when the slowest rank is done with it.
+                step_end_seconds=[max(ends) for ends in zip(*(r["step_end_seconds"] for r in ranks))],
+                loopback_bytes=rank0["loopback_bytes"],
+                ranks_agree=all(r["parameter_checksum"] == rank0["parameter_checksum"] for r in ranks),
+                val_loss=rank0["val_loss"],
+            )
+    return runs
+
+
+def exchange_bytes(run: dict) -> list[int]:
+    """The bytes of each exchange during training: the increments of the running count, one per step at most."""
+    totals = [0, *run["bytes_sent"]]
+    return [b - a for a, b in itertools.pairwise(totals) if b > a]
+
+
+def seconds_per_step(run: dict) -> float:
+    return run["step_end_seconds"][-1] / len(run["step_end_seconds"])
+
+
+def first_step_at_or_below(smoothed: list[float], level: float, window: int) -> Optional[int]:
+    """0-based index of the first step (once the trailing mean spans a whole window) at or below ``level``."""
+    return next((i for i in range(window - 1, len(smoothed)) if smoothed[i] <= level), None)
+
+
+def summarize(runs: dict[str, dict], loopback_runs: dict[str, dict]) -> dict[str, dict]:
+    """Per method of a full run (``runs``): losses, bytes, seconds per step there and on the loopback
+    (``loopback_runs``, the same runs when there is no shaped link), seconds to DDP's final loss, and
+    the speed-ups to DDP's final loss and to the method's own final loss (DDP's seconds over its)."""
+    ddp = runs["ddp"]
+    window = max(5, len(ddp["loss"]) // 10)
+    ddp_smoothed = _dist.trailing_mean(ddp["loss"], window)
+    target = ddp_smoothed[-1]
+    summary = {}
+    for name, run in runs.items():
+        smoothed = _dist.trailing_mean(run["loss"], window)
+        reached = first_step_at_or_below(smoothed, target, window)
+        summary[name] = row = dict(
+            smoothed_loss=smoothed,
+            val_loss=run["val_loss"],
+            val_loss_gap_vs_ddp=run["val_loss"] / ddp["val_loss"] - 1,
+            final_train_loss=smoothed[-1],
+            bytes_sent=run["bytes_sent_total"],
+            fewer_bytes_than_ddp=ddp["bytes_sent_total"] / run["bytes_sent_total"],
+            exchanges_in_training=len(exchange_bytes(run)),
+            peak_bytes_per_sync=max(exchange_bytes(run)),
+            seconds_per_step=seconds_per_step(run),
+            seconds_per_step_loopback=seconds_per_step(loopback_runs[name]),
+            train_seconds=run["step_end_seconds"][-1],
+            target_train_loss=target,
+            steps_to_target=None if reached is None else reached + 1,
+            seconds_to_target=None if reached is None else run["step_end_seconds"][reached],
+            speedup_to_target_vs_ddp=None,
+            speedup_to_own_final_loss_vs_ddp=None,  # None: DDP never got as low
+        )
+        if len(run["loopback_bytes"]) == 2:  # the kernel's count: every rank, both directions, the whole fit
+            row["loopback_bytes"] = run["loopback_bytes"][1] - run["loopback_bytes"][0]
+        own = first_step_at_or_below(smoothed, smoothed[-1], window)
+        ddp_to_own = first_step_at_or_below(ddp_smoothed, smoothed[-1], window)
+        if ddp_to_own is not None:
+            row["speedup_to_own_final_loss_vs_ddp"] = ddp["step_end_seconds"][ddp_to_own] / run["step_end_seconds"][own]
+    for row in summary.values():
+        if row["seconds_to_target"] is not None:
+            row["speedup_to_target_vs_ddp"] = summary["ddp"]["seconds_to_target"] / row["seconds_to_target"]
+    return summary
+
+
+def judge_targets(summary: dict[str, dict], shaped: bool, args: argparse.Namespace) -> list[dict]:
+    """Pass / fail (None: not measured) of each of the issue's targets, from the two-worker summary."""
+    diloco = Method(args.h).name
+    streaming = Method(args.h, num_fragments=args.num_fragments).name
+    row = summary[diloco]
+    peak_ratio = summary[streaming]["peak_bytes_per_sync"] / row["peak_bytes_per_sync"]
+    speedup = row["speedup_to_target_vs_ddp"]
+    if not shaped:
+        speed_measured, speed_passed = "not measured: no shaped link", None
+    else:
+        speed_measured = "never reached DDP's final loss" if speedup is None else f"{speedup:.1f}x"
+        speed_passed = speedup is not None and speedup >= MIN_SPEEDUP_SHAPED
+    return [
+        dict(target=f"{diloco}: final val loss within {MAX_LOSS_GAP:.0%} of DDP's",
+             measured=f"{row['val_loss_gap_vs_ddp']:+.2%}", passed=row["val_loss_gap_vs_ddp"] <= MAX_LOSS_GAP),
+        dict(target=f"{diloco}: >= {MIN_FEWER_BYTES:g}x fewer bytes than DDP",
+             measured=f"{row['fewer_bytes_than_ddp']:.1f}x", passed=row["fewer_bytes_than_ddp"] >= MIN_FEWER_BYTES),
+        dict(target=f"{diloco}: >= {MIN_SPEEDUP_SHAPED:g}x faster than DDP to DDP's final loss, shaped link",
+             measured=speed_measured, passed=speed_passed),
+        dict(target=f"{streaming}: peak bytes per sync <= 1/{args.num_fragments} of {diloco}'s",
+             measured=f"{peak_ratio:.3f} of it (1/{1 / peak_ratio:.2f})", passed=peak_ratio <= 1 / args.num_fragments),
+    ]
+
+
+def megabytes(value: float) -> str:
+    return f"{value / 1e6:.1f} MB" if value >= 1e6 else f"{value / 1e6:.3f} MB"
+
+
+def speedup_cell(speedup: Optional[float], missing: str) -> str:
+    return missing if speedup is None else f"{speedup:.1f}x"
+
+
+def results_table(summary: dict[str, dict], link_label: Optional[str]) -> str:
+    """One row per method; ``link_label`` names the shaped link (None: there was none). The speed-ups are
+    DDP's seconds over the method's, to DDP's final loss and to the method's own final loss (training loss)."""
+    timed = link_label or "loopback"
+    header = ["method", "final val loss", "vs DDP", "bytes sent/worker", "fewer than DDP", "peak bytes/sync",
+              "s/step loopback"]
+    if link_label:
+        header += [f"s/step {link_label}", f"through the {link_label} loopback (tc)"]
+    header += [f"s to DDP's final loss ({timed})", "speed-up to it", "speed-up to its own final loss"]
+    rows = []
+    for name, row in summary.items():
+        cells = [
+            name,
+            f"{row['val_loss']:.4f}",
+            f"{row['val_loss_gap_vs_ddp']:+.2%}",
+            megabytes(row["bytes_sent"]),
+            f"{row['fewer_bytes_than_ddp']:.0f}x",
+            megabytes(row["peak_bytes_per_sync"]),
+            f"{row['seconds_per_step_loopback']:.3f}",
+        ]
+        if link_label:
+            cells += [f"{row['seconds_per_step']:.3f}", megabytes(row["loopback_bytes"])]
+        cells += ["not reached" if row["seconds_to_target"] is None else f"{row['seconds_to_target']:.0f}",
+                  speedup_cell(row["speedup_to_target_vs_ddp"], "-"),
+                  speedup_cell(row["speedup_to_own_final_loss_vs_ddp"], "DDP never as low")]
+        rows.append(cells)
+    return markdown_table(header, rows)
+
+
+def targets_table(verdicts: list[dict]) -> str:
+    verdict_word = {True: "pass", False: "FAIL", None: "not judged"}
+    rows = [[v["target"], v["measured"], verdict_word[v["passed"]]] for v in verdicts]
+    return markdown_table(["target (2 workers)", "measured", "verdict"], rows, align_right_from=3)
+
+
+def plot(runs: dict[int, dict], summaries: dict[int, dict], time_label: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_step, by_bytes, by_seconds) = plt.subplots(1, 3, figsize=(18, 5.5), constrained_layout=True)
+    colors: dict[str, str] = {}
+    for world_size, linestyle in zip(sorted(runs), ("-", "--")):
+        for name, run in runs[world_size].items():
+            color = colors.setdefault(name, f"C{len(colors)}")
+            style = dict(label=f"{name}, {world_size} workers", color=color, linestyle=linestyle, linewidth=1.2)
+            smoothed = summaries[world_size][name]["smoothed_loss"]
+            by_step.plot(range(1, len(smoothed) + 1), smoothed, **style)
+            by_bytes.plot([sent / 1e6 for sent in run["bytes_sent"]], smoothed, **style)
+            by_seconds.plot(run["step_end_seconds"], smoothed, **style)
+    by_bytes.set_xscale("log")  # a method's steps before its first exchange (0 bytes) are left out
+    axes_labels = ((by_step, "optimizer step"), (by_bytes, "MB sent per worker (cumulative, log)"),
+                   (by_seconds, f"training seconds, {time_label}"))
+    for ax, xlabel in axes_labels:
+        ax.axhline(summaries[2]["ddp"]["target_train_loss"], color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("training loss, mean over workers, trailing mean (nats/char)")
+        ax.grid(alpha=0.3)
+    by_step.legend(fontsize=8)
+    fig.suptitle("Character GPT on the standard library: DDP, DiLoCo and its variants, Streaming DiLoCo "
+                 "(solid: 2 workers, dashed: 4; dotted: 2-worker DDP's final loss)")
+    fig.savefig(path, dpi=120)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, nargs="+", default=[2, 4], choices=[2, 4],
+                        help="numbers of workers to run (2 is needed for the targets)")
+    parser.add_argument("--steps", type=int, default=200, help="steps of every 2-worker run")
+    parser.add_argument("--steps-4", type=int, default=30, help="steps of the 4-worker runs")
+    parser.add_argument("--loopback-steps", type=int, default=30,
+                        help="steps that time a method on the plain loopback when the shaped link runs the budget")
+    parser.add_argument("--inner-steps", type=int, nargs="+", default=[10, 50, 100], help="DiLoCo's H values")
+    parser.add_argument("--h", type=int, default=50, help="H of the targets, of int8, delay=1 and streaming")
+    parser.add_argument("--h-4", type=int, default=10, help="DiLoCo's H with 4 workers")
+    parser.add_argument("--num-fragments", type=int, default=4, help="Streaming DiLoCo's fragments")
+    parser.add_argument("--dim", type=int, default=192)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per worker and step")
+    parser.add_argument("--lr", type=float, default=2e-3, help="the inner AdamW's peak learning rate")
+    parser.add_argument("--val-batches", type=int, default=40, help="validation batches for the final loss")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
+    parser.add_argument("--rate-mbit", type=float, default=100.0, help="the shaped link's rate")
+    parser.add_argument("--probe-mb", type=float, default=8.0, help="all-reduce size that checks the link")
+    parser.add_argument("--no-shaping", action="store_true", help="skip the shaped link")
+    parser.add_argument("--quick", action="store_true", help="a smoke run of 1-2 minutes")
+    parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)  # set on the launched ranks
+    parser.add_argument("--worker-shaped", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.workers, args.steps, args.loopback_steps, args.inner_steps, args.h = [2], 40, 20, [4, 10, 20], 10
+        args.dim, args.depth, args.val_batches, args.probe_mb = 64, 2, 4, 1.0
+    if 2 not in args.workers:
+        parser.error("--workers must include 2: the targets are judged on two workers")
+    args.workers = sorted(set(args.workers))
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker_out is not None:
+        train_methods_on_this_rank(args)
+        return
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    unavailable = "--no-shaping was given" if args.no_shaping else _dist.shaping_unavailable()
+    runs, link = {}, None
+    with tempfile.TemporaryDirectory(prefix="diloco_bench") as tmp:
+        if unavailable is None:
+            try:
+                with _dist.shaped_loopback(args.rate_mbit) as netns:
+                    link = dict(rate_mbit=args.rate_mbit, **_dist.measure_link(args.probe_mb, netns))
+                    print(f"shaped link: a {args.probe_mb:g} MB all-reduce between two ranks took "
+                          f"{link['median_seconds']:.2f} s ({link['implied_mbit_per_s']:.1f} Mbit/s)", flush=True)
+                    for world_size in args.workers:
+                        print(f"{world_size} workers, plain then shaped loopback ...", flush=True)
+                        runs[world_size] = train(args, world_size, netns, Path(tmp))
+            except subprocess.CalledProcessError as error:  # ip / tc refused, e.g. no namespaces in a container
+                unavailable = f"could not shape a loopback: {' '.join(error.cmd)}: {error.stderr.strip()}"
+        if unavailable is not None:
+            print(f"SHAPED LINK SKIPPED: {unavailable}. Every method trains on the plain loopback only.", flush=True)
+            for world_size in args.workers:
+                print(f"{world_size} workers on the loopback ...", flush=True)
+                runs[world_size] = train(args, world_size, None, Path(tmp))
+
+    shaped = unavailable is None
+    full_link = "shaped" if shaped else "loopback"
+    full_runs = {ws: runs[ws][full_link] for ws in args.workers}
+    summaries = {ws: summarize(full_runs[ws], runs[ws]["loopback"]) for ws in args.workers}
+    verdicts = judge_targets(summaries[2], shaped, args)
+    link_label = f"{args.rate_mbit:g} Mbit/s" if shaped else None
+    tables = {f"{ws} workers": results_table(summaries[ws], link_label) for ws in args.workers}
+    tables["targets"] = targets_table(verdicts)
+    json_path, png_path = result_paths("diloco", args.quick)
+    record = dict(
+        settings={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        parameters=full_runs[2]["ddp"]["parameters"],
+        machine=dict(machine(), load_average_before=load_before, load_average_after=os.getloadavg()),
+        shaped_link=link,
+        shaped_link_skipped=unavailable,
+        total_seconds=time.perf_counter() - started,
+        runs=runs,
+        summaries=summaries,
+        targets=verdicts,
+        tables=tables,
+    )
+    json_path.write_text(json.dumps(record, indent=1))
+    plot(full_runs, summaries, f"shaped link ({link_label})" if shaped else "plain loopback", png_path)
+
+    print(f"\n{record['parameters']:,} parameters; {args.threads} thread(s) a rank; load average "
+          f"{load_before[0]:.1f} before, {record['machine']['load_average_after'][0]:.1f} after; "
+          f"{record['total_seconds'] / 60:.1f} min in all")
+    for ws in args.workers:
+        agree = all(run["ranks_agree"] for run in full_runs[ws].values())
+        print(f"{ws} workers: the ranks end with identical parameters in every method: {agree}")
+    for title, table in tables.items():
+        print(f"\n{title}\n\n{table}")
+    print(f"\nwrote {json_path} and {png_path}")
+
+
+if __name__ == "__main__":
+    main()
