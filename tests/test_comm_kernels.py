@@ -79,3 +79,18 @@ def test_sign_packing_order_and_padding_bits():
     sign_quantize([values], None, [packed], [torch.empty(1)], block_size=16, backend="reference")
     # Bit i of byte j is element 8 j + i >= 0; the six bits past the end are 1.
     assert packed.tolist() == [0b01010101, 0b11111110]
+
+
+@pytest.mark.parametrize("numel, block_size", [(1000, 256), (200, 64)])
+def test_compiled_int8_writes_the_last_partial_block_of_a_multi_block_tensor(numel, block_size):
+    # A first compile at a static multi-block size once left the padded tail unwritten.
+    torch._dynamo.reset()
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    for backend in ("reference", "compiled"):
+        q = torch.full((numel,), -99, dtype=torch.int8)
+        scales = torch.empty(-(-numel // block_size))
+        int8_quantize([x.clone()], [torch.zeros(numel)], [q], [scales], block_size=block_size, backend=backend)
+        outputs[backend] = (q, scales)
+    torch.testing.assert_close(outputs["compiled"][0], outputs["reference"][0])
+    torch.testing.assert_close(outputs["compiled"][1], outputs["reference"][1])

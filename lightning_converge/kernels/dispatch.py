@@ -100,9 +100,15 @@ class Kernel:
     arguments and computes these scalars itself, once per program.
     """
 
-    def __init__(self, body: Callable[..., Any], step_factors: Callable[..., dict[str, Any]] | None = None):
+    def __init__(
+        self,
+        body: Callable[..., Any],
+        step_factors: Callable[..., dict[str, Any]] | None = None,
+        dynamic: bool | None = None,
+    ):
         self.body = body
         self.step_factors = step_factors
+        self.dynamic = dynamic
         self.__name__ = body.__name__
         self.__doc__ = body.__doc__
         if step_factors is not None:
@@ -127,7 +133,8 @@ class Kernel:
     @property
     def compiled(self) -> Callable[..., Any]:
         if self._compiled is None:
-            self._compiled = self._with_step_factors(torch.compile(self.body, fullgraph=True))
+            compiled = torch.compile(self.body, fullgraph=True, dynamic=self.dynamic)
+            self._compiled = self._with_step_factors(compiled)
         return self._compiled
 
     def register_triton(self, loader: Callable[[], Callable[..., Any]]) -> None:
@@ -160,15 +167,19 @@ class Kernel:
 
 
 def kernel(
-    body: Callable[..., Any] | None = None, *, step_factors: Callable[..., dict[str, Any]] | None = None
+    body: Callable[..., Any] | None = None,
+    *,
+    step_factors: Callable[..., dict[str, Any]] | None = None,
+    dynamic: bool | None = None,
 ) -> Any:
     """Decorator: turn a reference implementation into a dispatching :class:`Kernel`.
 
-    ``@kernel`` or ``@kernel(step_factors=...)``.
+    ``@kernel``, or ``@kernel(step_factors=..., dynamic=...)``; ``dynamic`` goes to
+    ``torch.compile``.
     """
     if body is None:
-        return functools.partial(Kernel, step_factors=step_factors)
-    return Kernel(body, step_factors)
+        return functools.partial(Kernel, step_factors=step_factors, dynamic=dynamic)
+    return Kernel(body, step_factors, dynamic)
 
 
 def scalar(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:

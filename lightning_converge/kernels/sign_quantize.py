@@ -10,7 +10,9 @@ from torch import Tensor
 from lightning_converge.kernels.dispatch import kernel
 
 
-@kernel
+# Compiled for one static size, torch 2.13 leaves the padded last block of a
+# multi-block tensor unwritten; the dynamic-shape graph is correct.
+@kernel(dynamic=True)
 def sign_quantize(
     values: list[Tensor],
     residuals: list[Tensor] | None,
