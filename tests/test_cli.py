@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_converge.cli import main
 
@@ -14,9 +16,17 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 @pytest.fixture(autouse=True)
-def _cli_argv(monkeypatch):
+def _isolated_run(monkeypatch):
     # LightningCLI warns when pytest's own arguments sit in sys.argv beside `args`.
     monkeypatch.setattr(sys, "argv", ["lightning-converge"])
+    environ = dict(os.environ)
+    yield
+    # A config with a distributed strategy (diloco) opens a process group and sets
+    # MASTER_PORT & co. in this process: later tests' launchers would inherit them.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 @pytest.mark.slow
