@@ -65,6 +65,25 @@ def test_ema_update_is_exact_at_both_ends(backend: str) -> None:
         assert torch.equal(average, current.to(average.dtype))
 
 
+@pytest.mark.parametrize("backend", ["reference", "compiled", "triton"])
+def test_ema_update_leaves_non_finite_currents_out(backend: str) -> None:
+    averages, currents = random_lists()
+    for current in currents:
+        flat = current.view(-1)
+        flat[0::3] = float("nan")
+        flat[1::5] = float("inf")
+        flat[2::7] = -float("inf")
+    before = [average.clone() for average in averages]
+    ema_update(averages, currents, decay=torch.tensor(0.75), backend=backend)
+    for old, new, current in zip(before, averages, currents):
+        finite = torch.isfinite(current)
+        # The elementwise recurrence written out, in fp32, then rounded to the average's dtype.
+        expected = torch.where(finite, 0.75 * old.float() + 0.25 * current.float(), old.float()).to(old.dtype)
+        tolerance = 1e-2 if old.dtype == torch.bfloat16 else 1e-6
+        torch.testing.assert_close(new, expected, rtol=tolerance, atol=tolerance)
+        assert torch.equal(new[~finite], old[~finite])
+
+
 def test_ema_update_compiled_does_not_recompile_for_a_new_decay() -> None:
     averages, currents = random_lists()
     ema_update(averages, currents, decay=torch.tensor(0.5), backend="compiled")
@@ -313,19 +332,36 @@ def test_switch_ema_copies_the_average_into_the_model_every_epoch(tmp_path) -> N
         assert_weights_differ(switched, recorder.last_train_batch[epoch])
 
 
-def test_ema_skips_updates_while_weights_are_not_finite(tmp_path) -> None:
+def test_ema_leaves_non_finite_weights_out_and_warns(tmp_path) -> None:
     ema = EMA(decay=0.5, keep_average_on_train_end=False, validate_with="live", backend="reference")
 
-    class PoisonAfterFirstStep(Callback):
+    class PoisonAtSecondStep(Callback):
+        """Puts a NaN in one weight after the second optimizer step, before the EMA sees it."""
+
         def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-            if trainer.global_step == 2:
+            if trainer.global_step == 2 and pl_module.net[0].weight[0, 0].isfinite():
                 with torch.no_grad():
                     pl_module.net[0].weight[0, 0] = float("nan")
 
+    class AverageAfterStep(Callback):
+        """The average after each optimizer step (runs after the EMA)."""
+
+        def __init__(self) -> None:
+            self.averages: dict[int, dict[str, Tensor]] = {}
+
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+            self.averages[trainer.global_step] = ema_averages(ema)
+
+    after = AverageAfterStep()
     with pytest.warns(UserWarning, match="inf or NaN"):
-        fit(tmp_path, [PoisonAfterFirstStep(), ema], max_epochs=2)
-    assert ema.state_dict()["num_updates"] == 1
-    assert all(torch.isfinite(average).all() for average in ema_averages(ema).values())
+        fit(tmp_path, [PoisonAtSecondStep(), ema, after], max_epochs=2)
+    final = ema_averages(ema)
+    assert all(torch.isfinite(average).all() for average in final.values())
+    # The poisoned element stopped at its value after step 1; NaN spread to every weight at step 3,
+    # so from then on nothing moved: the average after step 2 is the final one.
+    assert final["net.0.weight"][0, 0] == after.averages[1]["net.0.weight"][0, 0]
+    assert_weights_equal(final, after.averages[2])
+    assert_weights_differ(after.averages[2], after.averages[1])
 
 
 def test_lawa_evaluates_the_mean_of_the_latest_epoch_snapshots(tmp_path) -> None:

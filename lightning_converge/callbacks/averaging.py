@@ -5,7 +5,7 @@
   floating-point buffers saved with the model, such as BatchNorm statistics;
 - whether an optimizer step really happened: ``trainer.global_step`` moved
   (under gradient accumulation most batches end without one);
-- the guard against inf/NaN live weights, decided the same way on every rank;
+- the check for inf/NaN live weights, decided the same way on every rank;
 - evaluation with the average: swapped in for validation and test, the live
   weights put back afterwards;
 - the averaged weights in every checkpoint, weights-only ones included.
@@ -195,15 +195,13 @@ class AveragingCallback(Callback):
         return stepped
 
     @torch.no_grad()
-    def _live_is_finite(self, trainer: pl.Trainer) -> bool:
-        """Whether every tracked tensor is finite on every rank, so all ranks skip together.
-
-        An inf/NaN that reached the weights would stay in an average for good.
-        """
+    def _live_is_finite(self, trainer: pl.Trainer, *, otherwise: str) -> bool:
+        """Whether every tracked tensor is finite on every rank, so all ranks decide alike;
+        if not, warns that the live weights hold inf/NaN and ``otherwise``."""
         finite = bool(all_finite(self._live, backend=self.backend))
         finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
         if not finite:
-            rank_zero_warn(f"{self._name}: the live weights hold inf or NaN; the average skips them")
+            rank_zero_warn(f"{self._name}: the live weights hold inf or NaN; {otherwise}")
         return finite
 
     # -- evaluation with the average -----------------------------------------------------

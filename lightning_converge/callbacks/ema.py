@@ -52,10 +52,13 @@ class EMA(AveragingCallback):
     - ``on_train_batch_end`` (after each training batch, after its optimizer step
       if it made one): if ``global_step`` moved, copies the live weights (up to
       ``start_step``) or makes one EMA update (every ``update_every`` steps), and
-      logs the decay used as ``ema/decay``. If a live weight is inf/NaN on any
-      rank, every rank skips the update.
+      logs the decay used as ``ema/decay``. Live elements that are inf/NaN are
+      left out: those elements of the average keep their last finite value
+      (checked inside the update pass; there is no extra pass or host sync).
     - ``on_train_epoch_end`` (after the epoch's last batch and its epoch-end
-      validation): with ``switch_every_epoch``, copies the average into the model.
+      validation): warns if a live weight is inf/NaN on any rank (one
+      finiteness pass an epoch); with ``switch_every_epoch``, copies the
+      average into the model.
 
     Every decision depends on ``global_step``, the update count and the (DDP
     synchronized) weights, so all ranks take it alike. State (``state_dict``):
@@ -137,8 +140,6 @@ class EMA(AveragingCallback):
         if not copying and trainer.global_step % self.update_every:
             return
         self._track(pl_module)
-        if not self._live_is_finite(trainer):
-            return
         # decay 0 makes the update an exact copy: the same fused pass serves both phases.
         decay = 0.0 if copying else self._scheduled_decay()
         averages = self._average()
@@ -149,6 +150,11 @@ class EMA(AveragingCallback):
         pl_module.log("ema/decay", decay)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._track(pl_module)
+        # A whole pass over the weights: once an epoch, not in every update.
+        self._live_is_finite(
+            trainer, otherwise="the average left those elements out (they keep their last finite value)"
+        )
         if self.switch_every_epoch:
             self._copy_average_into_model(pl_module)
 

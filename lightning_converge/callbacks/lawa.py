@@ -108,7 +108,7 @@ class LAWA(AveragingCallback):
     @torch.no_grad()
     def _take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._track(pl_module)
-        if not self._live_is_finite(trainer):
+        if not self._live_is_finite(trainer, otherwise="the snapshot is skipped"):
             return
         snapshot = {
             name: live.detach().to(self._state_device(live), copy=True) for name, live in zip(self._names, self._live)

@@ -14,11 +14,12 @@ def _ema_update_kernel(average_ptr, current_ptr, decay_ptr, numel, BLOCK: tl.con
     offsets, mask = block_offsets(numel, BLOCK)
     average = load_f32(average_ptr, offsets, mask)
     current = load_f32(current_ptr, offsets, mask)
-    store(average_ptr, offsets, lerp(average, current, 1 - tl.load(decay_ptr)), mask)
+    finite = (current - current) == 0
+    store(average_ptr, offsets, tl.where(finite, lerp(average, current, 1 - tl.load(decay_ptr)), average), mask)
 
 
 def ema_update(averages: list[Tensor], currents: list[Tensor], *, decay: Tensor) -> None:
-    """Same contract as the reference: ``averages`` updated in place, one launch per tensor.
+    """Same contract as the reference (``averages`` updated in place, non-finite currents skipped), one launch per tensor.
 
     ``decay`` is a 0-d tensor on the averages' device, read inside the kernel, so
     a decay schedule costs neither a host sync nor a recompile. The math is fp32.
