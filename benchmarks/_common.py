@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import platform
 import statistics
@@ -34,6 +35,8 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 def quiet_trainer(**kwargs) -> L.Trainer:
     """A CPU Trainer that writes nothing and prints nothing; ``kwargs`` go to ``L.Trainer``."""
+    # Lightning's info lines (devices found, tips, "fit stopped") would repeat for every fit.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     defaults = dict(
         accelerator="cpu",
         devices=1,

@@ -49,7 +49,7 @@ How to run (from the repository root)
     python benchmarks/averaging.py --part overhead --rounds 12
 
 Writes benchmarks/results/averaging.json (every number, the curves and the
-machine) and averaging.png (validation curves; time added per update), and
+machine; ``--part`` replaces that part only, keeping the other's results) and averaging.png (validation curves; time added per update), and
 prints markdown tables. ``--quick`` writes averaging_quick.{json,png}.
 """
 
@@ -156,7 +156,8 @@ def run_convergence(args: argparse.Namespace, datamodule: Digits) -> dict:
     return dict(plain_best_val_acc={seed: max(curves["plain"][seed]) for seed in args.seeds}, methods=rows)
 
 
-def convergence_table(convergence: dict, seeds: list[int]) -> str:
+def convergence_table(convergence: dict) -> str:
+    seeds = list(convergence["plain_best_val_acc"])  # ints, or their strings once read back from the JSON
     header = ["method", *[f"seed {seed}" for seed in seeds], "median", "mean best val acc", "mean final val acc"]
     rows = []
     for method, row in convergence["methods"].items():
@@ -472,33 +473,43 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+PARTS = {"convergence": ("convergence", "agreement"), "overhead": ("overhead",)}
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    report = dict(benchmark="averaging", command=" ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-                  settings=vars(args), machine=machine())
-    tables = []
-    if args.part in ("all", "convergence"):
+    json_path, png_path = result_paths("averaging", args.quick)
+    report = dict(benchmark="averaging", machine=machine())
+    if args.part != "all" and json_path.exists():
+        # One part re-run: the other part's results (and the settings and command they came from) stay.
+        report = {**json.loads(json_path.read_text()), "machine": report["machine"]}
+    parts = PARTS if args.part == "all" else {args.part: PARTS[args.part]}
+    for part, keys in parts.items():
+        report.setdefault("commands", {})[part] = " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+        report.setdefault("settings_by_part", {})[part] = vars(args)
+    if "convergence" in parts:
         datamodule = Digits(batch_size=32, seed=0)
         print("convergence", flush=True)
         report["convergence"] = run_convergence(args, datamodule)
         print("agreement", flush=True)
         report["agreement"] = run_agreement(args, datamodule)
-        tables += [convergence_table(report["convergence"], args.seeds), agreement_table(report["agreement"])]
-    if args.part in ("all", "overhead"):
+    if "overhead" in parts:
         print("overhead", flush=True)
         report["overhead"] = run_overhead(args)
-        tables.append(overhead_table(report["overhead"]))
     report["machine"]["load_average_at_end"] = machine()["load_average"]
     report["seconds"] = time.perf_counter() - start
+    tables = []
+    if "convergence" in report:
+        tables += [convergence_table(report["convergence"]), agreement_table(report["agreement"])]
+    if "overhead" in report:
+        tables.append(overhead_table(report["overhead"]))
     report["tables"] = tables
-    json_path, png_path = result_paths("averaging", args.quick)
     json_path.write_text(json.dumps(report, indent=1) + "\n")
     plot(report, png_path)
     print("\n" + "\n\n".join(tables))
     print(f"\n{report['seconds']:.0f} s; wrote {json_path.relative_to(REPO)} and {png_path.relative_to(REPO)}")
-
 
 if __name__ == "__main__":
     main()
