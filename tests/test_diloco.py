@@ -26,6 +26,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 from lightning_converge.kernels import diloco_outer_step
 from lightning_converge.schedules import QSR
 from lightning_converge.strategies import DiLoCoStrategy, StreamingDiLoCoStrategy
+from lightning_converge.strategies.diloco import assign_fragments
 
 ROOT = Path(__file__).parents[1]
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -131,6 +132,44 @@ def test_registered_by_name():
 def test_bad_arguments_raise_at_construction(cls, kwargs, error, match):
     with pytest.raises(error, match=match):
         cls(**kwargs)
+
+
+# A GPT-like model: embeddings, four blocks of two tensors, a final norm and a head (name, size).
+GPT_LIKE = [
+    ("token_embedding.weight", 100), ("position_embedding.weight", 50),
+    ("blocks.0.mlp.weight", 40), ("blocks.0.mlp.bias", 4),
+    ("blocks.1.mlp.weight", 40), ("blocks.1.mlp.bias", 4),
+    ("blocks.2.mlp.weight", 40), ("blocks.2.mlp.bias", 4),
+    ("blocks.3.mlp.weight", 40), ("blocks.3.mlp.bias", 4),
+    ("ln_f.weight", 8), ("head.weight", 100),
+]  # fmt: skip
+REGRESSION = [("net.0.weight", 96), ("net.0.bias", 16), ("net.2.weight", 16), ("net.2.bias", 1)]
+
+
+@pytest.mark.parametrize(
+    "model, num_fragments, assignment, expected",
+    [
+        # Blocks 0 and 2 / 1 and 3 (88 each); then, largest first, to the lighter fragment (the first
+        # on a tie): token embedding (100) to 0, head (100) to 1, position embedding (50) to 0, ln_f to 1.
+        (GPT_LIKE, 2, "strided", [[0, 1, 2, 3, 6, 7], [4, 5, 8, 9, 10, 11]]),
+        (GPT_LIKE, 2, "contiguous", [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11]]),
+        # One block each; the four outside tensors, largest first, to the four (equal) fragments in turn.
+        (GPT_LIKE, 4, "strided", [[0, 2, 3], [4, 5, 11], [1, 6, 7], [8, 9, 10]]),
+        (REGRESSION, 2, "strided", [[0, 1], [2, 3]]),
+        # Fewer layers than fragments: each tensor is a layer of its own.
+        (REGRESSION, 3, "strided", [[0, 3], [1], [2]]),
+        (REGRESSION, 3, "contiguous", [[0, 1], [2], [3]]),
+    ],
+)
+def test_fragments_are_assigned_by_layer(model, num_fragments, assignment, expected):
+    names, numels = zip(*model)
+    assert assign_fragments(names, numels, num_fragments, assignment) == expected
+
+
+def test_more_fragments_than_tensors_is_an_error():
+    names, numels = zip(*REGRESSION)
+    with pytest.raises(ValueError, match="num_fragments=5 is larger than the number of parameter tensors"):
+        assign_fragments(names, numels, 5, "strided")
 
 
 # ---------------------------------------------------------------------------------------- one worker, in process
@@ -418,7 +457,7 @@ def test_delay_applies_each_outer_update_one_outer_step_late(two_worker_runs):
 
 @pytest.mark.distributed
 def test_fragments_sync_in_turn(two_worker_runs):
-    # H = 4 steps, 2 fragments (strided: fragment 0 holds the weights, 1 the biases), overlap 1 step:
+    # H = 4 steps, 2 fragments (by layer: fragment 0 holds net.0, fragment 1 net.2), overlap 1 step:
     # fragment f starts after steps (f + 1) * 4 // 2 + 4k and is applied one step later. When fit ends
     # (step 10), the update in flight is applied and both fragments take a last blocking sync.
     expected = [
@@ -486,9 +525,10 @@ def test_bytes_sent_are_the_pseudo_gradient_sizes(two_worker_runs):
             assert rank["logged"]["comm/bytes_sent"] == logged_updates * NUM_PARAMS * bytes_per_number
             assert 0 <= rank["logged"]["comm/wait_seconds"] <= rank["wait_seconds"] + 1e-6  # logged as fp32
 
-    # Streaming sends one fragment a sync (strided over the 4 tensors): fp32, 2 fragments: weights
-    # 6*16 + 16 = 112 numbers, biases 16 + 1 = 17; int8 in blocks of 64 with an fp32 scale per block,
-    # 3 fragments: {0.weight, 2.bias} 96 + 1 = 97 numbers, 2 blocks; {0.bias} 16, 1; {2.weight} 16, 1.
+    # Streaming sends one fragment a sync: fp32, 2 fragments by layer: net.0 6*16 + 16 = 112 numbers,
+    # net.2 16 + 1 = 17; int8 in blocks of 64 with an fp32 scale per block, 3 fragments (more than
+    # the 2 layers: strided over the tensors): {0.weight, 2.bias} 96 + 1 = 97 numbers, 2 blocks;
+    # {0.bias} 16, 1; {2.weight} 16, 1.
     fragment_bytes = {"streaming": [112 * 4, 17 * 4], "streaming_int8_adamw": [97 + 2 * 4, 16 + 4, 16 + 4]}
     for name, sizes in fragment_bytes.items():
         for rank in two_worker_runs[name]:

@@ -72,7 +72,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -96,6 +96,57 @@ OuterOptimizerFactory = Callable[[Iterable[Tensor]], Optimizer]
 # Built-in outer optimizers, run by the fused ``diloco_outer_step`` kernel: name -> nesterov.
 _BUILT_IN_OUTER_OPTIMIZERS = {"nesterov": True, "sgd": False}
 _FRAGMENT_ASSIGNMENTS = ("strided", "contiguous")
+
+
+def _layer_of(name: str) -> Optional[str]:
+    """The layer a parameter belongs to: its module path up to the first integer index
+    (``"blocks.3.attn.qkv.weight"`` -> ``"blocks.3"``), or None outside any indexed container
+    (embeddings, a final norm, the head)."""
+    parts = name.split(".")
+    for end, part in enumerate(parts[:-1], start=1):
+        if part.isdigit():
+            return ".".join(parts[:end])
+    return None
+
+
+def assign_fragments(
+    names: Sequence[str], numels: Sequence[int], num_fragments: int, assignment: str
+) -> list[list[int]]:
+    """Split parameter tensors (given by name and size, in model order) into ``num_fragments`` fragments
+    of indices, by layer.
+
+    Layers are the entries of indexed containers (``nn.ModuleList``, ``nn.Sequential``):
+    ``"strided"`` puts layer ``l`` in fragment ``l % num_fragments`` (each fragment spans the depth
+    of the network, as in Streaming DiLoCo), ``"contiguous"`` gives each fragment a run of
+    consecutive layers. Tensors outside any layer go, largest first, to the fragment holding the
+    fewest elements, which keeps the largest fragment (the peak bytes of a sync) small. A model
+    with fewer layers than fragments is split the same way with each tensor as a layer.
+    """
+    if num_fragments > len(names):
+        raise ValueError(f"num_fragments={num_fragments} is larger than the number of parameter tensors ({len(names)})")
+    layers: dict[str, list[int]] = {}
+    outside: list[int] = []
+    for index, name in enumerate(names):
+        layer = _layer_of(name)
+        if layer is None:
+            outside.append(index)
+        else:
+            layers.setdefault(layer, []).append(index)
+    units = list(layers.values())
+    if len(units) < num_fragments:
+        units, outside = [[index] for index in range(len(names))], []
+    if assignment == "strided":
+        runs = [units[f::num_fragments] for f in range(num_fragments)]
+    else:
+        bounds = torch.arange(len(units)).tensor_split(num_fragments)
+        runs = [units[int(run[0]) : int(run[-1]) + 1] for run in bounds]
+    fragments = [[index for unit in run for index in unit] for run in runs]
+    sizes = [sum(numels[index] for index in fragment) for fragment in fragments]
+    for index in sorted(outside, key=lambda i: -numels[i]):
+        lightest = min(range(num_fragments), key=sizes.__getitem__)
+        fragments[lightest].append(index)
+        sizes[lightest] += numels[index]
+    return [sorted(fragment) for fragment in fragments]
 # Options of the DistributedDataParallel wrapper, which does not exist here, with their defaults:
 # those are accepted (LightningCLI passes every one of them) and anything else raises.
 _DDP_WRAPPER_DEFAULTS = {
@@ -322,7 +373,9 @@ class DiLoCoStrategy(DDPStrategy):
         self._params = list(params)
         self._fragments = [
             _Fragment(index, indices, Layout(tuple(names[i] for i in indices), tuple(params[i].shape for i in indices)))
-            for index, indices in enumerate(self._assign_fragments(len(params)))
+            for index, indices in enumerate(
+                assign_fragments(names, [p.numel() for p in params], self._num_fragments, self._fragment_assignment)
+            )
         ]
         self._global_params = [p.detach().to(self._outer_device, torch.float32, copy=True) for p in self._params]
         if isinstance(self._outer_optimizer_spec, str):
@@ -407,15 +460,6 @@ class DiLoCoStrategy(DDPStrategy):
         super().teardown()
 
     # ------------------------------------------------------------------ the schedule
-
-    def _assign_fragments(self, num_params: int) -> list[list[int]]:
-        if self._num_fragments > num_params:
-            raise ValueError(
-                f"num_fragments={self._num_fragments} is larger than the number of parameter tensors ({num_params})"
-            )
-        if self._fragment_assignment == "strided":
-            return [list(range(f, num_params, self._num_fragments)) for f in range(self._num_fragments)]
-        return [chunk.tolist() for chunk in torch.arange(num_params).tensor_split(self._num_fragments)]
 
     def _check_round_length(self, length: Any) -> int:
         """Return ``length`` as the number of inner steps of a round, or raise naming what is wrong with it."""
@@ -694,9 +738,12 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
             parameters become ``mixing_alpha * local + (1 - mixing_alpha) *
             global``: 0 replaces them (plain DiLoCo), larger values keep some of
             the ``overlap_steps`` of local progress made while the all-reduce ran.
-        fragment_assignment: ``"strided"`` puts tensor ``i`` in fragment ``i % F``
-            (the paper's choice: each fragment spans the depth of the network);
-            ``"contiguous"`` gives each fragment a run of consecutive tensors.
+        fragment_assignment: by layer (the entries of ``nn.ModuleList`` /
+            ``nn.Sequential`` containers): ``"strided"`` puts layer ``l`` in
+            fragment ``l % F`` (the paper's choice: each fragment spans the depth
+            of the network); ``"contiguous"`` gives each fragment a run of
+            consecutive layers. Tensors outside the layers (embeddings, head) go
+            to the lightest fragments; see :func:`assign_fragments`.
 
     The other arguments are :class:`DiLoCoStrategy`'s, without ``delay``
     (``overlap_steps`` is the overlap here). The outer state stays fp32 whatever
