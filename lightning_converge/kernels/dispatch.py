@@ -104,11 +104,9 @@ class Kernel:
         self,
         body: Callable[..., Any],
         step_factors: Callable[..., dict[str, Any]] | None = None,
-        dynamic: bool | None = None,
     ):
         self.body = body
         self.step_factors = step_factors
-        self.dynamic = dynamic
         self.__name__ = body.__name__
         self.__doc__ = body.__doc__
         if step_factors is not None:
@@ -133,7 +131,7 @@ class Kernel:
     @property
     def compiled(self) -> Callable[..., Any]:
         if self._compiled is None:
-            compiled = torch.compile(self.body, fullgraph=True, dynamic=self.dynamic)
+            compiled = torch.compile(self.body, fullgraph=True)
             self._compiled = self._with_step_factors(compiled)
         return self._compiled
 
@@ -170,16 +168,14 @@ def kernel(
     body: Callable[..., Any] | None = None,
     *,
     step_factors: Callable[..., dict[str, Any]] | None = None,
-    dynamic: bool | None = None,
 ) -> Any:
     """Decorator: turn a reference implementation into a dispatching :class:`Kernel`.
 
-    ``@kernel``, or ``@kernel(step_factors=..., dynamic=...)``; ``dynamic`` goes to
-    ``torch.compile``.
+    ``@kernel``, or ``@kernel(step_factors=...)``.
     """
     if body is None:
-        return functools.partial(Kernel, step_factors=step_factors, dynamic=dynamic)
-    return Kernel(body, step_factors, dynamic)
+        return functools.partial(Kernel, step_factors=step_factors)
+    return Kernel(body, step_factors)
 
 
 def scalar(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -7,12 +7,11 @@ import importlib
 import torch
 from torch import Tensor
 
+from lightning_converge.kernels.blocks import block_rows
 from lightning_converge.kernels.dispatch import kernel
 
 
-# Compiled for one static size, torch 2.13 leaves the padded last block of a
-# multi-block tensor unwritten; the dynamic-shape graph is correct.
-@kernel(dynamic=True)
+@kernel
 def int8_quantize(
     values: list[Tensor],
     residuals: list[Tensor] | None,
@@ -33,15 +32,17 @@ def int8_quantize(
     """
     for index, (value, q_out, scale_out) in enumerate(zip(values, quantized, scales)):
         x = value.float() if residuals is None else value.float() + residuals[index]
-        numel = x.numel()
-        blocks = torch.nn.functional.pad(x, (0, -numel % block_size)).view(-1, block_size)
-        scale = blocks.abs().amax(dim=1, keepdim=True) / 127
-        q = torch.round(blocks / torch.where(scale > 0, scale, 1.0))  # an all-zero block stays zero
-        q_out.copy_(q.view(-1)[:numel])
-        scale_out.copy_(scale.view(-1))
+        q_rows, scale_rows, sent_rows = [], [], []
+        for blocks in block_rows(x, block_size):
+            scale = blocks.abs().amax(dim=1, keepdim=True) / 127
+            q = torch.round(blocks / torch.where(scale > 0, scale, 1.0))  # an all-zero block stays zero
+            q_rows.append(q.view(-1))
+            scale_rows.append(scale.view(-1))
+            sent_rows.append((q * scale).view(-1))
+        q_out.copy_(torch.cat(q_rows))
+        scale_out.copy_(torch.cat(scale_rows))
         if residuals is not None:
-            residuals[index].copy_(x - (q * scale).view(-1)[:numel])
-
+            residuals[index].copy_(x - torch.cat(sent_rows))
 
 int8_quantize.register_triton(
     lambda: importlib.import_module("lightning_converge.kernels.triton.int8_quantize").int8_quantize

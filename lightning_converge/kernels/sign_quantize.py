@@ -7,12 +7,11 @@ import importlib
 import torch
 from torch import Tensor
 
+from lightning_converge.kernels.blocks import block_rows
 from lightning_converge.kernels.dispatch import kernel
 
 
-# Compiled for one static size, torch 2.13 leaves the padded last block of a
-# multi-block tensor unwritten; the dynamic-shape graph is correct.
-@kernel(dynamic=True)
+@kernel
 def sign_quantize(
     values: list[Tensor],
     residuals: list[Tensor] | None,
@@ -31,20 +30,24 @@ def sign_quantize(
     tensor are 1. Writes the scales (fp32, one per block) and, with residuals,
     ``residual = x - scale * sign(x)``.
     """
-    bit_weights = 2 ** torch.arange(8, device=packed[0].device) if packed else None
     for index, (value, packed_out, scale_out) in enumerate(zip(values, packed, scales)):
         x = value.float() if residuals is None else value.float() + residuals[index]
-        numel = x.numel()
-        blocks = torch.nn.functional.pad(x, (0, -numel % block_size)).view(-1, block_size)
-        counts = (numel - torch.arange(blocks.shape[0], device=x.device) * block_size).clamp(max=block_size)
-        scale = blocks.abs().sum(dim=1) / counts
-        positive = blocks >= 0
-        packed_out.copy_((positive.view(-1, 8).long() * bit_weights).sum(dim=1)[: packed_out.numel()])
-        scale_out.copy_(scale)
+        packed_rows, scale_rows, sent_rows = [], [], []
+        for blocks in block_rows(x, block_size):
+            scale = blocks.abs().sum(dim=1, keepdim=True) / blocks.shape[1]
+            positive = blocks >= 0
+            bits = positive.view(-1)
+            if bits.numel() % 8:  # the partial last block: the bits past the end are 1
+                bits = torch.cat([bits, bits.new_ones(-bits.numel() % 8)])
+            bytes_of_bits = bits.view(-1, 8).to(torch.uint8)
+            # Eight shifted columns, not a reduction over rows of 8: compiled, 30x faster.
+            packed_rows.append(sum(bytes_of_bits[:, bit] << bit for bit in range(8)))
+            scale_rows.append(scale.view(-1))
+            sent_rows.append((torch.where(positive, 1.0, -1.0) * scale).view(-1))
+        packed_out.copy_(torch.cat(packed_rows))
+        scale_out.copy_(torch.cat(scale_rows))
         if residuals is not None:
-            signs = torch.where(positive, 1.0, -1.0) * scale[:, None]
-            residuals[index].copy_(x - signs.view(-1)[:numel])
-
+            residuals[index].copy_(x - torch.cat(sent_rows))
 
 sign_quantize.register_triton(
     lambda: importlib.import_module("lightning_converge.kernels.triton.sign_quantize").sign_quantize
