@@ -330,7 +330,7 @@ def simulate(
     mixing_alpha: float = 0.0,
     delay: int = 0,
 ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
-    """Two workers, inner SGD lr 0.05, outer Nesterov SGD lr 0.7 momentum 0.9, strided fragments.
+    """Two workers, inner SGD lr 0.05, outer Nesterov SGD lr 0.7 momentum 0.9, fragments by layer.
 
     Returns the global parameters after every outer update and the final parameters.
     """
@@ -340,8 +340,9 @@ def simulate(
     local = [list(w.parameters()) for w in workers]
     global_params = [p.detach().clone() for p in local[0]]
     outer = torch.optim.SGD(global_params, lr=0.7, momentum=0.9, nesterov=True)
-    fragments = [list(range(f, len(global_params), num_fragments)) for f in range(num_fragments)]
+    fragments = {1: [[0, 1, 2, 3]], 2: [[0, 1], [2, 3]]}[num_fragments]  # the layers net.0 and net.2
     pending = {}  # fragment -> [averaged pseudo-gradient, step to apply it after (None: its next sync)]
+    origins = {}  # fragment -> each worker's parameters where its inner phase started, if not the global ones
     updates = []
 
     @torch.no_grad()
@@ -360,11 +361,12 @@ def simulate(
         updates.append([g.clone() for g in global_params])
 
     def start(f, apply_at):
-        average = [sum(global_params[i] - params[i].detach() for params in local) / 2 for i in fragments[f]]
+        starts = origins.pop(f, [{i: global_params[i] for i in fragments[f]}] * 2)
+        average = [sum(start[i] - params[i].detach() for start, params in zip(starts, local)) / 2 for i in fragments[f]]
         if delay and f in pending:
             apply(f, mixing_alpha)
-        elif delay:
-            pull_global(f, mixing_alpha)
+        elif delay:  # nothing to apply: the next phase starts where this one ended
+            origins[f] = [{i: params[i].detach().clone() for i in fragments[f]} for params in local]
         pending[f] = [average, apply_at]
 
     for step in range(1, steps + 1):
@@ -382,7 +384,7 @@ def simulate(
     for f in range(num_fragments):
         if f in pending and pending[f][1] is not None:
             apply(f, mixing_alpha)
-        if any(not torch.equal(params[i], global_params[i]) for params in local for i in fragments[f]):
+        if f in origins or any(not torch.equal(params[i], global_params[i]) for params in local for i in fragments[f]):
             start(f, steps)
         if f in pending:
             apply(f, 0.0)

@@ -56,12 +56,15 @@ collective, compressed when a ``compressor`` is set, not the ring algorithm's
 spent blocked, waiting for exchanges to complete).
 
 ``delay=1`` in detail: at each outer step the worker takes its pseudo-gradient
-(measured from the global parameters its inner phase started from) and starts
-its all-reduce, applies the previous outer step's average, which had a whole
-inner phase to arrive, and starts the next inner phase from the resulting
-global parameters. Every average thus reaches the global parameters exactly
-one outer step late; at the first outer step there is nothing to apply yet,
-and the workers restart from the initial parameters.
+(measured from the parameters its inner phase started from) and starts its
+all-reduce, applies the previous outer step's average, which had a whole inner
+phase to arrive, and starts the next inner phase from the resulting global
+parameters. Every average thus reaches the global parameters exactly one outer
+step late. At the first outer step there is nothing to apply yet: the next
+phase goes on from where the first ended (returning to the initial parameters
+would throw the first phase's progress away and send the same direction twice),
+and its pseudo-gradient is measured from there, so each phase's progress is
+sent once.
 """
 
 from __future__ import annotations
@@ -185,6 +188,9 @@ class _Fragment:
     pending: Optional[_PendingSync] = None
     # True while the local parameters equal the global ones: nothing new to send.
     in_sync: bool = True
+    # Where this worker's inner phase started (fp32, on the outer-state device), when not at the
+    # global parameters: with delay=1, between the first sync and the second.
+    origin: Optional[list[Tensor]] = None
 
 
 class DiLoCoStrategy(DDPStrategy):
@@ -216,10 +222,10 @@ class DiLoCoStrategy(DDPStrategy):
             collectives block, so they run on a thread of their own to overlap
             with the inner steps.
         delay: 0 waits for each all-reduce before continuing. 1 starts it and
-            goes on with the next inner phase from the global parameters without
-            its result; the average is applied at the next outer step, one outer
-            step late, when the next all-reduce starts. The all-reduce is then
-            hidden behind a whole inner phase.
+            goes on with the next inner phase from the newest global parameters
+            without its result; the average is applied at the next outer step,
+            one outer step late, when the next all-reduce starts. The all-reduce is
+            then hidden behind a whole inner phase (details below).
         outer_state_device: where the global parameters and the outer
             optimizer's state are kept.
         kernel_backend: backend of the fused kernels (``"auto"``, ``"reference"``,
@@ -520,23 +526,24 @@ class DiLoCoStrategy(DDPStrategy):
     def _start_sync(self, fragment: _Fragment, apply_at_step: Optional[int]) -> None:
         """Take the fragment's pseudo-gradient and start its all-reduce.
 
-        With ``delay=1`` the next inner phase then starts from the newest global
-        parameters: the previous outer step's average (which had a whole inner
-        phase to arrive) is applied, or, at the first outer step, the local
-        parameters just return to the global ones. This pseudo-gradient is taken
-        first: it is measured from the global parameters its inner phase started from.
+        The pseudo-gradient is measured from where the inner phase started: the
+        global parameters, or the fragment's ``origin``. With ``delay=1`` the next
+        inner phase then starts from the newest global parameters, the previous
+        outer step's average (which had a whole inner phase to arrive) applied;
+        at the first outer step, with nothing to apply, it starts where this one
+        ended, which becomes its origin.
         """
+        local_params = [self._params[i] for i in fragment.param_indices]
+        origin = fragment.origin or [self._global_params[i] for i in fragment.param_indices]
         pseudo_gradient = torch.cat(
-            [
-                (self._global_params[i].to(self._params[i].device) - self._params[i].float()).reshape(-1)
-                for i in fragment.param_indices
-            ]
+            [(start.to(local.device) - local.float()).reshape(-1) for start, local in zip(origin, local_params)]
         )
+        fragment.origin = None
         if self._delay:
             if fragment.pending is not None:
                 self._apply_outer_update(fragment)
             else:
-                self._pull_global(fragment, self._mixing_alpha)
+                fragment.origin = [p.detach().to(self._outer_device, torch.float32, copy=True) for p in local_params]
         try:
             exchange = self._start_exchange(fragment, pseudo_gradient)
         except RuntimeError as error:
@@ -635,6 +642,7 @@ class DiLoCoStrategy(DDPStrategy):
             "optimizer": self.optimizers[0].state_dict(),
             # error-feedback residuals are each worker's own
             "compressor": None if self._compressor is None else self._compressor.state_dict(),
+            "fragment_origins": [fragment.origin for fragment in self._fragments],
         }
         workers = [None] * self.world_size if self.is_global_zero else None
         dist.gather_object(local_state, workers, dst=0, group=self._group)
@@ -699,6 +707,8 @@ class DiLoCoStrategy(DDPStrategy):
             _optimizer_to_device(self.optimizers[0], self.root_device)
             if self._compressor is not None:
                 self._compressor.load_state_dict(worker["compressor"])
+            for fragment, origin in zip(self._fragments, worker["fragment_origins"]):
+                fragment.origin = None if origin is None else [t.to(self._outer_device) for t in origin]
         else:
             # The model already holds the global parameters: Lightning loaded the checkpoint's state_dict.
             rank_zero_warn(
@@ -707,6 +717,7 @@ class DiLoCoStrategy(DDPStrategy):
             )
             for fragment in self._fragments:
                 fragment.in_sync = True
+                fragment.origin = None
 
     # ------------------------------------------------------------------ registration
 
