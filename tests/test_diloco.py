@@ -26,7 +26,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 from lightning_converge.kernels import diloco_outer_step
 from lightning_converge.schedules import QSR
 from lightning_converge.strategies import DiLoCoStrategy, StreamingDiLoCoStrategy
-from lightning_converge.strategies.diloco import assign_fragments
+from lightning_converge.strategies.diloco import assign_fragments, split_evenly
 
 ROOT = Path(__file__).parents[1]
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -126,6 +126,12 @@ def test_registered_by_name():
         (StreamingDiLoCoStrategy, dict(overlap_steps=-1), ValueError, "overlap_steps"),
         (StreamingDiLoCoStrategy, dict(mixing_alpha=1.5), ValueError, "mixing_alpha"),
         (StreamingDiLoCoStrategy, dict(fragment_assignment="random"), ValueError, "fragment_assignment"),
+        (
+            StreamingDiLoCoStrategy,
+            dict(fragment_assignment="balanced", outer_optimizer=lambda params: torch.optim.Adam(params)),
+            ValueError,
+            "balanced",
+        ),
         (StreamingDiLoCoStrategy, dict(delay=1), TypeError, "delay"),
     ],
 )
@@ -166,10 +172,34 @@ def test_fragments_are_assigned_by_layer(model, num_fragments, assignment, expec
     assert assign_fragments(names, numels, num_fragments, assignment) == expected
 
 
+# Fragments of Regression's parameters (net.0.weight 96, net.0.bias 16, net.2.weight 16, net.2.bias 1) as
+# pieces (tensor, first element, end element): by layer, and cut into two runs of 64 and 65 elements.
+BY_LAYER = {
+    1: [[(0, 0, 96), (1, 0, 16), (2, 0, 16), (3, 0, 1)]],
+    2: [[(0, 0, 96), (1, 0, 16)], [(2, 0, 16), (3, 0, 1)]],
+}
+BALANCED_2 = [[(0, 0, 64)], [(0, 64, 96), (1, 0, 16), (2, 0, 16), (3, 0, 1)]]
+
+
+@pytest.mark.parametrize(
+    "numels, num_fragments, expected",
+    [
+        ([96, 16, 16, 1], 1, [[(0, 0, 96), (1, 0, 16), (2, 0, 16), (3, 0, 1)]]),
+        ([96, 16, 16, 1], 2, BALANCED_2),  # 129 elements: bounds at 0, round(64.5) = 64, 129
+        ([96, 16, 16, 1], 3, [[(0, 0, 43)], [(0, 43, 86)], [(0, 86, 96), (1, 0, 16), (2, 0, 16), (3, 0, 1)]]),
+        ([10, 10, 10, 10], 2, [[(0, 0, 10), (1, 0, 10)], [(2, 0, 10), (3, 0, 10)]]),  # cuts between tensors
+    ],
+)
+def test_balanced_fragments_are_equal_runs_of_the_parameters(numels, num_fragments, expected):
+    assert split_evenly(numels, num_fragments) == expected
+
+
 def test_more_fragments_than_tensors_is_an_error():
     names, numels = zip(*REGRESSION)
     with pytest.raises(ValueError, match="num_fragments=5 is larger than the number of parameter tensors"):
         assign_fragments(names, numels, 5, "strided")
+    with pytest.raises(ValueError, match="num_fragments=5 is larger than the number of parameter tensors"):
+        split_evenly(numels, 5)
 
 
 # ---------------------------------------------------------------------------------------- one worker, in process
@@ -300,7 +330,16 @@ def run_two_workers(script: str, args: list[str], log_dir: Path, timeout: float)
     return results
 
 
-SCENARIOS = ["ddp_identity", "diloco", "delayed", "diloco_fp16", "streaming", "delayed_adamw", "streaming_int8_adamw"]
+SCENARIOS = [
+    "ddp_identity",
+    "diloco",
+    "delayed",
+    "diloco_fp16",
+    "streaming",
+    "streaming_balanced",
+    "delayed_adamw",
+    "streaming_int8_adamw",
+]
 
 
 @pytest.fixture(scope="module")
@@ -329,8 +368,10 @@ def simulate(
     overlap_steps: int = 0,
     mixing_alpha: float = 0.0,
     delay: int = 0,
+    fragments: list[list[tuple[int, int, int]]] | None = None,
 ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
-    """Two workers, inner SGD lr 0.05, outer Nesterov SGD lr 0.7 momentum 0.9, fragments by layer.
+    """Two workers, inner SGD lr 0.05, outer Nesterov SGD lr 0.7 momentum 0.9 (torch.optim.SGD's
+    equations written out per piece), fragments by layer unless ``fragments`` are given.
 
     Returns the global parameters after every outer update and the final parameters.
     """
@@ -339,34 +380,39 @@ def simulate(
     inner = [torch.optim.SGD(w.parameters(), lr=0.05) for w in workers]
     local = [list(w.parameters()) for w in workers]
     global_params = [p.detach().clone() for p in local[0]]
-    outer = torch.optim.SGD(global_params, lr=0.7, momentum=0.9, nesterov=True)
-    fragments = {1: [[0, 1, 2, 3]], 2: [[0, 1], [2, 3]]}[num_fragments]  # the layers net.0 and net.2
-    pending = {}  # fragment -> [averaged pseudo-gradient, step to apply it after (None: its next sync)]
-    origins = {}  # fragment -> each worker's parameters where its inner phase started, if not the global ones
+    momentum = [torch.zeros_like(p) for p in global_params]
+    fragments = fragments or BY_LAYER[num_fragments]
+    pending = {}  # fragment -> [averaged pseudo-gradient pieces, step to apply it after (None: its next sync)]
+    origins = {}  # fragment -> each worker's pieces where its inner phase started, if not the global ones
     updates = []
+
+    def pieces(tensors, f):
+        return [tensors[i].detach().view(-1)[start:end] for i, start, end in fragments[f]]
 
     @torch.no_grad()
     def pull_global(f, alpha):
         for params in local:
-            for i in fragments[f]:
-                params[i].copy_(alpha * params[i] + (1 - alpha) * global_params[i])
+            for mine, theirs in zip(pieces(params, f), pieces(global_params, f)):
+                mine.copy_(alpha * mine + (1 - alpha) * theirs)
 
     def apply(f, alpha):
         average, _ = pending.pop(f)
-        for i, g in zip(fragments[f], average):
-            global_params[i].grad = g
-        outer.step()
-        outer.zero_grad(set_to_none=True)
+        for param, buffer, grad in zip(pieces(global_params, f), pieces(momentum, f), average):
+            buffer.mul_(0.9).add_(grad)
+            param.sub_(0.7 * (grad + 0.9 * buffer))
         pull_global(f, alpha)
         updates.append([g.clone() for g in global_params])
 
     def start(f, apply_at):
-        starts = origins.pop(f, [{i: global_params[i] for i in fragments[f]}] * 2)
-        average = [sum(start[i] - params[i].detach() for start, params in zip(starts, local)) / 2 for i in fragments[f]]
+        starts = origins.pop(f, [pieces(global_params, f)] * 2)
+        nows = [pieces(params, f) for params in local]
+        # per piece: the mean over the workers of (where the phase started - where it is now)
+        average = [sum(s - n for s, n in zip(piece_starts, piece_nows)) / 2
+                   for piece_starts, piece_nows in zip(zip(*starts), zip(*nows))]
         if delay and f in pending:
             apply(f, mixing_alpha)
         elif delay:  # nothing to apply: the next phase starts where this one ended
-            origins[f] = [{i: params[i].detach().clone() for i in fragments[f]} for params in local]
+            origins[f] = [[piece.clone() for piece in pieces(params, f)] for params in local]
         pending[f] = [average, apply_at]
 
     for step in range(1, steps + 1):
@@ -384,7 +430,10 @@ def simulate(
     for f in range(num_fragments):
         if f in pending and pending[f][1] is not None:
             apply(f, mixing_alpha)
-        if f in origins or any(not torch.equal(params[i], global_params[i]) for params in local for i in fragments[f]):
+        moved = any(
+            not torch.equal(a, b) for params in local for a, b in zip(pieces(params, f), pieces(global_params, f))
+        )
+        if f in origins or moved:
             start(f, steps)
         if f in pending:
             apply(f, 0.0)
@@ -433,6 +482,10 @@ def test_workers_hold_identical_global_parameters_after_every_outer_step(two_wor
         ("diloco", dict(inner_steps=3)),
         ("delayed", dict(inner_steps=3, delay=1)),
         ("streaming", dict(inner_steps=4, num_fragments=2, overlap_steps=1, mixing_alpha=0.5)),
+        (
+            "streaming_balanced",
+            dict(inner_steps=4, num_fragments=2, overlap_steps=1, mixing_alpha=0.5, fragments=BALANCED_2),
+        ),
     ],
 )
 def test_runs_follow_the_algorithm(two_worker_runs, name, config):
@@ -530,8 +583,12 @@ def test_bytes_sent_are_the_pseudo_gradient_sizes(two_worker_runs):
     # Streaming sends one fragment a sync: fp32, 2 fragments by layer: net.0 6*16 + 16 = 112 numbers,
     # net.2 16 + 1 = 17; int8 in blocks of 64 with an fp32 scale per block, 3 fragments (more than
     # the 2 layers: strided over the tensors): {0.weight, 2.bias} 96 + 1 = 97 numbers, 2 blocks;
-    # {0.bias} 16, 1; {2.weight} 16, 1.
-    fragment_bytes = {"streaming": [112 * 4, 17 * 4], "streaming_int8_adamw": [97 + 2 * 4, 16 + 4, 16 + 4]}
+    # {0.bias} 16, 1; {2.weight} 16, 1. Balanced: 129 numbers cut into 64 and 65.
+    fragment_bytes = {
+        "streaming": [112 * 4, 17 * 4],
+        "streaming_balanced": [64 * 4, 65 * 4],
+        "streaming_int8_adamw": [97 + 2 * 4, 16 + 4, 16 + 4],
+    }
     for name, sizes in fragment_bytes.items():
         for rank in two_worker_runs[name]:
             applied = [fragment for _, fragment, kind in rank["events"] if kind == "apply"]

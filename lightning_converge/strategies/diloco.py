@@ -98,7 +98,9 @@ OuterOptimizerFactory = Callable[[Iterable[Tensor]], Optimizer]
 
 # Built-in outer optimizers, run by the fused ``diloco_outer_step`` kernel: name -> nesterov.
 _BUILT_IN_OUTER_OPTIMIZERS = {"nesterov": True, "sgd": False}
-_FRAGMENT_ASSIGNMENTS = ("strided", "contiguous")
+_FRAGMENT_ASSIGNMENTS = ("strided", "contiguous", "balanced")
+# A part of a parameter tensor: (its index, first element, end element) in the flattened tensor.
+Piece = tuple[int, int, int]
 
 
 def _layer_of(name: str) -> Optional[str]:
@@ -150,6 +152,33 @@ def assign_fragments(
         fragments[lightest].append(index)
         sizes[lightest] += numels[index]
     return [sorted(fragment) for fragment in fragments]
+
+
+def split_evenly(numels: Sequence[int], num_fragments: int) -> list[list[Piece]]:
+    """Cut the parameters, laid end to end in model order, into ``num_fragments`` runs of equal length
+    (to one element), each a list of pieces: whole tensors, and parts of the tensors cut at its ends."""
+    if num_fragments > len(numels):
+        raise ValueError(
+            f"num_fragments={num_fragments} is larger than the number of parameter tensors ({len(numels)})"
+        )
+    total = sum(numels)
+    bounds = [round(f * total / num_fragments) for f in range(num_fragments + 1)]
+    fragments: list[list[Piece]] = [[] for _ in range(num_fragments)]
+    offset = 0
+    for index, numel in enumerate(numels):
+        for f, fragment in enumerate(fragments):
+            start, end = max(bounds[f], offset), min(bounds[f + 1], offset + numel)
+            if start < end:
+                fragment.append((index, start - offset, end - offset))
+        offset += numel
+    return fragments
+
+
+def _piece_of(tensors: Sequence[Tensor], piece: Piece) -> Tensor:
+    """The piece of ``tensors[index]``: the tensor itself when whole, else a flat view of its part."""
+    index, start, end = piece
+    tensor = tensors[index]
+    return tensor if end - start == tensor.numel() else tensor.view(-1)[start:end]
 # Options of the DistributedDataParallel wrapper, which does not exist here, with their defaults:
 # those are accepted (LightningCLI passes every one of them) and anything else raises.
 _DDP_WRAPPER_DEFAULTS = {
@@ -179,11 +208,11 @@ class _PendingSync:
 
 @dataclass
 class _Fragment:
-    """Parameter tensors that synchronize together (indices into the strategy's parameter list)."""
+    """Parameters that synchronize together: pieces of the strategy's parameter tensors, mostly whole."""
 
     index: int
-    param_indices: list[int]
-    # Names and shapes of the tensors, in the order of the flat pseudo-gradient (what compressors read).
+    pieces: list[Piece]
+    # Names and shapes of the pieces, in the order of the flat pseudo-gradient (what compressors read).
     layout: Layout
     pending: Optional[_PendingSync] = None
     # True while the local parameters equal the global ones: nothing new to send.
@@ -377,11 +406,14 @@ class DiLoCoStrategy(DDPStrategy):
             self._comm_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diloco-exchange")
         names, params = zip(*module.named_parameters())
         self._params = list(params)
+        numels = [p.numel() for p in params]
+        if self._fragment_assignment == "balanced":
+            assignment = split_evenly(numels, self._num_fragments)
+        else:
+            by_layer = assign_fragments(names, numels, self._num_fragments, self._fragment_assignment)
+            assignment = [[(i, 0, numels[i]) for i in indices] for indices in by_layer]
         self._fragments = [
-            _Fragment(index, indices, Layout(tuple(names[i] for i in indices), tuple(params[i].shape for i in indices)))
-            for index, indices in enumerate(
-                assign_fragments(names, [p.numel() for p in params], self._num_fragments, self._fragment_assignment)
-            )
+            _Fragment(index, pieces, self._layout(names, pieces)) for index, pieces in enumerate(assignment)
         ]
         self._global_params = [p.detach().to(self._outer_device, torch.float32, copy=True) for p in self._params]
         if isinstance(self._outer_optimizer_spec, str):
@@ -392,6 +424,19 @@ class DiLoCoStrategy(DDPStrategy):
                 raise TypeError(
                     f"outer_optimizer must return a torch.optim.Optimizer, got {type(self._outer_optimizer).__name__}"
                 )
+
+    def _layout(self, names: Sequence[str], pieces: list[Piece]) -> Layout:
+        """The compressors' view of a fragment: each piece's name and shape (a part of a tensor: flat)."""
+        shapes = [_piece_of(self._params, piece).shape for piece in pieces]
+        return Layout(
+            tuple(names[i] if end - start == self._params[i].numel() else f"{names[i]}[{start}:{end}]"
+                  for i, start, end in pieces),
+            tuple(shapes),
+        )
+
+    def _pieces(self, tensors: Sequence[Tensor], fragment: _Fragment) -> list[Tensor]:
+        """The fragment's pieces of ``tensors`` (the local or global parameters, the momentum buffers)."""
+        return [_piece_of(tensors, piece) for piece in fragment.pieces]
 
     def setup(self, trainer: Any) -> None:
         """Fires once per ``fit``/``validate``/... before the loops run: DDP's setup, then, when fitting,
@@ -533,8 +578,8 @@ class DiLoCoStrategy(DDPStrategy):
         at the first outer step, with nothing to apply, it starts where this one
         ended, which becomes its origin.
         """
-        local_params = [self._params[i] for i in fragment.param_indices]
-        origin = fragment.origin or [self._global_params[i] for i in fragment.param_indices]
+        local_params = self._pieces([p.detach() for p in self._params], fragment)
+        origin = fragment.origin or self._pieces(self._global_params, fragment)
         pseudo_gradient = torch.cat(
             [(start.to(local.device) - local.float()).reshape(-1) for start, local in zip(origin, local_params)]
         )
@@ -587,7 +632,7 @@ class DiLoCoStrategy(DDPStrategy):
         local parameters move to the new global ones (``mixing_alpha``, the strategy's by default)."""
         averaged = self._resolve(fragment.pending).to(self._outer_device)
         fragment.pending = None
-        global_params = [self._global_params[i] for i in fragment.param_indices]
+        global_params = self._pieces(self._global_params, fragment)
         pseudo_grads = [
             chunk.view_as(g) for chunk, g in zip(averaged.split([g.numel() for g in global_params]), global_params)
         ]
@@ -595,7 +640,7 @@ class DiLoCoStrategy(DDPStrategy):
             diloco_outer_step(
                 global_params,
                 pseudo_grads,
-                [self._momentum_buffers[i] for i in fragment.param_indices],
+                self._pieces(self._momentum_buffers, fragment),
                 lr=scalar(self._outer_lr(self._inner_step), self._outer_device),
                 momentum=scalar(self._outer_momentum, self._outer_device),
                 nesterov=_BUILT_IN_OUTER_OPTIMIZERS[self._outer_optimizer_spec],
@@ -613,11 +658,11 @@ class DiLoCoStrategy(DDPStrategy):
 
     def _pull_global(self, fragment: _Fragment, mixing_alpha: float) -> None:
         """``local = mixing_alpha * local + (1 - mixing_alpha) * global`` for the fragment (0 replaces)."""
-        local_params = [self._params[i].detach() for i in fragment.param_indices]
+        local_params = self._pieces([p.detach() for p in self._params], fragment)
         device = local_params[0].device
         ema_update(
             local_params,
-            [self._global_params[i].to(device) for i in fragment.param_indices],
+            [g.to(device) for g in self._pieces(self._global_params, fragment)],
             decay=scalar(mixing_alpha, device),
             backend=self._kernel_backend,
         )
@@ -661,7 +706,7 @@ class DiLoCoStrategy(DDPStrategy):
             "outer_optimizer": outer_optimizer_state,
             "fragments": [
                 {
-                    "param_indices": fragment.param_indices,
+                    "pieces": fragment.pieces,
                     "in_sync": fragment.in_sync,
                     "pending_average": None if fragment.pending is None else fragment.pending.average,
                     "pending_apply_at_step": None if fragment.pending is None else fragment.pending.apply_at_step,
@@ -673,11 +718,11 @@ class DiLoCoStrategy(DDPStrategy):
         }
 
     def _restore_checkpoint_state(self, state: Mapping[str, Any]) -> None:
-        saved_assignment = [saved["param_indices"] for saved in state["fragments"]]
-        if saved_assignment != [fragment.param_indices for fragment in self._fragments]:
+        saved_assignment = [[tuple(piece) for piece in saved["pieces"]] for saved in state["fragments"]]
+        if saved_assignment != [fragment.pieces for fragment in self._fragments]:
             raise ValueError(
                 f"{type(self).__name__}: the checkpoint's fragments {saved_assignment} differ from this run's "
-                f"{[fragment.param_indices for fragment in self._fragments]} (num_fragments, fragment_assignment "
+                f"{[fragment.pieces for fragment in self._fragments]} (num_fragments, fragment_assignment "
                 "and the model must be those of the run that saved it)"
             )
         self._inner_step = state["inner_step"]
@@ -754,7 +799,11 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
             fragment ``l % F`` (the paper's choice: each fragment spans the depth
             of the network); ``"contiguous"`` gives each fragment a run of
             consecutive layers. Tensors outside the layers (embeddings, head) go
-            to the lightest fragments; see :func:`assign_fragments`.
+            to the lightest fragments; see :func:`assign_fragments`. Whole
+            tensors cannot always make equal fragments (a GPT's embeddings and
+            head add to one block's bytes): ``"balanced"`` cuts the parameters,
+            laid end to end, into F equal runs (:func:`split_evenly`), so each
+            sync sends 1/F of the bytes; it needs a built-in ``outer_optimizer``.
 
     The other arguments are :class:`DiLoCoStrategy`'s, without ``delay``
     (``overlap_steps`` is the overlap here). The outer state stays fp32 whatever
@@ -797,6 +846,11 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
             raise ValueError(f"mixing_alpha must be in [0, 1], got {mixing_alpha!r}")
         if fragment_assignment not in _FRAGMENT_ASSIGNMENTS:
             raise ValueError(f"fragment_assignment must be one of {_FRAGMENT_ASSIGNMENTS}, got {fragment_assignment!r}")
+        if fragment_assignment == "balanced" and not isinstance(outer_optimizer, str):
+            raise ValueError(
+                "fragment_assignment='balanced' cuts tensors into parts, which a torch.optim outer optimizer "
+                f"cannot step one at a time: use outer_optimizer in {tuple(_BUILT_IN_OUTER_OPTIMIZERS)}"
+            )
         self._num_fragments = num_fragments
         self._overlap_steps = overlap_steps
         self._mixing_alpha = float(mixing_alpha)

@@ -122,6 +122,18 @@ SCENARIOS = {
         "SGD",
         10,
     ),
+    "streaming_balanced": (
+        lambda: RecordingStreamingDiLoCo(
+            inner_steps=4,
+            num_fragments=2,
+            overlap_steps=1,
+            mixing_alpha=0.5,
+            fragment_assignment="balanced",
+            kernel_backend="reference",
+        ),
+        "SGD",
+        10,
+    ),
 }
 # Checkpointed every 4 steps (the first: inside the second inner phase, with an update in flight),
 # then resumed from the first checkpoint.
