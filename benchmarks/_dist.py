@@ -11,7 +11,6 @@
   :func:`use_link` does it between two runs of the same ranks.
 - :func:`measure_link`: the time of a gloo all-reduce between two ranks over a
   link, and the rate it implies.
-- :func:`trailing_mean`: a per-step curve (the ranks' training loss) smoothed.
 
 Run as a script, this file is the all-reduce probe's rank (``measure_link`` starts it).
 """
@@ -20,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import os
 import shutil
@@ -202,12 +200,6 @@ def measure_link(megabytes: float, netns: Optional[str], repeats: int = 3) -> di
         median_seconds=median,
         implied_mbit_per_s=2 * megabytes * 2**20 * 8 / median / 1e6,
     )
-
-
-def trailing_mean(values: Sequence[float], window: int) -> list[float]:
-    """The mean of each value and the ``window - 1`` before it (fewer at the start): a per-step curve smoothed."""
-    sums = [0.0, *itertools.accumulate(values)]
-    return [(sums[i + 1] - sums[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(len(values))]
 
 
 def _probe_rank(megabytes: float, repeats: int, out: Path) -> None:
