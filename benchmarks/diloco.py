@@ -5,20 +5,27 @@ What it measures
     width 192, 4 blocks, 1.9 M parameters: 7.6 MB of fp32 a step for DDP) on CPython's
     standard-library top-level modules (``examples.char_lm.StdlibText``, ``*.py``,
     windows of 64 bytes, 8 a worker and step; the last 5% of the stream validates),
-    trained once per method with the same seed (initial weights and batches), the same
-    step budget and the same inner optimizer, ``lightning_converge.optim.AdamW`` (lr
-    2e-3, betas 0.9/0.95, weight decay 0.1, linear warm-up over 10% of the steps, cosine
-    decay to 10%):
+    trained once per method with the same seed (batches), the same step budget and the
+    same inner optimizer, ``lightning_converge.optim.AdamW`` (lr 2e-3, betas 0.9/0.95,
+    weight decay 0.1, linear warm-up over 10% of the steps, cosine decay to 10%), from
+    the same random initialization. ``--pretrain-steps N`` starts every method instead
+    from N steps of one process on both workers' batch (the DiLoCo paper starts from a
+    pretrained model; here 300 such steps left DiLoCo H=50 further from DDP, +4.2%):
 
     * ``ddp``: ``strategy="ddp"``, the fp32 gradient all-reduce every step;
     * ``diloco H=10 / 50 / 100``: ``DiLoCoStrategy(inner_steps=H)`` with the paper's outer
-      optimizer (Nesterov, lr 0.7, momentum 0.9);
+      optimizer, Nesterov SGD with lr 0.7, and outer momentum 0.5 (``--outer-momentum``;
+      the paper's 0.9 ended 3.5% above DDP at H=50: with the four outer steps of this
+      budget, momentum 0.9 amplifies the later, stale directions);
     * ``diloco H=50 int8``: the same, pseudo-gradients sent as blockwise int8 with error
       feedback (``compressor="int8"``);
     * ``diloco H=50 delay=1``: each all-reduce overlapped with the next inner phase, its
       result applied one outer step late;
-    * ``streaming H=50 F=4``: ``StreamingDiLoCoStrategy`` with its defaults (4 fragments
-      assigned strided, ``overlap_steps=1``, ``mixing_alpha=0.5``).
+    * ``streaming H=50 F=4 strided``: ``StreamingDiLoCoStrategy`` with its defaults (4
+      fragments of whole blocks, strided, the embeddings and head added to the lightest
+      fragments; ``overlap_steps=1``, ``mixing_alpha=0.5``);
+    * ``streaming H=50 F=4 balanced``: the same with ``fragment_assignment="balanced"``:
+      4 equal runs of the parameters laid end to end, tensors cut where a run ends.
 
     Two workers run every method for ``--steps`` (200) steps. Four workers on this 2-core
     machine are oversubscribed (two processes a core, so every step computes about half
@@ -36,9 +43,7 @@ What it measures
     the training loss of the workers' own models, averaged over the ranks and smoothed
     by a trailing mean over 10% of the steps; "seconds to DDP's final loss" is the time
     of the first step whose smoothed loss is at or below DDP's smoothed loss at its last
-    step (DDP itself gets there at or near its last step). A method that ends above that
-    loss never gets there; so the tables also give the speed-up to the method's own
-    final loss: DDP's seconds to reach it over the method's.
+    step (DDP itself gets there at or near its last step), on the timed link.
 
     Bytes. ``comm/bytes_sent`` as the strategies count it: the payload a worker hands to
     the collectives (pseudo-gradients, compressed or not), including the syncs DiLoCo
@@ -55,12 +60,14 @@ What it measures
     each fragment's mixing) is compiled before anything is timed. Seconds per step are a
     method's training seconds (the slowest rank's wall-clock at the end of its last
     step) over its steps, so DiLoCo's sync steps count; the blocking sync when training
-    ends is outside. The ranks run inside a private network namespace; for each method
-    in turn they first train ``--loopback-steps`` (30) steps on its plain loopback, which
-    only times them, then rank 0 shapes the loopback to ``--rate-mbit`` (100) Mbit/s
-    with ``tc qdisc ... tbf`` and the method trains its whole budget over it: the run
-    the losses, bytes and curves come from. Timing the two links back to back lets
-    drifting load from other jobs fall on both alike. Both directions and all ranks
+    ends is outside. The ranks run inside a private network namespace. Every method first
+    trains its budget on the plain loopback: the run the losses, bytes and the curves
+    against steps and bytes come from. Then rank 0 shapes the loopback to
+    ``--rate-mbit`` (100) Mbit/s with ``tc qdisc ... tbf`` and every method trains again
+    over it: DDP its budget, the DiLoCo methods until their smoothed training loss
+    reaches DDP's final one, for at most ``--max-step-factor`` (1.5) times the budget
+    (their learning-rate schedule then spans that longer run): the time to DDP's final
+    loss is measured, not extrapolated. Both directions and all ranks
     share the one shaped loopback: two ranks all-reducing n bytes put 2n bytes through
     it, four ranks 6n (on a real network each machine would have a link of its own). A
     gloo all-reduce between two ranks is timed there first to check the rate. One
@@ -101,6 +108,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _dist  # noqa: E402
+from _curves import StopAtLoss, first_step_at_or_below, mean_over_ranks, trailing_mean  # noqa: E402
 from _common import machine, markdown_table, quiet_trainer, result_paths  # noqa: E402
 from examples.char_lm import CharGPT, StdlibText  # noqa: E402
 from lightning_converge.optim import AdamW  # noqa: E402
@@ -111,6 +119,7 @@ FILES = ("*.py",)  # the standard library's top-level modules, as in benchmarks/
 MAX_LOSS_GAP = 0.03
 MIN_FEWER_BYTES = 50.0
 MIN_SPEEDUP_SHAPED = 5.0
+PRETRAINED = "pretrained.ckpt"  # in the run's temporary directory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,25 +130,28 @@ class Method:
     compressor: Optional[str] = None
     delay: int = 0
     num_fragments: int = 1
+    fragment_assignment: str = "strided"
 
     @property
     def name(self) -> str:
         if self.inner_steps is None:
             return "ddp"
         if self.num_fragments > 1:
-            return f"streaming H={self.inner_steps} F={self.num_fragments}"
+            return f"streaming H={self.inner_steps} F={self.num_fragments} {self.fragment_assignment}"
         options = [self.compressor] if self.compressor else []
         options += ["delay=1"] if self.delay else []
         return " ".join([f"diloco H={self.inner_steps}", *options])
 
-    def strategy(self):
+    def strategy(self, args: argparse.Namespace):
         if self.inner_steps is None:
             return "ddp"
+        outer = dict(outer_lr=args.outer_lr, outer_momentum=args.outer_momentum, compressor=self.compressor)
         if self.num_fragments > 1:
             return StreamingDiLoCoStrategy(
-                inner_steps=self.inner_steps, num_fragments=self.num_fragments, compressor=self.compressor
+                inner_steps=self.inner_steps, num_fragments=self.num_fragments,
+                fragment_assignment=self.fragment_assignment, **outer,
             )
-        return DiLoCoStrategy(inner_steps=self.inner_steps, compressor=self.compressor, delay=self.delay)
+        return DiLoCoStrategy(inner_steps=self.inner_steps, delay=self.delay, **outer)
 
     def warm_up(self) -> tuple[Method, int]:
         """This method with the shortest H it accepts, and the steps that run each of its kernels."""
@@ -153,21 +165,27 @@ def methods(world_size: int, args: argparse.Namespace) -> list[Method]:
     """DDP first (the reference), then the DiLoCo family; four workers run DDP and DiLoCo at H = ``--h-4``."""
     if world_size == 4:
         return [Method(), Method(args.h_4)]
-    return [
-        Method(),
-        *(Method(h) for h in args.inner_steps),
+    variants = [] if args.no_variants else [
         Method(args.h, compressor="int8"),
         Method(args.h, delay=1),
         Method(args.h, num_fragments=args.num_fragments),
+        Method(args.h, num_fragments=args.num_fragments, fragment_assignment="balanced"),
     ]
+    return [Method(), *(Method(h) for h in args.inner_steps), *variants]
 
 
-def link_plan(world_size: int, shaped: bool, args: argparse.Namespace) -> list[tuple[str, int]]:
-    """(link, steps) each method trains, in order; the last is the full run, the others only time steps."""
-    steps = args.steps if world_size == 2 else args.steps_4
-    if not shaped:
-        return [("loopback", steps)]
-    return [("loopback", min(steps, args.loopback_steps)), ("shaped", steps)]
+def links(shaped: bool) -> tuple[str, ...]:
+    """The links every method trains on, in order: the plain loopback, then (when it can be had) the shaped one."""
+    return ("loopback", "shaped") if shaped else ("loopback",)
+
+
+def budget(world_size: int, args: argparse.Namespace) -> int:
+    return args.steps if world_size == 2 else args.steps_4
+
+
+def window_of(steps: int) -> int:
+    """The trailing-mean window of the loss curves: 10% of the budget, at least 5 steps."""
+    return max(5, steps // 10)
 
 
 # ---------------------------------------------------------------- one rank (inside the launched processes)
@@ -214,41 +232,72 @@ def validation_loss(model: CharGPT, data: StdlibText, batches: int) -> float:
     return statistics.fmean(model.loss(batch).item() for batch in itertools.islice(data.val_dataloader(), batches))
 
 
-def fit(method: Method, world_size: int, max_steps: int, args: argparse.Namespace, callbacks: list) -> tuple:
+def fit(method: Method, world_size: int, max_steps: int, args: argparse.Namespace, callbacks: list,
+        batch_size: Optional[int] = None, init_checkpoint: Optional[Path] = None, strategy=None) -> tuple:
     L.seed_everything(args.seed, verbose=False)
     optimizer = functools.partial(AdamW, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     model = CharGPT(
         dim=args.dim, depth=args.depth, heads=args.heads, seq_len=args.seq_len,
         warmup_steps=max(1, max_steps // 10), optimizer=optimizer,
+        init_checkpoint=None if init_checkpoint is None else str(init_checkpoint),
     )
-    data = StdlibText(FILES, seq_len=args.seq_len, batch_size=args.batch_size)
+    data = StdlibText(FILES, seq_len=args.seq_len, batch_size=batch_size or args.batch_size)
     trainer = quiet_trainer(
-        devices=world_size, strategy=method.strategy(), max_steps=max_steps, limit_val_batches=0, callbacks=callbacks
+        devices=world_size, strategy=strategy or method.strategy(args), max_steps=max_steps, limit_val_batches=0,
+        callbacks=callbacks,
     )
     trainer.fit(model, data)
     return model, data, trainer
 
 
+def pretrain(args: argparse.Namespace, path: Path) -> None:
+    """The common start of every method: ``--pretrain-steps`` steps of one process on both workers' batch
+    (AdamW, warm-up then cosine decay, as every run), saved as a checkpoint the runs load (weights only:
+    each run starts a fresh inner optimizer, as DiLoCo starts from a pretrained model in the paper)."""
+    torch.set_num_threads(args.threads)
+    # One process, no process group: the launcher's environment stays clean for the ranks it starts.
+    _, _, trainer = fit(Method(), 1, args.pretrain_steps, args, callbacks=[], batch_size=2 * args.batch_size,
+                        strategy="auto")
+    trainer.save_checkpoint(path, weights_only=True)
+
+
+def ddp_final_loss(out: Path, world_size: int, steps: int) -> float:
+    """DDP's final training loss on the plain loopback (mean over ranks, smoothed): the timed runs' target."""
+    losses = [json.loads((out / f"0_loopback_rank{rank}.json").read_text())["loss"] for rank in range(world_size)]
+    return trailing_mean(mean_over_ranks(losses), window_of(steps))[-1]
+
+
 def train_methods_on_this_rank(args: argparse.Namespace) -> None:
-    """Warm every method up, then train each on every link of the plan (one process group for all),
-    writing ``{method index}_{link}_rank{r}.json`` to ``--worker-out``."""
+    """Warm every method up; train each on the plain loopback, then each on the shaped one (one process
+    group for all), writing ``{method index}_{link}_rank{r}.json`` to ``--worker-out``.
+
+    On the plain loopback every method trains the budget and is validated. On the shaped link DDP
+    trains the budget again; the DiLoCo methods train until they reach DDP's final loss, for at most
+    ``--max-step-factor`` times the budget (their schedules span that longer run); nothing validates.
+    All plain-loopback fits come first: after a shaped fit, the next unshaped fit's large transfers ran
+    slow on the same gloo connections (see benchmarks/compression.py).
+    """
     torch.set_num_threads(args.threads)
     # Read before the first fit: Lightning's teardown removes the launcher's WORLD_SIZE.
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    to_run = methods(world_size, args)
-    plan = link_plan(world_size, args.worker_shaped, args)
+    to_run, steps = methods(world_size, args), budget(world_size, args)
     for method in to_run:
         warm_up_method, warm_up_steps = method.warm_up()
-        fit(warm_up_method, world_size, warm_up_steps, args, callbacks=[])
-    for index, method in enumerate(to_run):
-        for link, steps in plan:
-            if args.worker_shaped:
-                _dist.use_link(link == "shaped", args.rate_mbit, rank)
+        fit(warm_up_method, world_size, warm_up_steps, args, callbacks=[], init_checkpoint=args.worker_init)
+    for link in links(args.worker_shaped):
+        if args.worker_shaped:
+            _dist.use_link(link == "shaped", args.rate_mbit, rank)
+        for index, method in enumerate(to_run):
             record = StepRecord(count_loopback=link == "shaped" and rank == 0)
-            model, data, trainer = fit(method, world_size, steps, args, callbacks=[record])
+            callbacks, max_steps = [record], steps
+            if link == "shaped" and method.inner_steps is not None:  # DDP, index 0, has run on both links
+                target = ddp_final_loss(args.worker_out, world_size, steps)
+                callbacks.append(StopAtLoss(target, window_of(steps)))
+                max_steps = round(args.max_step_factor * steps)
+            model, data, trainer = fit(method, world_size, max_steps, args, callbacks=callbacks,
+                                       init_checkpoint=args.worker_init)
             if record.count_loopback:
                 record.loopback_bytes.append(_dist.loopback_bytes(None))
-            full_run = link == plan[-1][0]
             result = dict(
                 parameters=sum(p.numel() for p in model.parameters()),
                 loss=record.loss,
@@ -257,7 +306,7 @@ def train_methods_on_this_rank(args: argparse.Namespace) -> None:
                 step_end_seconds=record.step_end_seconds,
                 loopback_bytes=record.loopback_bytes,
                 parameter_checksum=sum(p.double().sum().item() for p in model.parameters()),
-                val_loss=validation_loss(model, data, args.val_batches) if rank == 0 and full_run else None,
+                val_loss=validation_loss(model, data, args.val_batches) if rank == 0 and link == "loopback" else None,
             )
             (args.worker_out / f"{index}_{link}_rank{rank}.json").write_text(json.dumps(result))
 
@@ -272,17 +321,19 @@ def train(args: argparse.Namespace, world_size: int, netns: Optional[str], work_
     if netns:
         _dist.set_loopback_rate(None, netns)  # warm-ups on the plain loopback; the ranks shape it when due
     worker_args = [__file__, *sys.argv[1:], "--worker-out", str(out)] + (["--worker-shaped"] if netns else [])
+    if args.pretrain_steps:
+        worker_args += ["--worker-init", str(work_dir / PRETRAINED)]
     _dist.launch(worker_args, world_size=world_size, netns=netns, threads_per_rank=args.threads,
                  log_dir=out, timeout=3 * 3600)
     runs: dict[str, dict] = {}
-    for link, _ in link_plan(world_size, netns is not None, args):
+    for link in links(netns is not None):
         runs[link] = {}
         for index, method in enumerate(methods(world_size, args)):
             ranks = [json.loads((out / f"{index}_{link}_rank{rank}.json").read_text()) for rank in range(world_size)]
             rank0 = ranks[0]
             runs[link][method.name] = dict(
                 parameters=rank0["parameters"],
-                loss=[statistics.fmean(values) for values in zip(*(r["loss"] for r in ranks))],
+                loss=mean_over_ranks([r["loss"] for r in ranks]),
                 bytes_sent=rank0["bytes_sent"],
                 bytes_sent_total=rank0["bytes_sent_total"],
                 # A step is done when the slowest rank is done with it.
@@ -304,47 +355,35 @@ def seconds_per_step(run: dict) -> float:
     return run["step_end_seconds"][-1] / len(run["step_end_seconds"])
 
 
-def first_step_at_or_below(smoothed: list[float], level: float, window: int) -> Optional[int]:
-    """0-based index of the first step (once the trailing mean spans a whole window) at or below ``level``."""
-    return next((i for i in range(window - 1, len(smoothed)) if smoothed[i] <= level), None)
-
-
-def summarize(runs: dict[str, dict], loopback_runs: dict[str, dict]) -> dict[str, dict]:
-    """Per method of a full run (``runs``): losses, bytes, seconds per step there and on the loopback
-    (``loopback_runs``, the same runs when there is no shaped link), seconds to DDP's final loss, and
-    the speed-ups to DDP's final loss and to the method's own final loss (DDP's seconds over its)."""
+def summarize(runs: dict[str, dict], timed_runs: dict[str, dict], steps: int) -> dict[str, dict]:
+    """Per method: losses and bytes of its run of the budget on the plain loopback (``runs``), and its
+    seconds per step and to DDP's final training loss on the timed link (``timed_runs``: the shaped
+    link's runs, or the same runs without one), with the speed-up to that loss (DDP's seconds over its)."""
+    window = window_of(steps)
     ddp = runs["ddp"]
-    window = max(5, len(ddp["loss"]) // 10)
-    ddp_smoothed = _dist.trailing_mean(ddp["loss"], window)
-    target = ddp_smoothed[-1]
+    target = trailing_mean(ddp["loss"], window)[-1]
     summary = {}
     for name, run in runs.items():
-        smoothed = _dist.trailing_mean(run["loss"], window)
-        reached = first_step_at_or_below(smoothed, target, window)
+        timed = timed_runs[name]
+        reached = first_step_at_or_below(trailing_mean(timed["loss"], window), target, window)
         summary[name] = row = dict(
-            smoothed_loss=smoothed,
+            smoothed_loss=trailing_mean(run["loss"], window),
             val_loss=run["val_loss"],
             val_loss_gap_vs_ddp=run["val_loss"] / ddp["val_loss"] - 1,
-            final_train_loss=smoothed[-1],
             bytes_sent=run["bytes_sent_total"],
             fewer_bytes_than_ddp=ddp["bytes_sent_total"] / run["bytes_sent_total"],
             exchanges_in_training=len(exchange_bytes(run)),
             peak_bytes_per_sync=max(exchange_bytes(run)),
-            seconds_per_step=seconds_per_step(run),
-            seconds_per_step_loopback=seconds_per_step(loopback_runs[name]),
-            train_seconds=run["step_end_seconds"][-1],
+            seconds_per_step_loopback=seconds_per_step(run),
+            seconds_per_step=seconds_per_step(timed),
+            timed_steps=len(timed["loss"]),
             target_train_loss=target,
             steps_to_target=None if reached is None else reached + 1,
-            seconds_to_target=None if reached is None else run["step_end_seconds"][reached],
+            seconds_to_target=None if reached is None else timed["step_end_seconds"][reached],
             speedup_to_target_vs_ddp=None,
-            speedup_to_own_final_loss_vs_ddp=None,  # None: DDP never got as low
         )
-        if len(run["loopback_bytes"]) == 2:  # the kernel's count: every rank, both directions, the whole fit
-            row["loopback_bytes"] = run["loopback_bytes"][1] - run["loopback_bytes"][0]
-        own = first_step_at_or_below(smoothed, smoothed[-1], window)
-        ddp_to_own = first_step_at_or_below(ddp_smoothed, smoothed[-1], window)
-        if ddp_to_own is not None:
-            row["speedup_to_own_final_loss_vs_ddp"] = ddp["step_end_seconds"][ddp_to_own] / run["step_end_seconds"][own]
+        if len(timed["loopback_bytes"]) == 2:  # the kernel's count: every rank, both directions, the whole fit
+            row["loopback_bytes"] = timed["loopback_bytes"][1] - timed["loopback_bytes"][0]
     for row in summary.values():
         if row["seconds_to_target"] is not None:
             row["speedup_to_target_vs_ddp"] = summary["ddp"]["seconds_to_target"] / row["seconds_to_target"]
@@ -354,25 +393,31 @@ def summarize(runs: dict[str, dict], loopback_runs: dict[str, dict]) -> dict[str
 def judge_targets(summary: dict[str, dict], shaped: bool, args: argparse.Namespace) -> list[dict]:
     """Pass / fail (None: not measured) of each of the issue's targets, from the two-worker summary."""
     diloco = Method(args.h).name
-    streaming = Method(args.h, num_fragments=args.num_fragments).name
     row = summary[diloco]
-    peak_ratio = summary[streaming]["peak_bytes_per_sync"] / row["peak_bytes_per_sync"]
     speedup = row["speedup_to_target_vs_ddp"]
     if not shaped:
         speed_measured, speed_passed = "not measured: no shaped link", None
     else:
         speed_measured = "never reached DDP's final loss" if speedup is None else f"{speedup:.1f}x"
         speed_passed = speedup is not None and speedup >= MIN_SPEEDUP_SHAPED
-    return [
+    verdicts = [
         dict(target=f"{diloco}: final val loss within {MAX_LOSS_GAP:.0%} of DDP's",
              measured=f"{row['val_loss_gap_vs_ddp']:+.2%}", passed=row["val_loss_gap_vs_ddp"] <= MAX_LOSS_GAP),
         dict(target=f"{diloco}: >= {MIN_FEWER_BYTES:g}x fewer bytes than DDP",
              measured=f"{row['fewer_bytes_than_ddp']:.1f}x", passed=row["fewer_bytes_than_ddp"] >= MIN_FEWER_BYTES),
         dict(target=f"{diloco}: >= {MIN_SPEEDUP_SHAPED:g}x faster than DDP to DDP's final loss, shaped link",
              measured=speed_measured, passed=speed_passed),
-        dict(target=f"{streaming}: peak bytes per sync <= 1/{args.num_fragments} of {diloco}'s",
-             measured=f"{peak_ratio:.3f} of it (1/{1 / peak_ratio:.2f})", passed=peak_ratio <= 1 / args.num_fragments),
     ]
+    for assignment in ("strided", "balanced"):
+        streaming = Method(args.h, num_fragments=args.num_fragments, fragment_assignment=assignment).name
+        if streaming not in summary:  # not with --no-variants
+            continue
+        peak_ratio = summary[streaming]["peak_bytes_per_sync"] / row["peak_bytes_per_sync"]
+        verdicts.append(dict(
+            target=f"{streaming}: peak bytes per sync <= 1/{args.num_fragments} of {diloco}'s",
+            measured=f"{peak_ratio:.4f} of it (1/{1 / peak_ratio:.2f})", passed=peak_ratio <= 1 / args.num_fragments,
+        ))
+    return verdicts
 
 
 def megabytes(value: float) -> str:
@@ -383,15 +428,15 @@ def speedup_cell(speedup: Optional[float], missing: str) -> str:
     return missing if speedup is None else f"{speedup:.1f}x"
 
 
-def results_table(summary: dict[str, dict], link_label: Optional[str]) -> str:
-    """One row per method; ``link_label`` names the shaped link (None: there was none). The speed-ups are
-    DDP's seconds over the method's, to DDP's final loss and to the method's own final loss (training loss)."""
+def results_table(summary: dict[str, dict], link_label: Optional[str], most_steps: int) -> str:
+    """One row per method; ``link_label`` names the shaped link (None: there was none). The speed-up is
+    DDP's seconds to its final training loss over the method's."""
     timed = link_label or "loopback"
     header = ["method", "final val loss", "vs DDP", "bytes sent/worker", "fewer than DDP", "peak bytes/sync",
               "s/step loopback"]
     if link_label:
         header += [f"s/step {link_label}", f"through the {link_label} loopback (tc)"]
-    header += [f"s to DDP's final loss ({timed})", "speed-up to it", "speed-up to its own final loss"]
+    header += [f"steps to DDP's final loss (of <= {most_steps})", f"s to it ({timed})", "speed-up to it"]
     rows = []
     for name, row in summary.items():
         cells = [
@@ -405,9 +450,10 @@ def results_table(summary: dict[str, dict], link_label: Optional[str]) -> str:
         ]
         if link_label:
             cells += [f"{row['seconds_per_step']:.3f}", megabytes(row["loopback_bytes"])]
-        cells += ["not reached" if row["seconds_to_target"] is None else f"{row['seconds_to_target']:.0f}",
-                  speedup_cell(row["speedup_to_target_vs_ddp"], "-"),
-                  speedup_cell(row["speedup_to_own_final_loss_vs_ddp"], "DDP never as low")]
+        reached = row["seconds_to_target"] is not None
+        cells += [f"{row['steps_to_target']}" if reached else "not reached",
+                  f"{row['seconds_to_target']:.0f}" if reached else "-",
+                  speedup_cell(row["speedup_to_target_vs_ddp"], "-")]
         rows.append(cells)
     return markdown_table(header, rows)
 
@@ -418,7 +464,10 @@ def targets_table(verdicts: list[dict]) -> str:
     return markdown_table(["target (2 workers)", "measured", "verdict"], rows, align_right_from=3)
 
 
-def plot(runs: dict[int, dict], summaries: dict[int, dict], time_label: str, path: Path) -> None:
+def plot(runs: dict[int, dict], timed_runs: dict[int, dict], summaries: dict[int, dict], time_label: str,
+         path: Path) -> None:
+    """Smoothed training loss against steps and bytes (the runs of the budget on the plain loopback) and
+    against training seconds (the timed runs: on the shaped link they stop at DDP's final loss)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -433,7 +482,9 @@ def plot(runs: dict[int, dict], summaries: dict[int, dict], time_label: str, pat
             smoothed = summaries[world_size][name]["smoothed_loss"]
             by_step.plot(range(1, len(smoothed) + 1), smoothed, **style)
             by_bytes.plot([sent / 1e6 for sent in run["bytes_sent"]], smoothed, **style)
-            by_seconds.plot(run["step_end_seconds"], smoothed, **style)
+            timed = timed_runs[world_size][name]
+            window = window_of(len(run["loss"]))
+            by_seconds.plot(timed["step_end_seconds"], trailing_mean(timed["loss"], window), **style)
     by_bytes.set_xscale("log")  # a method's steps before its first exchange (0 bytes) are left out
     axes_labels = ((by_step, "optimizer step"), (by_bytes, "MB sent per worker (cumulative, log)"),
                    (by_seconds, f"training seconds, {time_label}"))
@@ -454,12 +505,17 @@ def parse_args() -> argparse.Namespace:
                         help="numbers of workers to run (2 is needed for the targets)")
     parser.add_argument("--steps", type=int, default=200, help="steps of every 2-worker run")
     parser.add_argument("--steps-4", type=int, default=30, help="steps of the 4-worker runs")
-    parser.add_argument("--loopback-steps", type=int, default=30,
-                        help="steps that time a method on the plain loopback when the shaped link runs the budget")
+    parser.add_argument("--max-step-factor", type=float, default=1.5,
+                        help="on the shaped link a DiLoCo method trains until DDP's final loss, at most this x the steps")
     parser.add_argument("--inner-steps", type=int, nargs="+", default=[10, 50, 100], help="DiLoCo's H values")
     parser.add_argument("--h", type=int, default=50, help="H of the targets, of int8, delay=1 and streaming")
     parser.add_argument("--h-4", type=int, default=10, help="DiLoCo's H with 4 workers")
     parser.add_argument("--num-fragments", type=int, default=4, help="Streaming DiLoCo's fragments")
+    parser.add_argument("--outer-lr", type=float, default=0.7, help="the outer Nesterov SGD's learning rate")
+    parser.add_argument("--outer-momentum", type=float, default=0.5,
+                        help="the outer Nesterov SGD's momentum (the paper's, and the strategy's default: 0.9)")
+    parser.add_argument("--no-variants", action="store_true",
+                        help="DDP and DiLoCo at each --inner-steps only (no int8, delay=1, streaming; for sweeps)")
     parser.add_argument("--dim", type=int, default=192)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
@@ -473,11 +529,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--probe-mb", type=float, default=8.0, help="all-reduce size that checks the link")
     parser.add_argument("--no-shaping", action="store_true", help="skip the shaped link")
     parser.add_argument("--quick", action="store_true", help="a smoke run of 1-2 minutes")
+    parser.add_argument("--pretrain-steps", type=int, default=0,
+                        help="steps of the one-process pretraining every method starts from (0: from scratch)")
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)  # set on the launched ranks
     parser.add_argument("--worker-shaped", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-init", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
-        args.workers, args.steps, args.loopback_steps, args.inner_steps, args.h = [2], 40, 20, [4, 10, 20], 10
+        args.workers, args.steps, args.inner_steps, args.h = [2], 40, [4, 10, 20], 10
+        args.pretrain_steps = min(args.pretrain_steps, 20)
         args.dim, args.depth, args.val_batches, args.probe_mb = 64, 2, 4, 1.0
     if 2 not in args.workers:
         parser.error("--workers must include 2: the targets are judged on two workers")
@@ -495,6 +555,9 @@ def main() -> None:
     unavailable = "--no-shaping was given" if args.no_shaping else _dist.shaping_unavailable()
     runs, link = {}, None
     with tempfile.TemporaryDirectory(prefix="diloco_bench") as tmp:
+        if args.pretrain_steps:
+            print(f"pretraining for {args.pretrain_steps} steps in one process ...", flush=True)
+            pretrain(args, Path(tmp) / PRETRAINED)
         if unavailable is None:
             try:
                 with _dist.shaped_loopback(args.rate_mbit) as netns:
@@ -513,12 +576,18 @@ def main() -> None:
                 runs[world_size] = train(args, world_size, None, Path(tmp))
 
     shaped = unavailable is None
-    full_link = "shaped" if shaped else "loopback"
-    full_runs = {ws: runs[ws][full_link] for ws in args.workers}
-    summaries = {ws: summarize(full_runs[ws], runs[ws]["loopback"]) for ws in args.workers}
+    timed_link = "shaped" if shaped else "loopback"
+    full_runs = {ws: runs[ws]["loopback"] for ws in args.workers}
+    timed_runs = {ws: runs[ws][timed_link] for ws in args.workers}
+    summaries = {ws: summarize(full_runs[ws], timed_runs[ws], budget(ws, args)) for ws in args.workers}
     verdicts = judge_targets(summaries[2], shaped, args)
     link_label = f"{args.rate_mbit:g} Mbit/s" if shaped else None
-    tables = {f"{ws} workers": results_table(summaries[ws], link_label) for ws in args.workers}
+    tables = {
+        f"{ws} workers": results_table(
+            summaries[ws], link_label, round(args.max_step_factor * budget(ws, args)) if shaped else budget(ws, args)
+        )
+        for ws in args.workers
+    }
     tables["targets"] = targets_table(verdicts)
     json_path, png_path = result_paths("diloco", args.quick)
     record = dict(
@@ -534,7 +603,7 @@ def main() -> None:
         tables=tables,
     )
     json_path.write_text(json.dumps(record, indent=1))
-    plot(full_runs, summaries, f"shaped link ({link_label})" if shaped else "plain loopback", png_path)
+    plot(full_runs, timed_runs, summaries, f"shaped link ({link_label})" if shaped else "plain loopback", png_path)
 
     print(f"\n{record['parameters']:,} parameters; {args.threads} thread(s) a rank; load average "
           f"{load_before[0]:.1f} before, {record['machine']['load_average_after'][0]:.1f} after; "
