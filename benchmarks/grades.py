@@ -52,7 +52,6 @@ import functools
 import json
 import math
 import os
-import platform
 import re
 import statistics
 import sys
@@ -63,7 +62,8 @@ from typing import Optional
 import lightning as L
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, quiet_trainer  # noqa: E402
 from examples.char_lm import CharGPT, StdlibText  # noqa: E402
 from lightning_converge.callbacks import GradES  # noqa: E402
 from lightning_converge.callbacks.grades import DEFAULT_PATTERNS  # noqa: E402
@@ -91,18 +91,8 @@ def pretrained_model(args: argparse.Namespace) -> CharGPT:
 
 
 def make_trainer(max_steps: int, val_every: int, callbacks: list[L.Callback]) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        val_check_interval=val_every,
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    return quiet_trainer(max_steps=max_steps, val_check_interval=val_every, check_val_every_n_epoch=None,
+                         callbacks=callbacks)
 
 
 class TrainingRecord(L.Callback):
@@ -399,10 +389,7 @@ def main() -> None:
         model=MODEL,
         grades=GRADES,
         finetune_files=list(FINETUNE_FILES),
-        machine=dict(
-            torch=torch.__version__, python=platform.python_version(), threads=torch.get_num_threads(),
-            cpus=os.cpu_count(), load_average_before=load_before, load_average_after=os.getloadavg(),
-        ),
+        machine=dict(machine(), load_average_before=load_before, load_average_after=os.getloadavg()),
         total_seconds=time.perf_counter() - started,
         pretraining=pretrained,
         target_val_loss=target,
