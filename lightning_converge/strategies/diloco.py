@@ -17,9 +17,10 @@
   2025).
 * :class:`StreamingDiLoCoStrategy` ("Streaming DiLoCo with overlapping
   communication", Douillard et al., 2025), registered as
-  ``strategy="streaming_diloco"``: the parameter tensors are split into
-  ``num_fragments`` fragments that synchronize in turn, so the peak bandwidth
-  falls by ``num_fragments``; each fragment's all-reduce starts
+  ``strategy="streaming_diloco"``: the parameters are split into
+  ``num_fragments`` fragments (whole layers, strided, by default; or equal runs
+  of the parameters, ``fragment_assignment="balanced"``) that synchronize in
+  turn, so the peak bandwidth falls by ``num_fragments``; each fragment's all-reduce starts
   ``overlap_steps`` inner steps before it is applied, and the new global value
   is mixed into the local one with ``mixing_alpha``.
 
