@@ -349,9 +349,13 @@ def two_worker_runs(tmp_path_factory):
     Returns name -> [rank 0's record, rank 1's], and under ``"exits"`` each rank's exit code and log.
     """
     out = tmp_path_factory.mktemp("diloco")
-    exits = run_two_workers("diloco_fit.py", [str(out), *SCENARIOS, "worker_stops"], out, timeout=300)
+    exits = run_two_workers(
+        "diloco_fit.py", [str(out), *SCENARIOS, "accumulate_bf16_callbacks", "worker_stops"], out, timeout=300
+    )
     runs = {"exits": exits, "checkpoint_dir": out}
-    for name in SCENARIOS + [f"{name}_resumed" for name in SCENARIOS if name.endswith("_adamw")]:
+    for name in SCENARIOS + [f"{name}_resumed" for name in SCENARIOS if name.endswith("_adamw")] + [
+        "accumulate_bf16_callbacks"
+    ]:
         paths = [out / f"{name}_rank{rank}.pt" for rank in (0, 1)]
         if not all(path.exists() for path in paths):
             pytest.fail(
@@ -495,6 +499,19 @@ def test_runs_follow_the_algorithm(two_worker_runs, name, config):
     for ours, expected in zip(rank0["globals_after_update"], updates):
         _assert_all_close(ours, expected)
     _assert_all_close(rank0["params"], final)
+
+
+@pytest.mark.distributed
+def test_gradient_accumulation_bf16_mixed_and_callbacks_count_optimizer_steps(two_worker_runs):
+    # 6 optimizer steps of 2 micro-batches each under bf16 autocast, with EMA and Grokfast: H=3 counts
+    # optimizer steps, so the syncs come after steps 3 and 6 (after micro-batches 6 and 12).
+    rank0, rank1 = two_worker_runs["accumulate_bf16_callbacks"]
+    for rank in (rank0, rank1):
+        assert rank["events"] == [(3, 0, "start"), (3, 0, "apply"), (6, 0, "start"), (6, 0, "apply")]
+        assert rank["outer_steps"] == 2
+        assert {"ema/decay", "grokfast/slow_norm"} <= set(rank["logged"])
+        assert all(torch.isfinite(p).all() for p in rank["params"])
+    assert all(torch.equal(a, b) for a, b in zip(rank0["params"], rank1["params"]))
 
 
 @pytest.mark.distributed

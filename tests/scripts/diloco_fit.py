@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
+from lightning_converge.callbacks import EMA, Grokfast
 from lightning_converge.comm import Int8Compressor
 from lightning_converge.strategies import DiLoCoStrategy, StreamingDiLoCoStrategy
 
@@ -164,7 +165,7 @@ class StopAnsweringAtStep(L.Callback):
             os._exit(17)
 
 
-def fit(strategy, inner_optimizer, max_steps, callbacks=(), ckpt_path=None):
+def fit(strategy, inner_optimizer, max_steps, callbacks=(), ckpt_path=None, **trainer_options):
     model = Regression(inner_optimizer)
     trainer = L.Trainer(
         accelerator="cpu",
@@ -176,6 +177,7 @@ def fit(strategy, inner_optimizer, max_steps, callbacks=(), ckpt_path=None):
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_progress_bar=False,
         enable_model_summary=False,
+        **trainer_options,
     )
     trainer.fit(model, ckpt_path=ckpt_path)
     return trainer, model
@@ -209,6 +211,13 @@ if __name__ == "__main__":
             save(out_dir, name, *fit(CHECKPOINTED[name](), "AdamW", 12, callbacks=[every_4_steps]))
             resumed = fit(CHECKPOINTED[name](), "AdamW", 12, ckpt_path=ckpt_dir / "epoch=0-step=4.ckpt")
             save(out_dir, f"{name}_resumed", *resumed)
+        elif name == "accumulate_bf16_callbacks":  # 2 micro-batches a step, bf16 autocast, EMA and Grokfast
+            strategy = RecordingDiLoCo(inner_steps=3, kernel_backend="reference")
+            # Each worker's EMA averages its own local weights; the model is left with DiLoCo's at the end.
+            ema = EMA(decay=0.9, keep_average_on_train_end=False, backend="reference")
+            callbacks = [ema, Grokfast(backend="reference")]
+            run = fit(strategy, "AdamW", 6, callbacks, accumulate_grad_batches=2, precision="bf16-mixed")
+            save(out_dir, name, *run)
         elif name == "worker_stops":  # the last scenario: rank 0 hangs in the second inner phase, then dies
             strategy = DiLoCoStrategy(inner_steps=2, kernel_backend="reference", timeout=2)
             fit(strategy, "SGD", 8, callbacks=[StopAnsweringAtStep(rank=0, step=3, seconds=8)])
