@@ -71,6 +71,17 @@ def ranks(tmp_path_factory):
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in (0, 1)]
 
 
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    """The four-rank scenarios' results, rank by rank."""
+    out_dir = tmp_path_factory.mktemp("compressed_ddp_4")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "LIGHTNING_CONVERGE_BACKEND": "reference"}
+    subprocess.run(
+        [sys.executable, str(SCRIPTS / "compressed_ddp_fit.py"), str(out_dir), "4"], check=True, env=env, timeout=600
+    )
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(4)]
+
+
 def same(params_a, params_b) -> bool:
     return all(torch.equal(a, b) for a, b in zip(params_a, params_b, strict=True))
 
@@ -184,3 +195,13 @@ def test_ddp_arguments_and_compressor_options_are_told_apart():
     assert strategy.compressor.rank == 4
     assert strategy.process_group_backend == "gloo"
     assert strategy._ddp_kwargs == {"bucket_cap_mb": 1}
+
+
+@pytest.mark.distributed
+def test_four_ranks_compressor_none_is_ddp_and_every_method_keeps_the_ranks_identical(four_ranks):
+    for rank in four_ranks:
+        assert same(rank["none"]["params"], rank["ddp"]["params"])
+        for name in ("int8", "sign", "powersgd", "onebit", "onebit_adam"):
+            assert all(rank[name]["ranks_agree"]), name
+            assert same(rank[name]["params"], four_ranks[0][name]["params"]), name
+            assert not same(rank[name]["params"], rank["ddp"]["params"]), name  # compression changed something

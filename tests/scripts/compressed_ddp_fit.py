@@ -1,7 +1,8 @@
 """Run the compressed data-parallel scenarios under two-process DDP and save what each rank saw.
 
-Run by tests/test_compressed_ddp.py as ``python compressed_ddp_fit.py OUT_DIR``
-(Lightning's launcher starts rank 1, which runs the same scenarios). Each scenario
+Run by tests/test_compressed_ddp.py as ``python compressed_ddp_fit.py OUT_DIR [DEVICES]``
+(Lightning's launcher starts the other ranks, which run the same scenarios; with
+DEVICES=4, a smaller set of scenarios on four ranks). Each scenario
 is a short ``fit`` of the same tiny regression from the same initial weights; rank
 ``r`` saves ``OUT_DIR/rank{r}.pt``: a dict scenario -> {"params", "bytes_sent",
 "logged_bytes_sent", "compression_ratio", "ranks_agree", "loss"}, plus the error
@@ -77,12 +78,12 @@ class Record(L.Callback):
             self.compression_ratio.append(float(trainer.callback_metrics["comm/compression_ratio"]))
 
 
-def fit(strategy, max_steps, ckpt_path=None, save_to=None, optimizer="AdamW", **trainer_kwargs):
+def fit(strategy, max_steps, ckpt_path=None, save_to=None, optimizer="AdamW", devices=2, **trainer_kwargs):
     model = Regression(optimizer)
     record = Record()
     trainer = L.Trainer(
         accelerator="cpu",
-        devices=2,
+        devices=devices,
         strategy=strategy,
         max_steps=max_steps,
         callbacks=[record],
@@ -118,6 +119,17 @@ COMPRESSORS = {
 }
 
 
+def main_four_ranks(out_dir: Path) -> None:
+    """DDP, the uncompressed strategy and one compressor of each kind, on four ranks."""
+    results = {}
+    trainer, results["ddp"] = fit("ddp", 3, devices=4)
+    _, results["none"] = fit(CompressedDDPStrategy("none"), 3, devices=4)
+    for name in ("int8", "sign", "powersgd", "onebit"):
+        _, results[name] = fit(CompressedDDPStrategy(name, **COMPRESSORS[name]), 3, devices=4)
+    _, results["onebit_adam"] = fit(OneBitAdamStrategy(freeze_step=1, block_size=128), 3, devices=4)
+    torch.save(results, out_dir / f"rank{trainer.global_rank}.pt")
+
+
 def main(out_dir: Path) -> None:
     results = {}
     trainer, results["ddp"] = fit("ddp", 4)
@@ -149,4 +161,7 @@ def main(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[2:] == ["4"]:
+        main_four_ranks(Path(sys.argv[1]))
+    else:
+        main(Path(sys.argv[1]))
