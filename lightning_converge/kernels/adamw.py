@@ -45,12 +45,14 @@ def adamw(
     """
     for p, g, m, v, bc1, bc2_sqrt in zip(params, grads, exp_avgs, exp_avg_sqs, bias_correction1, bias_correction2_sqrt):
         g32 = g.float()
+        # The update's signs are the new first moment's (the denominator is positive).
+        direction = torch.lerp(m, g32, 1 - beta1) if cautious else None
         m.lerp_(g32, 1 - beta1)
         v.mul_(beta2).add_(g32 * g32 * (1 - beta2))
         denom = v.sqrt() / bc2_sqrt + eps
         update = m / bc1 / denom
         if cautious:
-            update = update * cautious_mask(update, g32)
+            update = update * cautious_mask(update, g32, direction)
         p.copy_(p.float() * (1 - lr * weight_decay) - lr * update)
 
 
