@@ -70,7 +70,7 @@ What it measures
     plain loopback vary by 2x or more between runs.
 
 How to run (from the repository root; the shaped link needs root for ``ip netns``)
-    sudo .venv/bin/python benchmarks/compression.py           # 7.3 min here idle, 10.3 min with other jobs
+    sudo .venv/bin/python benchmarks/compression.py           # 8.5-9 min here
     sudo .venv/bin/python benchmarks/compression.py --quick   # smoke run: 0.4 min idle, 0.8 min with other jobs
     python benchmarks/compression.py --no-shaping             # normal loopback only, no root needed
     python benchmarks/compression.py --no-shaping --methods ddp powersgd --option powersgd rank=4 --results-name rank4

@@ -75,7 +75,7 @@ What it measures
     average is recorded), which slows the computing part of every step, not the link.
 
 How to run (from the repository root; the shaped link needs root for ``ip netns``)
-    sudo .venv/bin/python benchmarks/diloco.py           # about 15 minutes here
+    sudo .venv/bin/python benchmarks/diloco.py           # about 13 minutes here
     sudo .venv/bin/python benchmarks/diloco.py --quick   # smoke run, 1-2 minutes
     python benchmarks/diloco.py --no-shaping             # plain loopback only, no root needed
 
