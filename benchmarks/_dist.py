@@ -11,6 +11,8 @@
   :func:`use_link` does it between two runs of the same ranks.
 - :func:`measure_link`: the time of a gloo all-reduce between two ranks over a
   link, and the rate it implies.
+- :func:`on_shaped_link`: run a benchmark's training over a shaped loopback (link
+  measured first), or over the plain one when shaping cannot be had, saying why.
 
 Run as a script, this file is the all-reduce probe's rank (``measure_link`` starts it).
 """
@@ -28,7 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, TypeVar
 
 LOOPBACK_ADDRESS = "127.0.0.1"
 
@@ -200,6 +202,33 @@ def measure_link(megabytes: float, netns: Optional[str], repeats: int = 3) -> di
         median_seconds=median,
         implied_mbit_per_s=2 * megabytes * 2**20 * 8 / median / 1e6,
     )
+
+
+Result = TypeVar("Result")
+
+
+def on_shaped_link(
+    rate_mbit: float, probe_mb: float, no_shaping: bool, run: Callable[[Optional[str]], Result]
+) -> tuple[Result, Optional[dict], Optional[str]]:
+    """``run(netns)`` inside a network namespace whose loopback is shaped to ``rate_mbit`` (the link
+    measured first with a ``probe_mb`` all-reduce, and printed), or ``run(None)`` on the plain loopback
+    when shaping cannot be had (``no_shaping``, no root, ``ip``/``tc`` refused).
+
+    Returns ``run``'s result, the link measurement (None without shaping) and why shaping was skipped
+    (None when it was not).
+    """
+    unavailable = "--no-shaping was given" if no_shaping else shaping_unavailable()
+    if unavailable is None:
+        try:
+            with shaped_loopback(rate_mbit) as netns:
+                link = dict(rate_mbit=rate_mbit, **measure_link(probe_mb, netns))
+                print(f"shaped link: a {probe_mb:g} MB all-reduce between two ranks took "
+                      f"{link['median_seconds']:.2f} s ({link['implied_mbit_per_s']:.1f} Mbit/s)", flush=True)
+                return run(netns), link, None
+        except subprocess.CalledProcessError as error:  # ip / tc refused, e.g. no namespaces in a container
+            unavailable = f"could not shape a loopback: {' '.join(error.cmd)}: {error.stderr.strip()}"
+    print(f"SHAPED LINK SKIPPED: {unavailable}. Training on the plain loopback only.", flush=True)
+    return run(None), None, unavailable
 
 
 def _probe_rank(megabytes: float, repeats: int, out: Path) -> None:

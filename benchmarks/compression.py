@@ -92,7 +92,6 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -513,24 +512,14 @@ def main() -> None:
         return
     started = time.perf_counter()
     load_before = os.getloadavg()
-    unavailable = "--no-shaping was given" if args.no_shaping else _dist.shaping_unavailable()
-    link = None
     with tempfile.TemporaryDirectory(prefix="compression_bench") as tmp:
-        if unavailable is None:
-            try:
-                with _dist.shaped_loopback(args.rate_mbit) as netns:
-                    link = {"rate_mbit": args.rate_mbit, **_dist.measure_link(args.probe_mb, netns)}
-                    print(f"shaped link: a {args.probe_mb:g} MB all-reduce between two ranks took "
-                          f"{link['median_seconds']:.2f} s ({link['implied_mbit_per_s']:.1f} Mbit/s)", flush=True)
-                    print(f"training {len(args.methods)} methods x {args.steps} steps, each on the plain "
-                          f"and on the shaped loopback ...", flush=True)
-                    runs = train(args, netns, Path(tmp))
-            except subprocess.CalledProcessError as error:  # ip / tc refused, e.g. no namespaces in a container
-                unavailable = f"could not shape a loopback: {' '.join(error.cmd)}: {error.stderr.strip()}"
-        if unavailable is not None:
-            print(f"SHAPED LINK SKIPPED: {unavailable}. Training on the normal loopback only; "
-                  "its seconds stand in for the shaped link's.", flush=True)
-            runs = train(args, None, Path(tmp))
+
+        def train_on(netns: str | None) -> dict[str, dict[str, dict]]:
+            links = "on the plain and on the shaped loopback" if netns else "on the plain loopback"
+            print(f"training {len(args.methods)} methods x {args.steps} steps, each {links} ...", flush=True)
+            return train(args, netns, Path(tmp))
+
+        runs, link, unavailable = _dist.on_shaped_link(args.rate_mbit, args.probe_mb, args.no_shaping, train_on)
 
     target = trailing_mean(runs["loopback"]["ddp"]["loss"], smoothing_window(args))[-1]
     summaries = {link_name: summarize(link_runs, target, args) for link_name, link_runs in runs.items()}

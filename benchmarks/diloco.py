@@ -96,7 +96,6 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -552,28 +551,20 @@ def main() -> None:
         return
     started = time.perf_counter()
     load_before = os.getloadavg()
-    unavailable = "--no-shaping was given" if args.no_shaping else _dist.shaping_unavailable()
-    runs, link = {}, None
     with tempfile.TemporaryDirectory(prefix="diloco_bench") as tmp:
         if args.pretrain_steps:
             print(f"pretraining for {args.pretrain_steps} steps in one process ...", flush=True)
             pretrain(args, Path(tmp) / PRETRAINED)
-        if unavailable is None:
-            try:
-                with _dist.shaped_loopback(args.rate_mbit) as netns:
-                    link = dict(rate_mbit=args.rate_mbit, **_dist.measure_link(args.probe_mb, netns))
-                    print(f"shaped link: a {args.probe_mb:g} MB all-reduce between two ranks took "
-                          f"{link['median_seconds']:.2f} s ({link['implied_mbit_per_s']:.1f} Mbit/s)", flush=True)
-                    for world_size in args.workers:
-                        print(f"{world_size} workers, plain then shaped loopback ...", flush=True)
-                        runs[world_size] = train(args, world_size, netns, Path(tmp))
-            except subprocess.CalledProcessError as error:  # ip / tc refused, e.g. no namespaces in a container
-                unavailable = f"could not shape a loopback: {' '.join(error.cmd)}: {error.stderr.strip()}"
-        if unavailable is not None:
-            print(f"SHAPED LINK SKIPPED: {unavailable}. Every method trains on the plain loopback only.", flush=True)
+
+        def train_on(netns: Optional[str]) -> dict[int, dict[str, dict]]:
+            runs = {}
             for world_size in args.workers:
-                print(f"{world_size} workers on the loopback ...", flush=True)
-                runs[world_size] = train(args, world_size, None, Path(tmp))
+                links = "plain then shaped loopback" if netns else "plain loopback"
+                print(f"{world_size} workers, {links} ...", flush=True)
+                runs[world_size] = train(args, world_size, netns, Path(tmp))
+            return runs
+
+        runs, link, unavailable = _dist.on_shaped_link(args.rate_mbit, args.probe_mb, args.no_shaping, train_on)
 
     shaped = unavailable is None
     timed_link = "shaped" if shaped else "loopback"
