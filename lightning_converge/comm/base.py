@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor
@@ -85,6 +85,22 @@ class Compressor:
     def decode(self, payload: list[Tensor], layout: Layout) -> Tensor:
         """The flat fp32 values one payload (or, when ``summable``, a sum of payloads) stands for."""
         raise NotImplementedError
+
+    def snapshot(self, layout: Layout, device: torch.device) -> Callable[[], None]:
+        """Save what :meth:`reduce` of this bucket may change; the returned function puts it back.
+
+        Taken before a bucket whose step may be skipped (see
+        :class:`~lightning_converge.comm.overflow.ScaledReduce`). Subclasses with state
+        outside ``self.elements`` extend it.
+        """
+        buffers = self.elements.buffers(layout, device)
+        saved = {kind: buffer.clone() for kind, buffer in buffers.items()}
+
+        def restore() -> None:
+            for kind, buffer in saved.items():
+                buffers[kind].copy_(buffer)
+
+        return restore
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values only, by parameter name: it loads with ``weights_only=True``."""

@@ -58,11 +58,20 @@ def _from_bytes(buffer: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
 
 
 class Exchange:
-    """Counting collectives over ``group`` (the default process group when None)."""
+    """Counting collectives over ``group`` (the default process group when None).
+
+    A flag (a 0-d bool tensor per rank) can ride along with the next collective
+    (:meth:`carry_flag`): one more element in an all-reduce, one more byte in each
+    rank's part of an all-gather or all-to-all. :meth:`flag_on_every_rank` then
+    tells, without a host synchronization, whether it was True on every rank: the
+    same answer on every rank, at no extra collective.
+    """
 
     def __init__(self, group: Any = None) -> None:
         self.group = group
         self.stats = CommStats()
+        self._outgoing_flag: Tensor | None = None
+        self._flag_on_every_rank: Tensor | None = None
 
     @property
     def world_size(self) -> int:
@@ -77,22 +86,49 @@ class Exchange:
         stats, self.stats = self.stats, CommStats()
         return stats
 
+    def carry_flag(self, flag: Tensor) -> None:
+        """Send this rank's ``flag`` (a 0-d bool tensor) with the next collective."""
+        self._outgoing_flag = flag.reshape(())
+        self._flag_on_every_rank = None
+
+    def flag_on_every_rank(self) -> Tensor:
+        """Whether the flag given to :meth:`carry_flag` was True on every rank (a 0-d bool tensor).
+
+        If no collective has carried it since, it is all-reduced on its own now.
+        """
+        if self._outgoing_flag is not None:
+            self.all_reduce([])
+        if self._flag_on_every_rank is None:
+            raise RuntimeError("flag_on_every_rank() without carry_flag() first")
+        return self._flag_on_every_rank
+
+    def _take_outgoing_flag(self) -> Tensor | None:
+        flag, self._outgoing_flag = self._outgoing_flag, None
+        return flag
+
     def count_uncompressed(self, tensor: Tensor) -> None:
         """Record that plain DDP would have all-reduced ``tensor``."""
         self.stats.uncompressed_bytes += tensor.numel() * tensor.element_size()
 
     def all_reduce(self, tensors: Sequence[Tensor]) -> None:
         """Sum ``tensors`` (one dtype) over the ranks, in place, in one collective."""
-        if not tensors:
+        flag = self._take_outgoing_flag()
+        if not tensors and flag is None:
             return
-        flat = tensors[0].reshape(-1) if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
+        pieces = [t.reshape(-1) for t in tensors]
+        if flag is not None:  # counted as the number of ranks whose flag is False
+            dtype = tensors[0].dtype if tensors else torch.float32
+            pieces.append(flag.logical_not().to(dtype).reshape(1))
+        flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         nbytes = flat.numel() * flat.element_size()
         self.stats.bytes_sent += nbytes
         self.stats.bytes_received += nbytes
-        if self.world_size == 1:
-            return
-        dist.all_reduce(flat, group=self.group)
-        if len(tensors) > 1 or flat.data_ptr() != tensors[0].data_ptr():
+        if self.world_size > 1:
+            dist.all_reduce(flat, group=self.group)
+        if flag is not None:
+            self._flag_on_every_rank = flat[-1] == 0
+            flat = flat[:-1]
+        if self.world_size > 1 and (len(pieces) > 1 or flat.data_ptr() != tensors[0].data_ptr()):
             for tensor, piece in zip(tensors, flat.split([t.numel() for t in tensors])):
                 tensor.copy_(piece.view_as(tensor))
 
@@ -110,15 +146,8 @@ class Exchange:
 
         The tensors must have the same shapes and dtypes on every rank.
         """
-        buffer = _as_bytes(tensors)
-        world_size = self.world_size
-        self.stats.bytes_sent += buffer.numel()
-        self.stats.bytes_received += buffer.numel() * world_size
-        if world_size == 1:
-            return [list(tensors)]
-        gathered = buffer.new_empty(world_size * buffer.numel())
-        dist.all_gather_into_tensor(gathered, buffer, group=self.group)
-        return [_from_bytes(row, tensors) for row in gathered.view(world_size, -1)]
+        rows = self._exchange_rows([_as_bytes(tensors)], dist.all_gather_into_tensor)
+        return [_from_bytes(row, tensors) for row in rows]
 
     def all_to_all(self, tensors: Sequence[Tensor]) -> list[list[Tensor]]:
         """Send row ``j`` of each of ``tensors`` (leading dimension ``world_size``) to rank ``j``.
@@ -130,12 +159,26 @@ class Exchange:
         if any(t.shape[0] != world_size for t in tensors):
             raise ValueError(f"all_to_all needs tensors with a leading dimension of {world_size} (the world size)")
         rows = [[t[j] for t in tensors] for j in range(world_size)]
-        buffer = torch.cat([_as_bytes(row) for row in rows])
-        self.stats.bytes_sent += buffer.numel()
-        self.stats.bytes_received += buffer.numel()
-        if world_size == 1:
-            return rows
-        received = torch.empty_like(buffer)
-        dist.all_to_all_single(received, buffer, group=self.group)
-        return [_from_bytes(row, rows[0]) for row in received.view(world_size, -1)]
+        received = self._exchange_rows([_as_bytes(row) for row in rows], dist.all_to_all_single)
+        return [_from_bytes(row, rows[0]) for row in received]
 
+    def _exchange_rows(self, rows: list[Tensor], collective: Any) -> list[Tensor]:
+        """Run ``collective(output, input)`` on the uint8 ``rows`` (one for an all-gather, one per rank
+        for an all-to-all), with the carried flag as one more byte per row; return the rows received."""
+        flag = self._take_outgoing_flag()
+        if flag is not None:
+            rows = [torch.cat([row, flag.to(torch.uint8).reshape(1)]) for row in rows]
+        buffer = torch.cat(rows) if len(rows) > 1 else rows[0]
+        world_size = self.world_size
+        self.stats.bytes_sent += buffer.numel()
+        self.stats.bytes_received += rows[0].numel() * world_size
+        if world_size == 1:
+            received = buffer.view(1, -1)
+        else:
+            received = buffer.new_empty(world_size * rows[0].numel())
+            collective(received, buffer, group=self.group)
+            received = received.view(world_size, -1)
+        if flag is None:
+            return list(received)
+        self._flag_on_every_rank = received[:, -1].bool().all()
+        return list(received[:, :-1])

@@ -3,7 +3,7 @@ Large-Scale Training with Adam's Convergence Speed", Tang et al., 2021, Algorith
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -77,6 +77,20 @@ class OneBitCompressor(SignCompressor):
             error = torch.zeros(numel, device=device)
         self._server_errors[layout.names] = error = error.to(device)
         return error
+
+    def snapshot(self, layout: Layout, device: torch.device) -> Callable[[], None]:
+        restore_elements = super().snapshot(layout, device)
+        error = self._server_errors.get(layout.names)
+        saved = None if error is None else error.clone()
+
+        def restore() -> None:
+            restore_elements()
+            if saved is None:
+                self._server_errors.pop(layout.names, None)
+            else:
+                self._server_errors[layout.names] = saved
+
+        return restore
 
     def state_dict(self) -> dict[str, Any]:
         # Keys are lists of names (plain values), so the checkpoint loads with weights_only=True.

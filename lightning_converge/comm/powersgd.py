@@ -4,7 +4,7 @@ Vogels et al., 2019): each gradient matrix sent as a rank-r product."""
 from __future__ import annotations
 
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -79,6 +79,21 @@ class PowerSGDCompressor(Compressor):
             generator = torch.Generator().manual_seed(self.seed + zlib.crc32(name.encode()))
             q = torch.randn(matrix.shape[1], self.rank, generator=generator)
         return q.to(device=matrix.device, dtype=matrix.dtype)
+
+    def snapshot(self, layout: Layout, device: torch.device) -> Callable[[], None]:
+        restore_elements = super().snapshot(layout, device)
+        # A step replaces the warm starts (new tensors), so keeping the old ones is enough.
+        saved = {name: self._warm_starts.get(name) for name in layout.names}
+
+        def restore() -> None:
+            restore_elements()
+            for name, q in saved.items():
+                if q is None:
+                    self._warm_starts.pop(name, None)
+                else:
+                    self._warm_starts[name] = q
+
+        return restore
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "warm_starts": {name: q.clone() for name, q in self._warm_starts.items()}}

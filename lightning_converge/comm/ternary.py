@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -20,7 +20,8 @@ class TernaryCompressor(Compressor):
     """Send each value as ``scale * t`` with ``t`` in {-1, 0, +1}, one ``scale`` per tensor.
 
     Per tensor (the paper's layer-wise ternarizing): clip the values to
-    ``clip * std`` (the paper's gradient clipping, c = 2.5; None disables it), take
+    ``clip * std`` (the paper's gradient clipping, c = 2.5; None disables it; a
+    tensor whose values have no spread, such as a scalar, is left unclipped), take
     ``scale = max|x|``, and send ``t = sign(x)`` with probability ``|x| / scale``,
     else 0: an unbiased estimate of the clipped values.
 
@@ -61,7 +62,9 @@ class TernaryCompressor(Compressor):
     def encode(self, values: Tensor, layout: Layout) -> list[Tensor]:
         pieces = values.split(layout.numels)
         if self.clip is not None:
-            limits = [self.clip * piece.std(correction=0) for piece in pieces]
+            # A tensor without spread (a scalar, a constant gradient) is not clipped: its limit would be 0.
+            stds = [piece.std(correction=0) for piece in pieces]
+            limits = [torch.where(std > 0, self.clip * std, math.inf) for std in stds]
             pieces = [piece.clamp(-limit, limit) for piece, limit in zip(pieces, limits)]
         scales = torch.stack([piece.abs().max() for piece in pieces])
         clipped = torch.cat(pieces)
@@ -85,6 +88,19 @@ class TernaryCompressor(Compressor):
     def _per_element(scales: Tensor, layout: Layout) -> Tensor:
         # Not repeat_interleave with a tensor of counts: on CPU it is a thousand times slower.
         return torch.cat([scale.expand(numel) for scale, numel in zip(scales, layout.numels)])
+
+    def snapshot(self, layout: Layout, device: torch.device) -> Callable[[], None]:
+        restore_elements = super().snapshot(layout, device)
+        generator = self._generator
+        generator_state = None if generator is None else generator.get_state()
+
+        def restore() -> None:
+            restore_elements()
+            self._generator = generator
+            if generator is not None:
+                generator.set_state(generator_state)
+
+        return restore
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

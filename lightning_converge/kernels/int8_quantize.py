@@ -28,9 +28,11 @@ def int8_quantize(
     ``q`` to ``quantized`` (int8, one per element), ``scale`` to ``scales`` (fp32,
     one per block) and, with residuals, ``residual = x - q * scale``: what was
     not sent, to be added to the next step's value. Each element is off by at most
-    half a quantization step, ``scale / 2``.
+    half a quantization step, ``scale / 2``. An empty tensor has no blocks: nothing is written.
     """
     for index, (value, q_out, scale_out) in enumerate(zip(values, quantized, scales)):
+        if value.numel() == 0:
+            continue
         x = value.float() if residuals is None else value.float() + residuals[index]
         q_rows, scale_rows, sent_rows = [], [], []
         for blocks in block_rows(x, block_size):

@@ -28,9 +28,12 @@ def sign_quantize(
     ("Error Feedback Fixes SignSGD"). Bit ``i`` of ``packed[j]`` (uint8) is
     ``x[8 j + i] >= 0``: zero counts as positive, and the bits past the end of the
     tensor are 1. Writes the scales (fp32, one per block) and, with residuals,
-    ``residual = x - scale * sign(x)``.
+    ``residual = x - scale * sign(x)``. An empty tensor (a rank's empty chunk in the
+    1-bit all-reduce) has no blocks: nothing is written.
     """
     for index, (value, packed_out, scale_out) in enumerate(zip(values, packed, scales)):
+        if value.numel() == 0:
+            continue
         x = value.float() if residuals is None else value.float() + residuals[index]
         packed_rows, scale_rows, sent_rows = [], [], []
         for blocks in block_rows(x, block_size):

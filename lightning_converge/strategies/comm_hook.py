@@ -1,6 +1,7 @@
 """What the compressed data-parallel strategies share: DDP with this pack's own communication hook."""
 
 # No ``from __future__ import annotations``: DDP checks the hook's annotations as objects.
+import inspect
 from datetime import timedelta
 from typing import Any, Callable, ClassVar, Iterable, Literal, Optional
 
@@ -15,9 +16,11 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from lightning_converge.comm import CommStats, Exchange, Layout
+from lightning_converge.options import unknown_options_error
 
 
 def _run_comm_hook(strategy: "CommHookDDPStrategy", bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
@@ -37,22 +40,28 @@ def _run_comm_hook(strategy: "CommHookDDPStrategy", bucket: dist.GradBucket) -> 
     return future
 
 
-# DDPStrategy's own arguments, given by keyword (Lightning sets most of them after construction).
-DDP_STRATEGY_ARGUMENTS = (
-    "accelerator",
-    "parallel_devices",
-    "cluster_environment",
-    "checkpoint_io",
-    "precision_plugin",
-    "process_group_backend",
-    "timeout",
-    "start_method",
-)
+# The options of the DistributedDataParallel wrapper, which these strategies take as ``ddp_kwargs``.
+DDP_WRAPPER_OPTIONS = frozenset(inspect.signature(DistributedDataParallel).parameters) - {"module"}
 
 
-def pop_ddp_strategy_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Remove and return the :data:`DDP_STRATEGY_ARGUMENTS` in ``kwargs``, leaving a subclass's own options."""
-    return {name: kwargs.pop(name) for name in DDP_STRATEGY_ARGUMENTS if name in kwargs}
+def named_parameters(cls: type) -> list[str]:
+    """The parameters of ``cls``'s constructor that have a name (not ``*args`` / ``**kwargs``)."""
+    kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return [name for name, p in inspect.signature(cls).parameters.items() if p.kind not in kinds]
+
+
+def reject_options(owner: str, options: dict[str, Any], valid: Iterable[str]) -> None:
+    """Raise a ``TypeError`` for keyword ``options`` that ``owner`` does not take: a DDP wrapper
+    option is told to go in ``ddp_kwargs``, anything else is unknown (with the closest valid name)."""
+    wrapper = {name: value for name, value in options.items() if name in DDP_WRAPPER_OPTIONS}
+    if wrapper:
+        raise TypeError(
+            f"{owner}: {', '.join(map(repr, sorted(wrapper)))} "
+            f"{'is an option' if len(wrapper) == 1 else 'are options'} of the DistributedDataParallel wrapper; "
+            f"pass ddp_kwargs={wrapper!r}"
+        )
+    if options:
+        raise unknown_options_error(owner, options, valid)
 
 
 class CommHookDDPStrategy(DDPStrategy):
@@ -77,8 +86,10 @@ class CommHookDDPStrategy(DDPStrategy):
       under fp16 AMP still scaled.
     * :meth:`optimizer_step`, once per optimizer step after the step: logs this
       step's ``comm/bytes_sent``, ``comm/bytes_received`` and
-      ``comm/compression_ratio`` (uncompressed bytes over bytes sent) through the
-      LightningModule's ``log``, and keeps them in ``last_comm_stats``.
+      ``comm/compression_ratio`` (uncompressed bytes over bytes sent), and the
+      run's cumulative ``comm/bytes_sent_total`` and ``comm/bytes_received_total``
+      (restored on resume), through the LightningModule's ``log``, and keeps the
+      step's counts in ``last_comm_stats``. Bytes are this rank's.
     * :meth:`save_checkpoint` (every rank, whenever the Trainer saves): gathers
       every rank's :meth:`comm_state_dict` into the checkpoint under
       ``checkpoint_key``, unless the checkpoint holds weights only.
@@ -120,6 +131,8 @@ class CommHookDDPStrategy(DDPStrategy):
         )
         self.exchange = Exchange()
         self.last_comm_stats = CommStats()
+        self.bytes_sent_total = 0
+        self.bytes_received_total = 0
         self._parameter_names: dict[int, str] = {}
 
     def reduce_bucket(self, buffer: Tensor, layout: Layout) -> Tensor:
@@ -131,11 +144,12 @@ class CommHookDDPStrategy(DDPStrategy):
         raise NotImplementedError
 
     def comm_state_dict(self) -> dict[str, Any]:
-        """This rank's communication state (tensors and plain values only)."""
-        return {}
+        """This rank's communication state (tensors and plain values only); subclasses add theirs."""
+        return {"bytes_totals": [self.bytes_sent_total, self.bytes_received_total]}
 
     def load_comm_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`comm_state_dict` returned on this rank."""
+        self.bytes_sent_total, self.bytes_received_total = state_dict.get("bytes_totals", (0, 0))
 
     @property
     def optimizer_steps_done(self) -> int:
@@ -167,13 +181,19 @@ class CommHookDDPStrategy(DDPStrategy):
     def log_comm_stats(self) -> None:
         """Log the bytes counted since the last call (one optimizer step) and start counting afresh."""
         self.last_comm_stats = stats = self.exchange.take_stats()
+        self.bytes_sent_total += stats.bytes_sent
+        self.bytes_received_total += stats.bytes_received
         module = self.lightning_module
         for name, value in (
             ("comm/bytes_sent", stats.bytes_sent),
             ("comm/bytes_received", stats.bytes_received),
             ("comm/compression_ratio", stats.compression_ratio),
+            ("comm/bytes_sent_total", self.bytes_sent_total),
+            ("comm/bytes_received_total", self.bytes_received_total),
         ):
-            module.log(name, float(value), on_step=True, on_epoch=False)
+            # float64: a float32 counts bytes exactly only up to 16 MiB.
+            value = torch.tensor(value, dtype=torch.float64, device=module.device)
+            module.log(name, value, on_step=True, on_epoch=False)
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None

@@ -1,15 +1,22 @@
 """Compressed data parallelism: DDP whose gradient all-reduce sends compressed gradients."""
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: jsonargparse (LightningCLI) reads the signature's types.
+from datetime import timedelta
+from typing import Any, Callable, Literal, Optional, Union
 
-from typing import Any, Optional
-
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import StrategyRegistry
 from torch import Tensor
+from torch.optim import Optimizer
 
-from lightning_converge.comm import COMPRESSORS, Layout, make_compressor
+from lightning_converge import comm
+from lightning_converge.comm import COMPRESSORS, Compressor, Layout, ScaledReduce, compressor_options, make_compressor
 from lightning_converge.comm.base import check_int
-from lightning_converge.strategies.comm_hook import CommHookDDPStrategy, pop_ddp_strategy_arguments
+from lightning_converge.strategies.comm_hook import CommHookDDPStrategy, named_parameters, reject_options
 
 # Registered names -> compressor. "ddp_compressed" takes the default compressor.
 _ALIASES = {
@@ -31,23 +38,29 @@ class CompressedDDPStrategy(CommHookDDPStrategy):
     Args:
         compressor: ``"none"`` (plain DDP: every bucket is averaged in its own dtype,
             with the same arithmetic as DDP's built-in all-reduce, so parameters
-            match ``strategy="ddp"`` exactly), or a name from
-            :data:`lightning_converge.comm.COMPRESSORS`: ``"fp16"``, ``"bf16"``,
-            ``"int8"``, ``"sign"``, ``"ternary"``, ``"topk"``, ``"powersgd"``, ``"onebit"``.
-        error_feedback: carry what compression lost into the next step. None
-            takes the compressor's default: on, except for ``"ternary"`` (unbiased,
-            and not contractive: its residual would grow without bound).
+            match ``strategy="ddp"`` exactly); a name from
+            :data:`lightning_converge.comm.COMPRESSORS` (``"fp16"``, ``"bf16"``,
+            ``"int8"``, ``"sign"``, ``"ternary"``, ``"topk"``, ``"powersgd"``,
+            ``"onebit"``, or one added with
+            :func:`~lightning_converge.comm.register_compressor`), with its default
+            options; or a :class:`~lightning_converge.comm.Compressor` instance with
+            yours, e.g. ``PowerSGDCompressor(rank=4)``, in YAML
+            ``compressor: {class_path: lightning_converge.comm.PowerSGDCompressor, init_args: {rank: 4}}``.
         start_step: optimizer steps of plain averaging before compression starts
             (PowerSGD's paper and torch's hook warm up this way). Compressors that
             count steps (``topk``'s sparsity warm-up) count from here.
-        ddp_kwargs: options of the ``DistributedDataParallel`` wrapper.
-        **compressor_kwargs: the compressor's options, e.g. ``block_size`` (int8,
-            sign), ``ratio`` / ``momentum`` (topk), ``rank`` (powersgd). Names of
-            :class:`~lightning.pytorch.strategies.DDPStrategy`'s own arguments
-            (``process_group_backend``, ``timeout``, ...) go to DDPStrategy.
+        ddp_kwargs: options of the ``DistributedDataParallel`` wrapper
+            (``find_unused_parameters``, ``bucket_cap_mb``, ``static_graph``, ...).
+        accelerator, parallel_devices, cluster_environment, checkpoint_io,
+        precision_plugin, process_group_backend, timeout, start_method:
+            :class:`~lightning.pytorch.strategies.DDPStrategy`'s.
+        **kwargs: taken only to explain mistakes: a compressor option (``rank=4``)
+            or a DDP wrapper option (``find_unused_parameters=True``) given here
+            raises a ``TypeError`` that says where it goes; anything else raises
+            as unknown, with the closest valid name.
 
-    An unknown compressor or option, or an option out of range, raises a
-    ``ValueError`` here, before any training.
+    An unknown compressor or option, or an option out of range, raises here,
+    before any training.
 
     When each hook fires: see :class:`~lightning_converge.strategies.comm_hook.CommHookDDPStrategy`.
     The communication hook compresses each bucket (fp32 math whatever the
@@ -56,45 +69,84 @@ class CompressedDDPStrategy(CommHookDDPStrategy):
     under ``"compressed_ddp"`` (every rank's) so that a resumed run continues
     exactly. Gradient accumulation communicates once per optimizer step, and
     ``precision="bf16-mixed"`` compresses the fp32 gradients of the fp32 parameters.
+    Under ``precision="16-mixed"`` with a gradient scaler, the hook compresses
+    unscaled gradients and overflow steps leave the compressor untouched
+    (:class:`~lightning_converge.comm.ScaledReduce`); :meth:`optimizer_step`
+    then keeps or restores the step's compressor state.
     """
 
     checkpoint_key = "compressed_ddp"
 
     def __init__(
         self,
-        compressor: str = "int8",
-        error_feedback: Optional[bool] = None,
+        compressor: Union[str, Compressor] = "int8",
         start_step: int = 0,
         *,
+        accelerator: Optional["pl.accelerators.Accelerator"] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         ddp_kwargs: Optional[dict[str, Any]] = None,
-        **compressor_kwargs: Any,
+        **kwargs: Any,
     ) -> None:
-        ddp_arguments = pop_ddp_strategy_arguments(compressor_kwargs)
+        self.compressor = _resolve_compressor(compressor, kwargs)
+        reject_options(type(self).__name__, kwargs, named_parameters(type(self)))
         check_int("start_step", start_step, 0)
-        if compressor == "none":
-            given = sorted(compressor_kwargs) + ([] if error_feedback is None else ["error_feedback"])
-            if given:
-                raise ValueError(f"compressor='none' (plain DDP) takes no options, got {given}")
-            self.compressor = None
-        elif compressor in COMPRESSORS:
-            if error_feedback is not None:
-                compressor_kwargs["error_feedback"] = error_feedback
-            self.compressor = make_compressor(compressor, **compressor_kwargs)
-        else:
-            raise ValueError(f"unknown compressor {compressor!r}; choose 'none' or one of {sorted(COMPRESSORS)}")
         self.start_step = start_step
-        super().__init__(ddp_kwargs=ddp_kwargs, **ddp_arguments)
+        self._scaled_reduce = None if self.compressor is None else ScaledReduce(self.compressor)
+        self._loss_scale: tuple[int, float] = (-1, 1.0)  # (step, the scaler's scale during that step)
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+            ddp_kwargs=ddp_kwargs,
+        )
 
     def reduce_bucket(self, buffer: Tensor, layout: Layout) -> Tensor:
         step = self.optimizer_steps_done - self.start_step
         if self.compressor is None or step < 0:
             return self.exchange.average(buffer)
-        return self.compressor.reduce(buffer.float(), layout, self.exchange, step)
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        if scaler is None:
+            return self.compressor.reduce(buffer.float(), layout, self.exchange, step)
+        return self._scaled_reduce.reduce(buffer.float(), layout, self.exchange, step, self._scale_of_step(scaler))
+
+    def _scale_of_step(self, scaler: Any) -> float:
+        """The loss scale of this step's backward pass, read once per step (``get_scale`` synchronizes)."""
+        step = self.optimizer_steps_done
+        if self._loss_scale[0] != step:
+            self._loss_scale = (step, float(scaler.get_scale()))
+        return self._loss_scale[1]
+
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: Optional[torch.nn.Module] = None,
+        **kwargs: Any,
+    ) -> Any:
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self._scaled_reduce is not None:
+            self._scaled_reduce.finish_step()
+        return output
 
     def comm_state_dict(self) -> dict[str, Any]:
-        return {} if self.compressor is None else {"compressor": self.compressor.state_dict()}
+        state = super().comm_state_dict()
+        if self.compressor is not None:
+            state["compressor"] = self.compressor.state_dict()
+        return state
 
     def load_comm_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_comm_state_dict(state_dict)
         if self.compressor is not None and "compressor" in state_dict:
             self.compressor.load_state_dict(state_dict["compressor"])
 
@@ -109,3 +161,37 @@ class CompressedDDPStrategy(CommHookDDPStrategy):
 
 
 CompressedDDPStrategy.register_strategies(StrategyRegistry)
+
+
+def _resolve_compressor(compressor: Union[str, Compressor], strategy_kwargs: dict[str, Any]) -> Optional[Compressor]:
+    """The compressor ``compressor`` stands for (None for ``"none"``). A compressor option among the
+    strategy's keyword arguments raises a ``TypeError`` that shows the instance form."""
+    if isinstance(compressor, Compressor):
+        cls = type(compressor)
+    elif isinstance(compressor, str) and (compressor == "none" or compressor in COMPRESSORS):
+        cls = COMPRESSORS.get(compressor)
+    else:
+        raise ValueError(
+            f"compressor must be 'none', a name from {sorted(COMPRESSORS)} or a "
+            f"lightning_converge.comm.Compressor instance, got {compressor!r}"
+        )
+    candidates = [cls] if cls is not None else list(COMPRESSORS.values())
+    options = {
+        name: value
+        for name, value in strategy_kwargs.items()
+        if any(name in compressor_options(candidate) for candidate in candidates)
+    }
+    if options and cls is None:
+        raise TypeError(f"compressor='none' (plain DDP) takes no compressor options, got {sorted(options)}")
+    if options:
+        module = "lightning_converge.comm" if getattr(comm, cls.__name__, None) is cls else cls.__module__
+        arguments = ", ".join(f"{name}={value!r}" for name, value in options.items())
+        init_args = ", ".join(f"{name}: {value!r}" for name, value in options.items())
+        raise TypeError(
+            f"{', '.join(map(repr, options))} {'is an option' if len(options) == 1 else 'are options'} of the "
+            f"compressor, not of CompressedDDPStrategy: pass compressor={cls.__name__}({arguments}) "
+            f"(YAML: compressor: {{class_path: {module}.{cls.__qualname__}, init_args: {{{init_args}}}}})"
+        )
+    if cls is None or isinstance(compressor, Compressor):
+        return compressor if cls is not None else None
+    return make_compressor(compressor)

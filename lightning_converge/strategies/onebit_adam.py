@@ -1,12 +1,16 @@
 """1-bit Adam ("1-bit Adam: Communication Efficient Large-Scale Training with Adam's Convergence
 Speed", Tang et al., 2021) as a strategy for :class:`lightning_converge.optim.AdamW`."""
 
-from __future__ import annotations
-
-from typing import Any, Callable, Optional
+# No ``from __future__ import annotations``: jsonargparse (LightningCLI) reads the signature's types.
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import StrategyRegistry
 from torch import Tensor
 from torch.optim import Optimizer
@@ -16,7 +20,7 @@ from lightning_converge.comm.base import check_int
 from lightning_converge.kernels.dispatch import scalar
 from lightning_converge.kernels.onebit_adam import onebit_adam_update
 from lightning_converge.optim import AdamW
-from lightning_converge.strategies.comm_hook import DDP_STRATEGY_ARGUMENTS, CommHookDDPStrategy
+from lightning_converge.strategies.comm_hook import CommHookDDPStrategy, named_parameters, reject_options
 
 
 class OneBitAdamStrategy(CommHookDDPStrategy):
@@ -51,9 +55,14 @@ class OneBitAdamStrategy(CommHookDDPStrategy):
             handful of steps, entries whose early gradients were near zero keep a
             tiny variance and take huge steps (training diverges, compressed or not).
         block_size: values per scale of the 1-bit compression (a power of two >= 8).
-        ddp_kwargs: options of the ``DistributedDataParallel`` wrapper.
-        **ddp_arguments: :class:`~lightning.pytorch.strategies.DDPStrategy`'s own
-            arguments (``process_group_backend``, ``timeout``, ...).
+        ddp_kwargs: options of the ``DistributedDataParallel`` wrapper
+            (``find_unused_parameters``, ``bucket_cap_mb``, ...).
+        accelerator, parallel_devices, cluster_environment, checkpoint_io,
+        precision_plugin, process_group_backend, timeout, start_method:
+            :class:`~lightning.pytorch.strategies.DDPStrategy`'s.
+        **kwargs: taken only to explain mistakes: a DDP wrapper option given here
+            raises a ``TypeError`` saying to pass it in ``ddp_kwargs``; anything
+            else raises as unknown, with the closest valid name.
 
     The LightningModule's optimizer must be one
     :class:`~lightning_converge.optim.AdamW` without cautious masking; anything
@@ -64,12 +73,17 @@ class OneBitAdamStrategy(CommHookDDPStrategy):
 
     * the communication hook: in warm-up it averages each bucket; in the
       compression stage it hands each rank's gradients back unchanged.
-    * :meth:`optimizer_step`: in warm-up, the usual step. In the compression
-      stage it runs the closure as Lightning would (forward, backward,
-      ``on_before_optimizer_step``, gradient clipping) and then the 1-bit Adam
-      step above instead of ``optimizer.step()`` (torch's optimizer step hooks
-      do not run then). A step whose closure returns None (no loss) is skipped.
-      Then it logs the step's bytes.
+    * :meth:`optimizer_step` (automatic optimization, or ``optimizer.step()`` in
+      manual optimization): in warm-up, the usual step. In the compression stage
+      Lightning's precision plugin runs the step as always (the closure:
+      forward and backward, or nothing in manual optimization; then
+      ``on_before_optimizer_step`` and gradient clipping), and where it would
+      call ``optimizer.step()`` the 1-bit Adam step above runs instead (torch's
+      optimizer step hooks do not run then), every step, whatever the closure
+      returns. A parameter whose first gradient arrives after ``freeze_step``
+      goes through its own warm-up (full-precision gradient average, AdamW's
+      step) for ``freeze_step`` steps before joining the compression. Then it
+      logs the step's bytes.
 
     State: the momentum, frozen variance, per-parameter ``step`` and
     ``variance_step`` (when the variance froze) live in the optimizer's state,
@@ -85,16 +99,32 @@ class OneBitAdamStrategy(CommHookDDPStrategy):
         freeze_step: int = 100,
         block_size: int = 1024,
         *,
+        accelerator: Optional["pl.accelerators.Accelerator"] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         ddp_kwargs: Optional[dict[str, Any]] = None,
-        **ddp_arguments: Any,
+        **kwargs: Any,
     ) -> None:
-        unknown = sorted(set(ddp_arguments) - set(DDP_STRATEGY_ARGUMENTS))
-        if unknown:
-            raise ValueError(f"{type(self).__name__} has no option {', '.join(map(repr, unknown))}")
+        reject_options(type(self).__name__, kwargs, named_parameters(type(self)))
         check_int("freeze_step", freeze_step, 1)
         self.freeze_step = freeze_step
         self.compressor = OneBitCompressor(error_feedback=True, block_size=block_size)
-        super().__init__(ddp_kwargs=ddp_kwargs, **ddp_arguments)
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+            ddp_kwargs=ddp_kwargs,
+        )
 
     @property
     def compressing(self) -> bool:
@@ -121,24 +151,52 @@ class OneBitAdamStrategy(CommHookDDPStrategy):
     ) -> Any:
         if not self.compressing:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
-        model = model if model is not None else self.lightning_module
-        # What the precision plugin runs inside optimizer.step(closure): the closure, then the
-        # on_before_optimizer_step hooks and gradient clipping.
-        loss = self.precision_plugin._wrap_closure(model, optimizer, closure)
-        if loss is not None:
+
+        def step(closure: Optional[Callable[[], Any]] = None) -> Any:
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
             self.compressed_step(optimizer)
-        self.log_comm_stats()
-        return loss
+            return loss
+
+        # The precision plugin runs Lightning's part of the step (the closure, on_before_optimizer_step,
+        # gradient clipping) and calls optimizer.step(closure): for this one call, that is the 1-bit step.
+        with _step_replaced(optimizer, step):
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
 
     @torch.no_grad()
     def compressed_step(self, optimizer: AdamW) -> None:
-        """One step of the compression stage, in place on the parameters and the optimizer's state."""
-        # The parameters that took part in the warm-up, by group: the same on every rank.
-        groups = [(group, [p for p in group["params"] if optimizer.state.get(p)]) for group in optimizer.param_groups]
-        groups = [(group, params) for group, params in groups if params]
+        """One step of the compression stage, in place on the parameters and the optimizer's state.
+
+        The parameters whose variance is frozen, or has had ``freeze_step`` steps of its
+        own, exchange their momenta in 1 bit (a missing gradient counts as zero). A
+        parameter whose first gradient came later is still in its own warm-up: its
+        gradient is averaged in full precision and it takes AdamW's usual step, until
+        it has had ``freeze_step`` steps. Both sets are the same on every rank (the
+        optimizer's state is, and under DDP a gradient is missing on every rank or none).
+        """
+        settled = [
+            [p for p in group["params"] if self._variance_settled(optimizer.state.get(p))]
+            for group in optimizer.param_groups
+        ]
+        settled_ids = {id(p) for group_params in settled for p in group_params}
+        warming = [
+            p for group in optimizer.param_groups for p in group["params"] if p.grad is not None and id(p) not in settled_ids
+        ]
+        groups = [(group, params) for group, params in zip(optimizer.param_groups, settled) if params]
+        if groups:
+            self._onebit_adam_step(optimizer, groups)
+        if warming:
+            self._warm_up_step(optimizer, warming)
+
+    def _variance_settled(self, state: Optional[dict[str, Any]]) -> bool:
+        if not state:
+            return False
+        return "variance_step" in state or int(state["step"]) >= self.freeze_step
+
+    def _onebit_adam_step(self, optimizer: AdamW, groups: list[tuple[dict[str, Any], list[Tensor]]]) -> None:
         params = [p for _, group_params in groups for p in group_params]
-        if not params:
-            return
         states = [optimizer.state[p] for p in params]
         for state in states:
             if "variance_step" not in state:  # the first compressed step: the variance freezes here
@@ -159,10 +217,27 @@ class OneBitAdamStrategy(CommHookDDPStrategy):
         for group, group_params in groups:
             _adam_update(group, group_params, [optimizer.state[p] for p in group_params], optimizer.backend)
 
+    def _warm_up_step(self, optimizer: AdamW, warming: list[Tensor]) -> None:
+        """Average ``warming``'s gradients in full precision and take AdamW's step on them alone."""
+        grads = [p.grad for p in warming]
+        flat = self.exchange.average(torch.cat([g.reshape(-1) for g in grads]))
+        torch._foreach_copy_(grads, [piece.view_as(g) for piece, g in zip(flat.split([g.numel() for g in grads]), grads)])
+        warming_ids = {id(p) for p in warming}
+        hidden = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in warming_ids]
+        hidden_grads = [p.grad for p in hidden]
+        for p in hidden:
+            p.grad = None  # AdamW steps the parameters that have a gradient
+        try:
+            type(optimizer).step(optimizer)  # the class's step, not the replacement in force
+        finally:
+            for p, grad in zip(hidden, hidden_grads):
+                p.grad = grad
+
     def comm_state_dict(self) -> dict[str, Any]:
-        return {"compressor": self.compressor.state_dict()}
+        return {**super().comm_state_dict(), "compressor": self.compressor.state_dict()}
 
     def load_comm_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_comm_state_dict(state_dict)
         self.compressor.load_state_dict(state_dict["compressor"])
 
     @classmethod
@@ -194,3 +269,17 @@ def check_optimizers(optimizers: list[Optimizer]) -> None:
 
 
 OneBitAdamStrategy.register_strategies(StrategyRegistry)
+
+
+@contextmanager
+def _step_replaced(optimizer: Optimizer, step: Callable[..., Any]) -> Iterator[None]:
+    """Within the block, ``optimizer.step`` is ``step`` (an instance attribute hides the class's)."""
+    previous = vars(optimizer).get("step")
+    optimizer.step = step
+    try:
+        yield
+    finally:
+        if previous is None:
+            del optimizer.step
+        else:
+            optimizer.step = previous
