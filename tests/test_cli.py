@@ -54,3 +54,45 @@ def test_unknown_argument_is_rejected_before_training(capsys):
     with pytest.raises(SystemExit) as error:
         main(["fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--model.init_args.no_such_argument", "1"])
     assert error.value.code != 0
+
+
+COMPRESSED_DDP_YAML = """
+trainer:
+  accelerator: cpu
+  devices: 1
+  strategy:
+    class_path: lightning_converge.strategies.CompressedDDPStrategy
+    init_args:
+      start_step: 5
+      compressor:
+        class_path: lightning_converge.comm.PowerSGDCompressor
+        init_args: {rank: 4}
+      ddp_kwargs: {find_unused_parameters: true}
+"""
+
+
+def test_compressor_options_in_yaml_reach_the_strategy_and_print_config_shows_them(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from lightning_converge.cli import ConvergeCLI
+    from lightning_converge.comm import PowerSGDCompressor
+    from lightning_converge.strategies import CompressedDDPStrategy
+
+    monkeypatch.chdir(ROOT)
+    strategy_config = tmp_path / "strategy.yaml"
+    strategy_config.write_text(COMPRESSED_DDP_YAML)
+    configs = ["--config", str(ROOT / "configs" / "demo.yaml"), "--config", str(strategy_config)]
+
+    cli = ConvergeCLI(args=configs, run=False, parser_kwargs={"parser_mode": "omegaconf"})
+    strategy = cli.trainer.strategy
+    assert type(strategy) is CompressedDDPStrategy and strategy.start_step == 5
+    assert type(strategy.compressor) is PowerSGDCompressor and strategy.compressor.rank == 4
+    assert strategy._ddp_kwargs == {"find_unused_parameters": True}
+
+    with pytest.raises(SystemExit):
+        main(["fit", *configs, "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)["trainer"]["strategy"]["init_args"]
+    assert printed["start_step"] == 5
+    assert printed["compressor"]["class_path"].endswith("PowerSGDCompressor")
+    # Every option of the compressor is shown, the defaults too.
+    assert printed["compressor"]["init_args"] == {"error_feedback": True, "rank": 4, "seed": 0}

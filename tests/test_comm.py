@@ -20,11 +20,15 @@ from lightning_converge.comm import (
     Exchange,
     FlatState,
     Layout,
+    Compressor,
+    FP16Compressor,
     OneBitCompressor,
     PowerSGDCompressor,
+    ScaledReduce,
     TernaryCompressor,
     TopKCompressor,
     make_compressor,
+    register_compressor,
 )
 
 # Odd sizes: a matrix, a vector, a conv-like kernel, a larger matrix (1,336 values).
@@ -270,7 +274,6 @@ def test_flat_state_survives_regrouping_and_saving():
     ("name", "options", "message"),
     [
         ("int9", {}, "unknown compressor 'int9'"),
-        ("int8", {"bogus": 1}, "has no option 'bogus'"),
         ("int8", {"block_size": 100}, "power of two"),
         ("sign", {"block_size": 4}, "block_size must be an integer >= 8"),
         ("topk", {"ratio": 0.0}, "ratio must be a number in (0.0, 1.0]"),
@@ -286,3 +289,105 @@ def test_flat_state_survives_regrouping_and_saving():
 def test_bad_names_and_options_raise_value_errors(name, options, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         make_compressor(name, **options)
+
+
+def test_unknown_options_are_named_with_the_closest_valid_one():
+    with pytest.raises(TypeError, match=re.escape("the 'int8' compressor got unknown option 'blocksize' (did you mean 'block_size'?)")):
+        make_compressor("int8", blocksize=128)
+
+
+class HalfCast(FP16Compressor):
+    """A user's compressor: fp16 on the wire, without error feedback by default."""
+
+    def __init__(self, error_feedback: bool = False) -> None:
+        super().__init__(error_feedback)
+
+
+def test_a_registered_compressor_is_usable_by_name_in_every_strategy():
+    from lightning_converge.strategies import CompressedDDPStrategy, DiLoCoStrategy
+
+    register_compressor("halfcast", HalfCast)
+    try:
+        assert type(make_compressor("halfcast")) is HalfCast
+        assert type(CompressedDDPStrategy("halfcast").compressor) is HalfCast
+        assert type(DiLoCoStrategy(compressor="halfcast")._compressor) is HalfCast
+        with pytest.raises(ValueError, match="taken by HalfCast; pass override=True"):
+            register_compressor("halfcast", FP16Compressor)
+        with pytest.raises(TypeError, match="subclass of lightning_converge.comm.Compressor"):
+            register_compressor("dict", dict)
+        with pytest.raises(ValueError, match="other than 'none'"):
+            register_compressor("none", HalfCast)
+    finally:
+        COMPRESSORS.pop("halfcast")
+
+
+SCALAR_LAYOUT = Layout(LAYOUT.names + ("gain",), LAYOUT.shapes + (torch.Size([]),))
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_a_scalar_parameter_is_sent_by_every_compressor(name):
+    """A 0-d tensor has no spread (TernGrad clipped it to 0): its value must get through, over steps."""
+    compressor = make_compressor(name, **OPTIONS[name])
+    steps, sent = 20, 0.0
+    for step in range(steps):
+        grad = torch.cat([gradient(step), torch.tensor([0.5])])
+        sent += float(compressor.reduce(grad, SCALAR_LAYOUT, Exchange(), step)[-1])
+    # Everything sent eventually with error feedback (up to a residual of a few steps); exactly without it.
+    assert 0.25 * steps < sent <= 0.5 * steps + 2.0
+
+
+def test_ternary_sends_a_constant_tensor_exactly():
+    layout = Layout(("constant",), (torch.Size([50]),))
+    out = TernaryCompressor().reduce(torch.full((50,), -0.25), layout, Exchange())
+    assert torch.equal(out, torch.full((50,), -0.25))
+
+
+def test_a_flag_rides_with_the_next_collective_and_counts_its_bytes():
+    exchange = Exchange()
+    exchange.carry_flag(torch.tensor(True))
+    exchange.all_reduce([torch.zeros(3, dtype=torch.float16)])
+    assert bool(exchange.flag_on_every_rank()) and exchange.take_stats().bytes_sent == 2 * 4
+    exchange.carry_flag(torch.tensor(False))
+    gathered = exchange.all_gather([torch.arange(5, dtype=torch.int8)])
+    assert not bool(exchange.flag_on_every_rank()) and exchange.take_stats().bytes_sent == 5 + 1
+    assert gathered[0][0].tolist() == list(range(5))
+    exchange.carry_flag(torch.tensor(True))
+    received = exchange.all_to_all([torch.ones(1, 4)])
+    assert bool(exchange.flag_on_every_rank()) and exchange.take_stats().bytes_sent == 4 * 4 + 1
+    assert received[0][0].tolist() == [1.0] * 4
+    exchange.carry_flag(torch.tensor(False))  # no collective carried it: it goes on its own
+    assert not bool(exchange.flag_on_every_rank()) and exchange.take_stats().bytes_sent == 4
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_scaled_reduce_works_in_unscaled_units_and_overflow_steps_leave_no_trace(name):
+    """Loss-scaled gradients with overflow steps between, against the same compressor fed the unscaled
+    finite gradients only: the same averages (times the scale) and the same state, bit for bit."""
+    options = {**OPTIONS[name], **({"error_feedback": True, "clip": 1.0} if name == "ternary" else {})}
+    scaled, plain = make_compressor(name, **options), make_compressor(name, **options)
+    reducer = ScaledReduce(scaled)
+    # The scale changes between steps, as a GradScaler's does (powers of two: the division is exact).
+    schedule = [(2.0**10, None), (2.0**11, math.inf), (2.0**10, math.nan), (2.0**9, None), (2.0**12, None)]
+    for step, (scale, bad_value) in enumerate(schedule):
+        grad = gradient(step)
+        scaled_grad = grad * scale
+        if bad_value is not None:
+            scaled_grad[100] = bad_value
+        out = reducer.reduce(scaled_grad, LAYOUT, Exchange(), step, scale)
+        assert reducer.finish_step() == (bad_value is None)
+        if bad_value is not None:
+            assert out.isnan().all()  # the scaler sees the overflow and skips the step
+            continue
+        expected = plain.reduce(grad.clone(), LAYOUT, Exchange(), step)
+        assert torch.equal(out / scale, expected)
+    for (key, a), (_, b) in zip(_flat_items(scaled.state_dict()), _flat_items(plain.state_dict()), strict=True):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, key
+
+
+def _flat_items(value, prefix=""):
+    """(path, leaf) pairs of a nested state dict, in a stable order."""
+    if isinstance(value, dict):
+        return [item for key in sorted(value) for item in _flat_items(value[key], f"{prefix}/{key}")]
+    if isinstance(value, (list, tuple)):
+        return [item for i, v in enumerate(value) for item in _flat_items(v, f"{prefix}/{i}")]
+    return [(prefix, value)]

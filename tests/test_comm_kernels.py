@@ -94,3 +94,21 @@ def test_compiled_int8_writes_the_last_partial_block_of_a_multi_block_tensor(num
         outputs[backend] = (q, scales)
     torch.testing.assert_close(outputs["compiled"][0], outputs["reference"][0])
     torch.testing.assert_close(outputs["compiled"][1], outputs["reference"][1])
+
+
+@pytest.mark.parametrize("backend", ["reference", "compiled", "triton"])
+@pytest.mark.parametrize("kernel, out_dtype", [(int8_quantize, torch.int8), (sign_quantize, torch.uint8)])
+def test_empty_tensors_are_accepted_beside_others(kernel, out_dtype, backend):
+    """A rank's chunk of the 1-bit all-reduce can be empty (a bucket smaller than the ranks' blocks)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    values, residual = inputs(13, torch.float32)
+    per_byte = 1 if out_dtype == torch.int8 else 8
+    expected = run(kernel, "reference", values, residual, out_dtype, per_byte)
+    outputs = [torch.empty(0, dtype=out_dtype), torch.empty(-(-13 // per_byte), dtype=out_dtype)]
+    scales = [torch.empty(0), torch.empty(1)]
+    residuals = [torch.empty(0), residual.clone()]
+    kernel([torch.empty(0), values], residuals, outputs, scales, block_size=BLOCK_SIZE, backend=backend)
+    assert torch.equal(outputs[1], expected[0])
+    torch.testing.assert_close(scales[1], expected[1], rtol=1e-6, atol=0)
+    torch.testing.assert_close(residuals[1], expected[2], rtol=1e-6, atol=1e-6)

@@ -44,6 +44,12 @@ def onebit_bytes(numel: int, block_size: int, world_size: int) -> int:
     return (world_size + 1) * chunk_bytes
 
 
+def onebit_received_bytes(numel: int, block_size: int, world_size: int) -> int:
+    """Its share of every rank's chunks (all-to-all), then every rank's server chunk (all-gather)."""
+    blocks_per_chunk = math.ceil(math.ceil(numel / block_size) / world_size)
+    return 2 * world_size * (blocks_per_chunk * block_size // 8 + 4 * blocks_per_chunk)
+
+
 # Bytes each rank sends per step, from the tensor sizes each compressor puts on the wire
 # (options as in the script).
 EXPECTED_BYTES = {
@@ -59,27 +65,41 @@ EXPECTED_BYTES = {
 }
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    """Both ranks' results: scenario -> params, per-step bytes and agreement, final loss."""
-    out_dir = tmp_path_factory.mktemp("compressed_ddp")
+# What each rank receives: the sum of an all-reduce, every rank's payload of an all-gather.
+EXPECTED_RECEIVED_BYTES = {
+    **{name: EXPECTED_BYTES[name] for name in ("fp16", "bf16", "powersgd")},
+    **{name: 2 * EXPECTED_BYTES[name] for name in ("int8", "sign", "ternary", "topk")},
+    "onebit": onebit_received_bytes(NUMEL, 128, 2),
+}
+
+
+def launch(out_dir: Path, *mode: str) -> list[dict]:
+    """Run the scenario script on its ranks (Lightning starts the others); each rank's results."""
     # The reference backend: the compiled kernels are tested on their own, compiling here would only cost time.
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "LIGHTNING_CONVERGE_BACKEND": "reference"}
     subprocess.run(
-        [sys.executable, str(SCRIPTS / "compressed_ddp_fit.py"), str(out_dir)], check=True, env=env, timeout=600
+        [sys.executable, str(SCRIPTS / "compressed_ddp_fit.py"), str(out_dir), *mode], check=True, env=env, timeout=600
     )
-    return [torch.load(out_dir / f"rank{rank}.pt") for rank in (0, 1)]
+    return [torch.load(path) for path in sorted(out_dir.glob("rank*.pt"))]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Both ranks' results: scenario -> params, per-step bytes and agreement, final loss."""
+    return launch(tmp_path_factory.mktemp("compressed_ddp"))
 
 
 @pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory):
     """The four-rank scenarios' results, rank by rank."""
-    out_dir = tmp_path_factory.mktemp("compressed_ddp_4")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "LIGHTNING_CONVERGE_BACKEND": "reference"}
-    subprocess.run(
-        [sys.executable, str(SCRIPTS / "compressed_ddp_fit.py"), str(out_dir), "4"], check=True, env=env, timeout=600
-    )
-    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(4)]
+    return launch(tmp_path_factory.mktemp("compressed_ddp_4"), "4")
+
+
+@pytest.fixture(scope="module")
+def hardening(tmp_path_factory):
+    """Both ranks' results of the fp16-AMP, scalar-parameter, small-bucket, manual-optimization and
+    unused-parameter scenarios (every strategy with a 60 s process-group timeout: a hang fails fast)."""
+    return launch(tmp_path_factory.mktemp("compressed_ddp_hardening"), "hardening")
 
 
 def same(params_a, params_b) -> bool:
@@ -120,6 +140,23 @@ def test_bytes_sent_and_logged_match_the_tensors_on_the_wire(ranks, compressor):
         assert result["logged_bytes_sent"] == [float(EXPECTED_BYTES[compressor])] * 3
         expected_ratio = FP32_BYTES / EXPECTED_BYTES[compressor]
         assert result["compression_ratio"] == pytest.approx([expected_ratio] * 3)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("compressor", sorted(EXPECTED_BYTES))
+def test_bytes_received_and_the_totals_are_logged_per_step(ranks, compressor):
+    for rank in ranks:
+        result = rank[compressor]
+        sent, received = EXPECTED_BYTES[compressor], EXPECTED_RECEIVED_BYTES[compressor]
+        assert result["logged_bytes_received"] == [float(received)] * 3
+        assert result["logged_bytes_sent_total"] == [float(sent * step) for step in (1, 2, 3)]
+        assert result["logged_bytes_received_total"] == [float(received * step) for step in (1, 2, 3)]
+
+
+@pytest.mark.distributed
+def test_byte_totals_continue_across_a_resume(ranks):
+    straight, resumed = ranks[0]["topk_resume"], ranks[0]["topk_resume_resumed"]
+    assert resumed["logged_bytes_sent_total"] == straight["logged_bytes_sent_total"][3:]
 
 
 @pytest.mark.distributed
@@ -173,26 +210,35 @@ def test_unknown_strategy_names_raise_at_trainer_construction():
 
 
 @pytest.mark.parametrize(
-    ("options", "message"),
+    ("options", "error", "message"),
     [
-        ({"compressor": "int9"}, "unknown compressor 'int9'; choose 'none' or one of"),
-        ({"compressor": "int8", "ratio": 0.1}, "the 'int8' compressor has no option 'ratio'"),
-        ({"compressor": "int8", "block_size": 3}, "block_size must be an integer >= 8"),
-        ({"compressor": "topk", "ratio": 2.0}, "ratio must be a number in (0.0, 1.0]"),
-        ({"compressor": "none", "error_feedback": True}, "compressor='none' (plain DDP) takes no options"),
-        ({"start_step": -1}, "start_step must be an integer >= 0"),
+        ({"compressor": "int9"}, ValueError, "compressor must be 'none', a name from ["),
+        ({"compressor": "int8", "block_size": 64}, TypeError,
+         "'block_size' is an option of the compressor, not of CompressedDDPStrategy: pass "
+         "compressor=Int8Compressor(block_size=64) (YAML: compressor: {class_path: "
+         "lightning_converge.comm.Int8Compressor, init_args: {block_size: 64}})"),
+        ({"compressor": "powersgd", "rank": 4, "error_feedback": False}, TypeError,
+         "'rank', 'error_feedback' are options of the compressor, not of CompressedDDPStrategy: pass "
+         "compressor=PowerSGDCompressor(rank=4, error_feedback=False)"),
+        ({"compressor": "none", "error_feedback": True}, TypeError,
+         "compressor='none' (plain DDP) takes no compressor options, got ['error_feedback']"),
+        ({"find_unused_parameters": True}, TypeError,
+         "CompressedDDPStrategy: 'find_unused_parameters' is an option of the DistributedDataParallel wrapper; "
+         "pass ddp_kwargs={'find_unused_parameters': True}"),
+        ({"start_stpe": 3}, TypeError,
+         "CompressedDDPStrategy got unknown option 'start_stpe' (did you mean 'start_step'?)"),
+        ({"start_step": -1}, ValueError, "start_step must be an integer >= 0"),
     ],
 )
-def test_bad_compressors_and_options_raise_at_construction(options, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
+def test_bad_compressors_and_options_raise_at_construction(options, error, message):
+    with pytest.raises(error, match=re.escape(message)):
         CompressedDDPStrategy(**options)
 
 
-def test_ddp_arguments_and_compressor_options_are_told_apart():
-    strategy = CompressedDDPStrategy(
-        "powersgd", rank=4, process_group_backend="gloo", ddp_kwargs={"bucket_cap_mb": 1}
-    )
-    assert strategy.compressor.rank == 4
+def test_compressor_instances_ddp_arguments_and_ddp_kwargs_each_go_their_way():
+    compressor = PowerSGDCompressor(rank=4)
+    strategy = CompressedDDPStrategy(compressor, process_group_backend="gloo", ddp_kwargs={"bucket_cap_mb": 1})
+    assert strategy.compressor is compressor
     assert strategy.process_group_backend == "gloo"
     assert strategy._ddp_kwargs == {"bucket_cap_mb": 1}
 
@@ -205,3 +251,88 @@ def test_four_ranks_compressor_none_is_ddp_and_every_method_keeps_the_ranks_iden
             assert all(rank[name]["ranks_agree"]), name
             assert same(rank[name]["params"], four_ranks[0][name]["params"]), name
             assert not same(rank[name]["params"], rank["ddp"]["params"]), name  # compression changed something
+
+
+AMP_METHODS = ["none", *sorted(EXPECTED_BYTES)]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("method", AMP_METHODS)
+def test_fp16_amp_overflow_steps_do_not_stop_any_compressor(hardening, method):
+    """A GradScaler from 2**40 overflows for ~27 steps; every compressor then trains, as plain DDP does."""
+    ddp = hardening[0]["amp/ddp"]
+    for rank in hardening:
+        result = rank[f"amp/{method}"]
+        assert all(result["ranks_agree"]) and same(result["params"], hardening[0][f"amp/{method}"]["params"])
+        assert math.isfinite(result["loss"])
+        for name, before, after in zip(result["names"], result["initial_params"], result["params"], strict=True):
+            assert not torch.equal(before, after), name
+        # The scaler skipped the same steps and recovered to the same scale as under plain DDP.
+        assert result["scale"] == ddp["scale"] == 2.0**16
+
+
+@pytest.mark.distributed
+def test_fp16_amp_with_exact_compression_is_plain_ddp(hardening):
+    ddp, none, fp16 = (hardening[0][f"amp/{name}"] for name in ("ddp", "none", "fp16"))
+    assert same(none["params"], ddp["params"])
+    for actual, expected in zip(fp16["params"], ddp["params"], strict=True):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=5e-4)
+
+
+@pytest.mark.distributed
+def test_onebit_adam_refuses_a_gradient_scaler_before_training(hardening):
+    assert hardening[0]["onebit_scaler_error"] == (
+        "OneBitAdamStrategy does not support a gradient scaler (precision='16-mixed'); use 'bf16-mixed'"
+    )
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("compressor", sorted(EXPECTED_BYTES))
+def test_a_scalar_parameter_trains_under_every_compressor(hardening, compressor):
+    for rank in hardening:
+        result = rank[f"scalar/{compressor}"]
+        assert result["names"][0] == "gain" and result["initial_params"][0].dim() == 0
+        assert not torch.equal(result["params"][0], result["initial_params"][0])
+        assert all(result["ranks_agree"])
+
+
+@pytest.mark.distributed
+def test_onebit_adam_with_a_bucket_smaller_than_one_block_trains_past_freeze_step(hardening):
+    """7 parameters, blocks of 1024, 2 ranks: the second rank's chunk of the 1-bit all-reduce is empty."""
+    for rank in hardening:
+        result = rank["onebit_tiny"]
+        assert result["bytes_sent"] == [4 * 7] * 2 + [onebit_bytes(7, 1024, 2)] * 3
+        assert all(result["ranks_agree"]) and math.isfinite(result["loss"])
+        assert not same(result["params"], result["initial_params"])
+
+
+@pytest.mark.distributed
+def test_onebit_adam_under_manual_optimization_takes_the_same_steps_as_automatic(hardening):
+    for rank in hardening:
+        manual, automatic = rank["onebit_manual"], rank["onebit_automatic"]
+        assert manual["bytes_sent"] == automatic["bytes_sent"]  # 2 steps of warm-up, 4 compressed
+        assert same(manual["params"], automatic["params"])
+        assert not same(manual["params"], manual["initial_params"])
+
+
+@pytest.mark.distributed
+def test_onebit_adam_trains_a_parameter_whose_first_gradient_comes_after_freeze_step(hardening):
+    """``late`` joins at step 4 of 8 (freeze_step 2): two steps of its own warm-up, then two compressed."""
+    for rank in hardening:
+        result = rank["onebit_late"]
+        assert result["names"][0] == "late" and result["find_unused_parameters"] is True
+        assert not torch.equal(result["params"][0], result["initial_params"][0])
+        assert all(result["ranks_agree"])
+        state = result["late_state"]
+        assert float(state["step"]) == 4 and float(state["variance_step"]) == 2
+
+
+@pytest.mark.distributed
+def test_ddp_kwargs_reach_distributed_data_parallel(hardening):
+    """find_unused_parameters=True through ddp_kwargs: a model with a parameter it never uses trains."""
+    for rank in hardening:
+        result = rank["int8_unused"]
+        assert result["find_unused_parameters"] is True
+        assert result["names"][0] == "unused" and torch.equal(result["params"][0], result["initial_params"][0])
+        assert not same(result["params"][1:], result["initial_params"][1:])
+        assert all(result["ranks_agree"])

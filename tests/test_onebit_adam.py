@@ -7,6 +7,8 @@ distributed scenarios in one script.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -86,13 +88,24 @@ def test_only_one_adamw_without_cautious_masking_is_accepted():
 
 
 @pytest.mark.parametrize(
-    ("options", "message"),
+    ("options", "error", "message"),
     [
-        ({"freeze_step": 0}, "freeze_step must be an integer >= 1"),
-        ({"block_size": 12}, "block_size must be a power of two"),
-        ({"bogus": 1}, "OneBitAdamStrategy has no option 'bogus'"),
+        ({"freeze_step": 0}, ValueError, "freeze_step must be an integer >= 1"),
+        ({"block_size": 12}, ValueError, "block_size must be a power of two"),
+        ({"freeze_steps": 1}, TypeError, "OneBitAdamStrategy got unknown option 'freeze_steps' (did you mean 'freeze_step'?)"),
+        (
+            {"find_unused_parameters": True},
+            TypeError,
+            "OneBitAdamStrategy: 'find_unused_parameters' is an option of the DistributedDataParallel wrapper; "
+            "pass ddp_kwargs={'find_unused_parameters': True}",
+        ),
     ],
 )
-def test_bad_options_raise_at_construction(options, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_options_raise_at_construction(options, error, message):
+    with pytest.raises(error, match=re.escape(message)):
         OneBitAdamStrategy(**options)
+
+
+def test_ddp_arguments_and_ddp_kwargs_are_taken():
+    strategy = OneBitAdamStrategy(freeze_step=3, process_group_backend="gloo", ddp_kwargs={"static_graph": True})
+    assert strategy.process_group_backend == "gloo" and strategy._ddp_kwargs == {"static_graph": True}

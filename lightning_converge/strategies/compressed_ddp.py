@@ -192,6 +192,6 @@ def _resolve_compressor(compressor: Union[str, Compressor], strategy_kwargs: dic
             f"compressor, not of CompressedDDPStrategy: pass compressor={cls.__name__}({arguments}) "
             f"(YAML: compressor: {{class_path: {module}.{cls.__qualname__}, init_args: {{{init_args}}}}})"
         )
-    if cls is None or isinstance(compressor, Compressor):
-        return compressor if cls is not None else None
-    return make_compressor(compressor)
+    if cls is None:
+        return None
+    return compressor if isinstance(compressor, Compressor) else make_compressor(compressor)

@@ -1,22 +1,26 @@
 """Run the compressed data-parallel scenarios under two-process DDP and save what each rank saw.
 
-Run by tests/test_compressed_ddp.py as ``python compressed_ddp_fit.py OUT_DIR [DEVICES]``
+Run by tests/test_compressed_ddp.py as ``python compressed_ddp_fit.py OUT_DIR [4 | hardening]``
 (Lightning's launcher starts the other ranks, which run the same scenarios; with
-DEVICES=4, a smaller set of scenarios on four ranks). Each scenario
+4, a smaller set of scenarios on four ranks; with hardening, the fp16-AMP, small-bucket,
+scalar-parameter, manual-optimization and unused-parameter scenarios on two). Each scenario
 is a short ``fit`` of the same tiny regression from the same initial weights; rank
-``r`` saves ``OUT_DIR/rank{r}.pt``: a dict scenario -> {"params", "bytes_sent",
-"logged_bytes_sent", "compression_ratio", "ranks_agree", "loss"}, plus the error
+``r`` saves ``OUT_DIR/rank{r}.pt``: a dict scenario -> {"initial_params", "params", "names", "bytes_sent",
+"logged_bytes_sent" and the other logged "comm/*" values, "compression_ratio", "ranks_agree", "loss"}, plus the error
 message of a fit that must fail.
 """
 
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins import MixedPrecision
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import lightning_converge  # noqa: F401  (registers the strategies by name)
+from lightning_converge.comm import TopKCompressor, make_compressor
 from lightning_converge.optim import AdamW
 from lightning_converge.strategies import CompressedDDPStrategy, OneBitAdamStrategy
 
@@ -26,19 +30,57 @@ BATCH_SIZE = 8
 
 
 class Regression(L.LightningModule):
-    def __init__(self, optimizer: str = "AdamW") -> None:
+    """The tiny regression every scenario fits; the options add what a hardening scenario needs.
+
+    ``scalar``: a 0-d ``gain`` multiplies the output. ``tiny``: one Linear(6, 1) (7 parameters).
+    ``unused``: a parameter the forward never uses. ``late_step``: a parameter ``late`` used from
+    that optimizer step on. ``manual``: manual optimization, the same steps as automatic.
+    """
+
+    def __init__(
+        self,
+        optimizer: str = "AdamW",
+        scalar: bool = False,
+        tiny: bool = False,
+        unused: bool = False,
+        late_step: int | None = None,
+        manual: bool = False,
+    ) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.net = torch.nn.Sequential(
-            torch.nn.Linear(6, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)
-        )
+        if tiny:
+            self.net = torch.nn.Linear(6, 1)
+        else:
+            self.net = torch.nn.Sequential(
+                torch.nn.Linear(6, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)
+            )
+        self.gain = torch.nn.Parameter(torch.tensor(1.0)) if scalar else None
+        self.unused = torch.nn.Parameter(torch.ones(3)) if unused else None
+        self.late = torch.nn.Parameter(torch.zeros(6)) if late_step is not None else None
+        self.late_step = late_step
         self.optimizer = optimizer
+        self.automatic_optimization = not manual
+
+    def forward(self, x):
+        out = self.net(x)
+        if self.gain is not None:
+            out = out * self.gain
+        if self.late is not None and self.trainer.global_step >= self.late_step:
+            out = out + x @ self.late[:, None]
+        return out
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        if not self.automatic_optimization:
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(self(x), y)
         self.log("train_loss", loss)
-        return loss
+        if self.automatic_optimization:
+            return loss
+        self.manual_backward(loss)
+        optimizer.step()
+        return None
 
     def train_dataloader(self):
         # Lightning's own sampler would shuffle; rank r takes samples r, r+2, ... in order.
@@ -58,14 +100,20 @@ def dataset() -> TensorDataset:
     return TensorDataset(x, x.sum(1, keepdim=True).sin())
 
 
+LOGGED = ("bytes_sent", "bytes_received", "bytes_sent_total", "bytes_received_total", "compression_ratio")
+
+
 class Record(L.Callback):
-    """After each optimizer step: whether all ranks hold the same parameters, and the bytes the strategy counted."""
+    """After each optimizer step: whether all ranks hold the same parameters, and the bytes the strategy
+    counted (``last_comm_stats``) and logged (``comm/*``)."""
 
     def __init__(self) -> None:
         self.ranks_agree: list[bool] = []
         self.bytes_sent: list[int] = []
-        self.logged_bytes_sent: list[float] = []
-        self.compression_ratio: list[float] = []
+        self.logged: dict[str, list[float]] = {name: [] for name in LOGGED}
+
+    def on_train_start(self, trainer, pl_module):
+        self.find_unused_parameters = getattr(trainer.strategy.model, "find_unused_parameters", None)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         flat = torch.cat([p.detach().reshape(-1) for p in pl_module.parameters()])
@@ -74,12 +122,15 @@ class Record(L.Callback):
         stats = getattr(trainer.strategy, "last_comm_stats", None)
         if stats is not None and "comm/bytes_sent" in trainer.callback_metrics:
             self.bytes_sent.append(stats.bytes_sent)
-            self.logged_bytes_sent.append(float(trainer.callback_metrics["comm/bytes_sent"]))
-            self.compression_ratio.append(float(trainer.callback_metrics["comm/compression_ratio"]))
+            for name in LOGGED:
+                self.logged[name].append(float(trainer.callback_metrics[f"comm/{name}"]))
 
 
-def fit(strategy, max_steps, ckpt_path=None, save_to=None, optimizer="AdamW", devices=2, **trainer_kwargs):
-    model = Regression(optimizer)
+def fit(
+    strategy, max_steps, ckpt_path=None, save_to=None, optimizer="AdamW", devices=2, model_options=None, **trainer_kwargs
+):
+    model = Regression(optimizer, **(model_options or {}))
+    initial = [p.detach().clone() for p in model.parameters()]
     record = Record()
     trainer = L.Trainer(
         accelerator="cpu",
@@ -98,11 +149,14 @@ def fit(strategy, max_steps, ckpt_path=None, save_to=None, optimizer="AdamW", de
     if save_to is not None:
         trainer.save_checkpoint(save_to)
     return trainer, {
+        "initial_params": initial,
         "params": [p.detach().clone() for p in model.parameters()],
+        "names": [name for name, _ in model.named_parameters()],
         "bytes_sent": record.bytes_sent,
-        "logged_bytes_sent": record.logged_bytes_sent,
-        "compression_ratio": record.compression_ratio,
+        **{f"logged_{name}": values for name, values in record.logged.items()},
+        "compression_ratio": record.logged["compression_ratio"],
         "ranks_agree": record.ranks_agree,
+        "find_unused_parameters": record.find_unused_parameters,
         "loss": float(trainer.callback_metrics["train_loss"]),
     }
 
@@ -125,7 +179,7 @@ def main_four_ranks(out_dir: Path) -> None:
     trainer, results["ddp"] = fit("ddp", 3, devices=4)
     _, results["none"] = fit(CompressedDDPStrategy("none"), 3, devices=4)
     for name in ("int8", "sign", "powersgd", "onebit"):
-        _, results[name] = fit(CompressedDDPStrategy(name, **COMPRESSORS[name]), 3, devices=4)
+        _, results[name] = fit(CompressedDDPStrategy(make_compressor(name, **COMPRESSORS[name])), 3, devices=4)
     _, results["onebit_adam"] = fit(OneBitAdamStrategy(freeze_step=1, block_size=128), 3, devices=4)
     torch.save(results, out_dir / f"rank{trainer.global_rank}.pt")
 
@@ -136,14 +190,14 @@ def main(out_dir: Path) -> None:
     _, results["none"] = fit(CompressedDDPStrategy("none"), 4)
     _, results["onebit_warmup"] = fit(OneBitAdamStrategy(freeze_step=10), 4)
     for name, options in COMPRESSORS.items():
-        _, results[name] = fit(CompressedDDPStrategy(name, **options), 3)
+        _, results[name] = fit(CompressedDDPStrategy(make_compressor(name, **options)), 3)
     _, results["int8_accumulate_bf16"] = fit("ddp_int8", 2, accumulate_grad_batches=2, precision="bf16-mixed")
 
     # Resumes: two epochs (6 steps) straight, against one epoch, a checkpoint, and one more from it.
     # (Whole epochs: Lightning resumes a run stopped by max_steps mid-way through the epoch.)
     resumable = {
         "onebit_adam": lambda: OneBitAdamStrategy(freeze_step=2, block_size=128),
-        "topk_resume": lambda: CompressedDDPStrategy("topk", ratio=0.1, momentum=0.9),
+        "topk_resume": lambda: CompressedDDPStrategy(TopKCompressor(ratio=0.1, momentum=0.9)),
         "powersgd_resume": lambda: CompressedDDPStrategy("powersgd", start_step=1),
     }
     checkpoint = out_dir / "resume.ckpt"
@@ -160,8 +214,57 @@ def main(out_dir: Path) -> None:
     torch.save(results, out_dir / f"rank{trainer.global_rank}.pt")
 
 
+def fp16_with_scaler() -> MixedPrecision:
+    """fp16 AMP with a scaler whose first ~25 steps overflow (Lightning has no CPU scaler of its own)."""
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**40))
+
+
+def main_hardening(out_dir: Path) -> None:
+    """fp16 AMP overflow steps, scalar parameters, small buckets, manual optimization, late and unused
+    parameters. Every strategy gets a short process-group timeout: a rank that hangs fails the run fast."""
+    timeout = timedelta(seconds=60)
+    results = {}
+    amp_steps = 36  # about 27 overflow steps from 2**40, then training at 2**13 .. 2**16
+    trainer, results["amp/ddp"] = fit("ddp", amp_steps, plugins=[fp16_with_scaler()], model_options={"scalar": True})
+    results["amp/ddp"]["scale"] = trainer.precision_plugin.scaler.get_scale()
+    for name in ["none", *COMPRESSORS]:
+        compressor = "none" if name == "none" else make_compressor(name, **COMPRESSORS[name])
+        strategy = CompressedDDPStrategy(compressor, timeout=timeout)
+        trainer, results[f"amp/{name}"] = fit(
+            strategy, amp_steps, plugins=[fp16_with_scaler()], model_options={"scalar": True}
+        )
+        results[f"amp/{name}"]["scale"] = trainer.precision_plugin.scaler.get_scale()
+    for name, options in COMPRESSORS.items():
+        strategy = CompressedDDPStrategy(make_compressor(name, **options), timeout=timeout)
+        _, results[f"scalar/{name}"] = fit(strategy, 3, model_options={"scalar": True})
+    try:
+        fit(OneBitAdamStrategy(timeout=timeout), 1, plugins=[fp16_with_scaler()])
+        results["onebit_scaler_error"] = None
+    except ValueError as error:
+        results["onebit_scaler_error"] = str(error)
+
+    # 7 parameters, one block of 1024: the second rank's chunk of the 1-bit all-reduce is empty.
+    _, results["onebit_tiny"] = fit(OneBitAdamStrategy(freeze_step=2, timeout=timeout), 5, model_options={"tiny": True})
+    for mode in ("automatic", "manual"):
+        strategy = OneBitAdamStrategy(freeze_step=2, block_size=128, timeout=timeout)
+        _, results[f"onebit_{mode}"] = fit(strategy, 6, model_options={"manual": mode == "manual"})
+    strategy = OneBitAdamStrategy(
+        freeze_step=2, block_size=128, timeout=timeout, ddp_kwargs={"find_unused_parameters": True}
+    )
+    trainer, results["onebit_late"] = fit(strategy, 8, model_options={"late_step": 4})
+    late = trainer.lightning_module.late
+    results["onebit_late"]["late_state"] = {
+        name: value.clone() for name, value in trainer.optimizers[0].state[late].items()
+    }
+    strategy = CompressedDDPStrategy("int8", timeout=timeout, ddp_kwargs={"find_unused_parameters": True})
+    trainer, results["int8_unused"] = fit(strategy, 3, model_options={"unused": True})
+    torch.save(results, out_dir / f"rank{trainer.global_rank}.pt")
+
+
 if __name__ == "__main__":
     if sys.argv[2:] == ["4"]:
         main_four_ranks(Path(sys.argv[1]))
+    elif sys.argv[2:] == ["hardening"]:
+        main_hardening(Path(sys.argv[1]))
     else:
         main(Path(sys.argv[1]))
