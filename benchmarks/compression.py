@@ -107,6 +107,7 @@ from _common import machine, markdown_table, quiet_trainer, result_paths  # noqa
 from examples.char_lm import CharGPT, StdlibText  # noqa: E402
 from lightning_converge.comm import COMPRESSORS  # noqa: E402
 from lightning_converge.optim import AdamW  # noqa: E402
+from lightning_converge.comm import make_compressor  # noqa: E402
 from lightning_converge.strategies import CompressedDDPStrategy, OneBitAdamStrategy  # noqa: E402
 
 FILES = ("*.py",)  # the standard library's top-level modules
@@ -151,7 +152,10 @@ def make_strategy(method: str, args: argparse.Namespace) -> CompressedDDPStrateg
     options = args.options.get(method, {})
     if method == "onebit_adam":
         return OneBitAdamStrategy(freeze_step=freeze_step(args), **options)
-    return CompressedDDPStrategy("none" if method == "ddp" else method, **options)
+    if method == "ddp":
+        return CompressedDDPStrategy("none", **options)
+    compressor_options = {name: value for name, value in options.items() if name != "start_step"}
+    return CompressedDDPStrategy(make_compressor(method, **compressor_options), start_step=options.get("start_step", 0))
 
 
 def phase_starts(method: str, args: argparse.Namespace) -> list[int]:
