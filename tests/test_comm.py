@@ -292,7 +292,8 @@ def test_bad_names_and_options_raise_value_errors(name, options, message):
 
 
 def test_unknown_options_are_named_with_the_closest_valid_one():
-    with pytest.raises(TypeError, match=re.escape("the 'int8' compressor got unknown option 'blocksize' (did you mean 'block_size'?)")):
+    message = "the 'int8' compressor got unknown option 'blocksize' (did you mean 'block_size'?)"
+    with pytest.raises(TypeError, match=re.escape(message)):
         make_compressor("int8", blocksize=128)
 
 

@@ -92,7 +92,11 @@ def test_only_one_adamw_without_cautious_masking_is_accepted():
     [
         ({"freeze_step": 0}, ValueError, "freeze_step must be an integer >= 1"),
         ({"block_size": 12}, ValueError, "block_size must be a power of two"),
-        ({"freeze_steps": 1}, TypeError, "OneBitAdamStrategy got unknown option 'freeze_steps' (did you mean 'freeze_step'?)"),
+        (
+            {"freeze_steps": 1},
+            TypeError,
+            "OneBitAdamStrategy got unknown option 'freeze_steps' (did you mean 'freeze_step'?)",
+        ),
         (
             {"find_unused_parameters": True},
             TypeError,

@@ -44,7 +44,7 @@ def _run_comm_hook(strategy: "CommHookDDPStrategy", bucket: dist.GradBucket) -> 
 DDP_WRAPPER_OPTIONS = frozenset(inspect.signature(DistributedDataParallel).parameters) - {"module"}
 
 
-def named_parameters(cls: type) -> list[str]:
+def init_argument_names(cls: type) -> list[str]:
     """The parameters of ``cls``'s constructor that have a name (not ``*args`` / ``**kwargs``)."""
     kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     return [name for name, p in inspect.signature(cls).parameters.items() if p.kind not in kinds]

@@ -20,7 +20,7 @@ from lightning_converge.comm.base import check_int
 from lightning_converge.kernels.dispatch import scalar
 from lightning_converge.kernels.onebit_adam import onebit_adam_update
 from lightning_converge.optim import AdamW
-from lightning_converge.strategies.comm_hook import CommHookDDPStrategy, named_parameters, reject_options
+from lightning_converge.strategies.comm_hook import CommHookDDPStrategy, init_argument_names, reject_options
 
 
 class OneBitAdamStrategy(CommHookDDPStrategy):
@@ -45,9 +45,12 @@ class OneBitAdamStrategy(CommHookDDPStrategy):
 
     In the compression stage each rank sends ``(1 + 1 / world_size) / 8`` bytes per
     parameter (plus a 4-byte scale per block), against 4 for DDP's fp32
-    all-reduce. All the optimizer's parameters with state take part in each
-    compressed step (a missing gradient counts as zero), so every rank exchanges
-    the same flat momentum.
+    all-reduce. Every parameter whose variance has had ``freeze_step`` steps
+    takes part in each compressed step (a missing gradient counts as zero), so
+    every rank exchanges the same flat momentum. A parameter with fewer steps
+    (its first gradient came late, or it missed warm-up steps) keeps warming up
+    on its own: its gradient is averaged in full precision and AdamW steps it as
+    usual until it has had ``freeze_step`` steps.
 
     Args:
         freeze_step: warm-up steps with full-precision communication (>= 1). The
@@ -80,10 +83,7 @@ class OneBitAdamStrategy(CommHookDDPStrategy):
       ``on_before_optimizer_step`` and gradient clipping), and where it would
       call ``optimizer.step()`` the 1-bit Adam step above runs instead (torch's
       optimizer step hooks do not run then), every step, whatever the closure
-      returns. A parameter whose first gradient arrives after ``freeze_step``
-      goes through its own warm-up (full-precision gradient average, AdamW's
-      step) for ``freeze_step`` steps before joining the compression. Then it
-      logs the step's bytes.
+      returns. Then it logs the step's bytes.
 
     State: the momentum, frozen variance, per-parameter ``step`` and
     ``variance_step`` (when the variance froze) live in the optimizer's state,
@@ -110,7 +110,7 @@ class OneBitAdamStrategy(CommHookDDPStrategy):
         ddp_kwargs: Optional[dict[str, Any]] = None,
         **kwargs: Any,
     ) -> None:
-        reject_options(type(self).__name__, kwargs, named_parameters(type(self)))
+        reject_options(type(self).__name__, kwargs, init_argument_names(type(self)))
         check_int("freeze_step", freeze_step, 1)
         self.freeze_step = freeze_step
         self.compressor = OneBitCompressor(error_feedback=True, block_size=block_size)
@@ -182,7 +182,10 @@ class OneBitAdamStrategy(CommHookDDPStrategy):
         ]
         settled_ids = {id(p) for group_params in settled for p in group_params}
         warming = [
-            p for group in optimizer.param_groups for p in group["params"] if p.grad is not None and id(p) not in settled_ids
+            p
+            for group in optimizer.param_groups
+            for p in group["params"]
+            if p.grad is not None and id(p) not in settled_ids
         ]
         groups = [(group, params) for group, params in zip(optimizer.param_groups, settled) if params]
         if groups:
@@ -221,7 +224,8 @@ class OneBitAdamStrategy(CommHookDDPStrategy):
         """Average ``warming``'s gradients in full precision and take AdamW's step on them alone."""
         grads = [p.grad for p in warming]
         flat = self.exchange.average(torch.cat([g.reshape(-1) for g in grads]))
-        torch._foreach_copy_(grads, [piece.view_as(g) for piece, g in zip(flat.split([g.numel() for g in grads]), grads)])
+        pieces = flat.split([g.numel() for g in grads])
+        torch._foreach_copy_(grads, [piece.view_as(g) for piece, g in zip(pieces, grads)])
         warming_ids = {id(p) for p in warming}
         hidden = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in warming_ids]
         hidden_grads = [p.grad for p in hidden]

@@ -51,9 +51,8 @@ class Regression(L.LightningModule):
         if tiny:
             self.net = torch.nn.Linear(6, 1)
         else:
-            self.net = torch.nn.Sequential(
-                torch.nn.Linear(6, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)
-            )
+            layers = [torch.nn.Linear(6, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh()]
+            self.net = torch.nn.Sequential(*layers, torch.nn.Linear(32, 1))
         self.gain = torch.nn.Parameter(torch.tensor(1.0)) if scalar else None
         self.unused = torch.nn.Parameter(torch.ones(3)) if unused else None
         self.late = torch.nn.Parameter(torch.zeros(6)) if late_step is not None else None
@@ -127,7 +126,14 @@ class Record(L.Callback):
 
 
 def fit(
-    strategy, max_steps, ckpt_path=None, save_to=None, optimizer="AdamW", devices=2, model_options=None, **trainer_kwargs
+    strategy,
+    max_steps,
+    ckpt_path=None,
+    save_to=None,
+    optimizer="AdamW",
+    devices=2,
+    model_options=None,
+    **trainer_kwargs,
 ):
     model = Regression(optimizer, **(model_options or {}))
     initial = [p.detach().clone() for p in model.parameters()]
@@ -157,6 +163,7 @@ def fit(
         "compression_ratio": record.logged["compression_ratio"],
         "ranks_agree": record.ranks_agree,
         "find_unused_parameters": record.find_unused_parameters,
+        "hyperparameters": {name: trainer.optimizers[0].param_groups[0][name] for name in ("lr", "weight_decay")},
         "loss": float(trainer.callback_metrics["train_loss"]),
     }
 
