@@ -79,6 +79,8 @@ class OneBitAdamStrategy(CommHookDDPStrategy):
     """
 
     checkpoint_key = "onebit_adam"
+    # From freeze_step on, each rank's step sees its own gradients: Grokfast's state is saved per rank.
+    gradients_differ_between_ranks = True
 
     def __init__(
         self,
