@@ -342,7 +342,14 @@ SCENARIOS = [
 ]
 
 
-END_OF_FIT_SCENARIOS = ["accumulate_bf16_callbacks", "delayed_stops_at_sync", "ema_ends_at_sync", "switch_ema"]
+END_OF_FIT_SCENARIOS = [
+    "accumulate_bf16_callbacks",
+    "delayed_stops_at_sync",
+    "ema_ends_at_sync",
+    "switch_ema",
+    "validation",
+    "validation_ema",
+]
 
 
 @pytest.fixture(scope="module")
@@ -728,3 +735,28 @@ def test_switch_ema_under_diloco_switches_the_global_parameters_on_every_worker(
     for after0, after1 in zip(rank0["after_switch"], rank1["after_switch"]):
         assert all(torch.equal(a, b) for a, b in zip(after0["global"], after1["global"]))
     assert all(torch.equal(a, b) for a, b in zip(rank0["params"], rank1["params"]))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["validation", "validation_ema"])
+def test_validation_evaluates_the_model_a_checkpoint_saves_the_same_on_every_worker(two_worker_runs, name):
+    # Validation after step 4, inside an inner phase (H=3): the workers' local parameters differ. The model
+    # evaluated is the global one (or, with EMA, its average of the global parameters) on both workers,
+    # and it is the model a checkpoint saved during that validation holds as state_dict.
+    ranks = two_worker_runs[name]
+    seen = [rank["seen_in_validation"] for rank in ranks]
+    checkpoint = torch.load(two_worker_runs["checkpoint_dir"] / f"{name}.ckpt", weights_only=True)
+    for rank in seen:
+        assert all(torch.equal(a, b) for a, b in zip(rank["evaluated"], seen[0]["evaluated"]))
+        assert all(torch.equal(a, b) for a, b in zip(rank["evaluated"], checkpoint["state_dict"].values()))
+    if name == "validation":
+        _assert_all_close(seen[0]["evaluated"], seen[0]["global"])
+    else:  # the EMA's one update, after the outer step at step 3: 0.5 * initial + 0.5 * global
+        initial = [p.detach() for p in Regression().parameters()]
+        _assert_all_close(seen[0]["evaluated"], [0.5 * i + 0.5 * g for i, g in zip(initial, seen[0]["global"])])
+    # the workers' local parameters went on from where they were: the runs end as the algorithm says
+    local_models = [rank["strategy"]["model"] for rank in checkpoint["rank_states"]["ranks"]]
+    assert any(not torch.equal(a, b) for a, b in zip(local_models[0].values(), local_models[1].values()))
+    if name == "validation":
+        updates, final = simulate(steps=5, inner_steps=3)
+        _assert_all_close(ranks[0]["params"], final)

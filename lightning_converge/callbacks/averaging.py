@@ -173,6 +173,12 @@ class AveragingCallback(Callback):
     def _name(self) -> str:
         return type(self).__name__
 
+    @property
+    def evaluates_with_average(self) -> bool:
+        """Whether validation and test see the average: a strategy that would swap in weights of its own
+        for evaluation (DiLoCo's global parameters) leaves the model to this callback."""
+        return self.validate_with == "average"
+
     # -- for subclasses ------------------------------------------------------------------
 
     def _reset(self) -> None:

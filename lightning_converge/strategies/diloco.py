@@ -360,6 +360,7 @@ class DiLoCoStrategy(DDPStrategy):
         self._exchange: Optional[Exchange] = None
         self._comm_thread: Optional[ThreadPoolExecutor] = None
         self._params: list[torch.nn.Parameter] = []
+        self._local_params: list[Tensor] = []
         self._global_params: list[Tensor] = []
         self._momentum_buffers: list[Tensor] = []
         self._outer_optimizer: Optional[Optimizer] = None
@@ -371,6 +372,8 @@ class DiLoCoStrategy(DDPStrategy):
         self._outer_steps = 0
         self._bytes_sent = 0
         self._wait_seconds = 0.0
+        # Whether the module holds the global parameters for evaluation (its local ones: `_local_params`).
+        self._evaluating_global = False
         # (shared state, this worker's state) kept by finish_local_training for checkpoints saved after fit.
         self._state_at_train_end: Optional[tuple[dict[str, Any], dict[str, Any]]] = None
 
@@ -415,6 +418,8 @@ class DiLoCoStrategy(DDPStrategy):
             self._comm_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diloco-exchange")
         names, params = zip(*module.named_parameters())
         self._params = list(params)
+        # Views of this worker's parameter storages, which stay put while evaluation swaps other weights in.
+        self._local_params = [p.detach() for p in params]
         numels = [p.numel() for p in params]
         if self._fragment_assignment == "balanced":
             assignment = split_evenly(numels, self._num_fragments)
@@ -517,7 +522,7 @@ class DiLoCoStrategy(DDPStrategy):
         for global_param, value in zip(self._global_params, values):
             global_param.copy_(value)
         for fragment in self._fragments:
-            locals_ = self._pieces([p.detach() for p in self._params], fragment)
+            locals_ = self._pieces(self._local_params, fragment)
             if fragment.in_sync and fragment.origin is None:  # exactly the global values, on every worker
                 for local, global_piece in zip(locals_, self._pieces(self._global_params, fragment)):
                     local.copy_(global_piece)
@@ -527,17 +532,59 @@ class DiLoCoStrategy(DDPStrategy):
             for origin, shift in zip(fragment.origin or [], self._pieces(shifts, fragment)):
                 origin.add_(shift)
 
+    def on_validation_start(self) -> None:
+        """Fires before each validation (the sanity check included), after the callbacks' hook: while the
+        workers train local copies, the model evaluates the global parameters, the same on every worker
+        and the model checkpoints save, unless a callback evaluates with an average of them (EMA or LAWA
+        with ``validate_with="average"``)."""
+        self._swap_in_global_parameters()
+
+    def on_validation_end(self) -> None:
+        """Fires after each validation, after the callbacks' hook: the local parameters come back."""
+        self._swap_out_global_parameters()
+
+    def on_test_start(self) -> None:
+        """As :meth:`on_validation_start`, for ``Trainer.test`` inside a fit."""
+        self._swap_in_global_parameters()
+
+    def on_test_end(self) -> None:
+        """As :meth:`on_validation_end`."""
+        self._swap_out_global_parameters()
+
+    def _swap_in_global_parameters(self) -> None:
+        agreed = self.agreed_parameters()
+        callbacks = self.lightning_module.trainer.callbacks
+        if agreed is None or self._evaluating_global:
+            return
+        if any(getattr(callback, "evaluates_with_average", False) for callback in callbacks):
+            return
+        for param, global_param in zip(self._params, agreed):
+            param.data = global_param.to(param.device, param.dtype, copy=True)
+        self._evaluating_global = True
+
+    def _swap_out_global_parameters(self) -> None:
+        if not self._evaluating_global:
+            return
+        for param, local in zip(self._params, self._local_params):
+            param.data = local
+        self._evaluating_global = False
+
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """Fires when a checkpoint is assembled: while the workers train local copies, the model's state
         with the global parameters in place of this worker's local ones (the model the workers agree on)."""
-        state = super().lightning_module_state_dict()
         agreed = self.agreed_parameters()
         if agreed is None:
-            return state
+            return super().lightning_module_state_dict()
+        return self._module_state_with(agreed)
+
+    def _module_state_with(self, params: Sequence[Tensor]) -> dict[str, Any]:
+        """The module's state dict with ``params`` (one per parameter, in ``module.parameters()`` order) as
+        its parameters, in their dtypes."""
+        state = super().lightning_module_state_dict()
         index_of = {id(p): i for i, p in enumerate(self._params)}
         for name, param in self.lightning_module.named_parameters(remove_duplicate=False):
             if name in state:
-                state[name] = agreed[index_of[id(param)]].to(param.dtype)
+                state[name] = params[index_of[id(param)]].to(param.dtype)
         return state
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
@@ -572,6 +619,7 @@ class DiLoCoStrategy(DDPStrategy):
     def teardown(self) -> None:
         """Fires when the trainer finishes a stage, also after an exception: closes the pseudo-gradient
         process group (an all-reduce still in flight is abandoned)."""
+        self._swap_out_global_parameters()
         if self._group is not None:
             for fragment in self._fragments:
                 fragment.pending = None
@@ -650,7 +698,7 @@ class DiLoCoStrategy(DDPStrategy):
         at the first outer step, with nothing to apply, it starts where this one
         ended, which becomes its origin.
         """
-        local_params = self._pieces([p.detach() for p in self._params], fragment)
+        local_params = self._pieces(self._local_params, fragment)
         origin = fragment.origin or self._pieces(self._global_params, fragment)
         pseudo_gradient = torch.cat(
             [(start.to(local.device) - local.float()).reshape(-1) for start, local in zip(origin, local_params)]
@@ -731,7 +779,7 @@ class DiLoCoStrategy(DDPStrategy):
 
     def _pull_global(self, fragment: _Fragment, mixing_alpha: float) -> None:
         """``local = mixing_alpha * local + (1 - mixing_alpha) * global`` for the fragment (0 replaces)."""
-        local_params = self._pieces([p.detach() for p in self._params], fragment)
+        local_params = self._pieces(self._local_params, fragment)
         device = local_params[0].device
         ema_update(
             local_params,
@@ -783,7 +831,8 @@ class DiLoCoStrategy(DDPStrategy):
         """This worker's own state: its local model and inner optimizer, error-feedback residuals, where
         its inner phases started, and its time spent waiting."""
         return {
-            "model": self.lightning_module.state_dict(),
+            # Also while evaluation has other weights swapped into the module (checkpoints saved then).
+            "model": self._module_state_with(self._local_params),
             "optimizer": self.optimizers[0].state_dict(),
             "compressor": None if self._compressor is None else self._compressor.state_dict(),
             "fragment_origins": [fragment.origin for fragment in self._fragments],

@@ -46,6 +46,35 @@ class Regression(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
 
+class Validated(Regression):
+    """With a validation set (8 fixed samples, in 2 batches)."""
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y), sync_dist=True)
+
+    def val_dataloader(self):
+        x, y = dataset().tensors
+        return DataLoader(TensorDataset(x[:8], y[:8]), batch_size=4)
+
+
+class SeenInValidation(L.Callback):
+    """At the first validation batch: the parameters the model evaluates, the global and local parameters,
+    and a checkpoint saved right there (``path``)."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+        self.seen = None
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0 and not trainer.sanity_checking:
+            trainer.save_checkpoint(self.path)
+            self.seen = {
+                "evaluated": [p.detach().clone() for p in pl_module.parameters()],
+                "global": [g.clone() for g in trainer.strategy.global_parameters],
+            }
+
+
 def dataset() -> TensorDataset:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(64, 6, generator=gen)
@@ -299,6 +328,26 @@ if __name__ == "__main__":
             callbacks = [EMA(decay=0.5, switch_every_epoch=True, backend="reference"), recorder]
             run = fit(strategy, "SGD", 10, callbacks, limit_train_batches=4)
             save(out_dir, name, *run, before_switch=recorder.before, after_switch=recorder.after)
+        elif name in ("validation", "validation_ema"):  # validation at step 4, inside the second inner phase
+            strategy = RecordingDiLoCo(inner_steps=3, kernel_backend="reference")
+            seen = SeenInValidation(out_dir / f"{name}.ckpt")
+            callbacks = [seen] + ([EMA(decay=0.5, backend="reference")] if name == "validation_ema" else [])
+            model = Validated("SGD")
+            trainer = L.Trainer(
+                accelerator="cpu",
+                devices=2,
+                strategy=strategy,
+                max_steps=5,
+                val_check_interval=4,
+                check_val_every_n_epoch=None,
+                logger=False,
+                callbacks=callbacks,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+            )
+            trainer.fit(model)
+            save(out_dir, name, trainer, model, seen_in_validation=seen.seen)
         elif name == "worker_stops":  # the last scenario: rank 0 hangs in the second inner phase, then dies
             strategy = DiLoCoStrategy(inner_steps=2, kernel_backend="reference", timeout=2)
             fit(strategy, "SGD", 8, callbacks=[StopAnsweringAtStep(rank=0, step=3, seconds=8)])
