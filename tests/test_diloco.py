@@ -23,6 +23,7 @@ import pytest
 import torch
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_converge.callbacks import EMA
 from lightning_converge.kernels import diloco_outer_step
 from lightning_converge.schedules import QSR
 from lightning_converge.strategies import DiLoCoStrategy, StreamingDiLoCoStrategy
@@ -226,8 +227,11 @@ class TwoOptimizers(Regression):
         return [torch.optim.SGD(self.parameters(), lr=0.05) for _ in range(2)]
 
 
-def _fit_one_worker(model: L.LightningModule, strategy, max_steps: int = 6, ckpt_path=None) -> L.Trainer:
+def _fit_one_worker(
+    model: L.LightningModule, strategy, max_steps: int = 6, ckpt_path=None, callbacks=()
+) -> L.Trainer:
     trainer = L.Trainer(
+        callbacks=list(callbacks),
         accelerator="cpu",
         devices=1,
         strategy=strategy,
@@ -274,13 +278,21 @@ def test_qsr_sets_the_inner_steps_from_the_live_learning_rate():
         (DiLoCoStrategy(outer_optimizer=lambda params: None), Regression(), "must return a torch.optim"),
         (DiLoCoStrategy(inner_steps=lambda step: 0.2), Regression(), "inner_steps must be >= 1"),
         (DiLoCoStrategy(), TwoOptimizers(), "one inner optimizer"),
+        # the workers' buffers are not synchronized: no agreed value for an average of them
+        (DiLoCoStrategy(kernel_backend="reference"), Regression(), "include_buffers"),
     ],
-    ids=["too_many_fragments", "outer_optimizer_not_an_optimizer", "schedule_below_one", "two_optimizers"],
+    ids=[
+        "too_many_fragments",
+        "outer_optimizer_not_an_optimizer",
+        "schedule_below_one",
+        "two_optimizers",
+        "ema_include_buffers",
+    ],
 )
 def test_bad_setups_raise_before_training(strategy, model, match):
     initial = [p.detach().clone() for p in model.parameters()]
     with pytest.raises((ValueError, TypeError), match=match):
-        _fit_one_worker(model, strategy)
+        _fit_one_worker(model, strategy, callbacks=[EMA(include_buffers=True)] if match == "include_buffers" else [])
     for before, after in zip(initial, model.parameters()):
         assert torch.equal(before, after)
 
@@ -668,12 +680,16 @@ def test_delay_1_stopping_right_after_a_sync_applies_only_the_average_in_flight(
 
 
 def _assert_states_equal(actual, expected) -> None:
-    """Callback states (dicts of tensors and plain values) equal, tensors bit for bit."""
+    """Callback states (dicts and lists of tensors and plain values) equal, tensors bit for bit."""
     assert type(actual) is type(expected)
     if isinstance(expected, dict):
         assert actual.keys() == expected.keys()
         for key in expected:
             _assert_states_equal(actual[key], expected[key])
+    elif isinstance(expected, list):
+        assert len(actual) == len(expected)
+        for a, b in zip(actual, expected):
+            _assert_states_equal(a, b)
     elif isinstance(expected, torch.Tensor):
         assert torch.equal(actual, expected)
     else:
@@ -699,6 +715,8 @@ def test_a_checkpoint_saved_after_fit_continues_exactly(two_worker_runs, name):
         assert all(  # and the fitted model is that average
             torch.equal(p, a) for p, a in zip(full[0]["params"], full[0]["callbacks"]["EMA"]["averages"].values())
         )
+    if "LAWA" in full[0]["callbacks"]:  # snapshots of the global parameters: the same on both workers
+        _assert_states_equal(full[0]["callbacks"]["LAWA"], full[1]["callbacks"]["LAWA"])
     if "Grokfast" in full[0]["callbacks"]:  # local gradients: each worker's filter is its own
         slow = [full[rank]["callbacks"]["Grokfast"]["slow"] for rank in range(2)]
         assert any(not torch.equal(slow[0][key], slow[1][key]) for key in slow[0])

@@ -215,9 +215,10 @@ class AveragingCallback(Callback):
             self._followed = self._live
         else:
             if self.include_buffers:
+                strategy = type(pl_module.trainer.strategy).__name__
                 raise ValueError(
-                    f"{self._name}: include_buffers=True is not supported under {type(pl_module.trainer.strategy).__name__}: "
-                    "its workers do not synchronize buffers, so there is no agreed value to average"
+                    f"{self._name}: include_buffers=True is not supported under {strategy}: its workers do not "
+                    "synchronize buffers, so there is no agreed value to average"
                 )
             self._followed = list(agreed)
         self._align()

@@ -271,21 +271,33 @@ class DiLoCoStrategy(DDPStrategy):
             wrapper (``find_unused_parameters``, ``ddp_comm_hook``, ...) raise:
             the model is not wrapped.
 
-    Only one inner optimizer is supported. When ``fit`` ends, in-flight
-    all-reduces are applied and each fragment whose local parameters moved
-    since its last sync takes one last, blocking outer step, so every worker
-    ends with the same (global) parameters.
+    Only one inner optimizer is supported.
 
-    Checkpoints hold, besides what ``"ddp"`` saves, ``checkpoint["diloco"]``: the
-    global parameters, the outer optimizer's state, the position in the
-    schedule, the averaged pseudo-gradients still to be applied (the strategy
-    waits for in-flight all-reduces when saving), and every worker's local
-    model state and inner-optimizer state (``world_size`` copies), so a run
-    resumed from a checkpoint taken in the middle of an inner phase continues
-    exactly. The checkpoint's ``state_dict`` holds the global parameters (the
-    model the workers agree on; what ``save_weights_only`` checkpoints keep).
-    Resumed with a different number of workers, the interrupted inner phase
-    restarts from the global parameters.
+    **One model.** Between syncs each worker's parameters are its own; the
+    model the workers agree on is the global parameters
+    (:meth:`agreed_parameters`). Validation and test inside ``fit`` evaluate it
+    (swapped into the module, on every worker alike; or, when a callback
+    evaluates with an average of it, that average), and checkpoints save it as
+    ``state_dict``. When ``fit`` ends (:meth:`finish_local_training`), in-flight
+    all-reduces are applied and each fragment whose local parameters hold unsent
+    progress takes one last, blocking outer step, so every worker ends with the
+    same (global) parameters. EMA and LAWA average the global parameters and call
+    :meth:`finish_local_training` before writing their average into the model;
+    Switch EMA switches the global parameters (:meth:`move_global_parameters`).
+
+    **Checkpoints** hold, besides what ``"ddp"`` saves, ``checkpoint["diloco"]``:
+    the global parameters, the outer optimizer's state, the position in the
+    schedule and the averaged pseudo-gradients still to be applied (the strategy
+    waits for in-flight all-reduces when saving); and in
+    ``checkpoint["rank_states"]`` (:mod:`~lightning_converge.strategies.rank_state`)
+    every worker's local model state, inner-optimizer state and error-feedback
+    residuals, and its callbacks' per-worker states (Grokfast's filter: each
+    worker filters its own gradients). A run resumed from a checkpoint taken in
+    the middle of an inner phase continues exactly. So does one resumed from a
+    checkpoint saved after ``fit``: it holds the state kept when training ended,
+    before the last sync, while its ``state_dict`` is the synced model. Resumed
+    with a different number of workers, the interrupted inner phase restarts
+    from the global parameters (with a warning).
     """
 
     # Workers step on their own gradients: Grokfast's state is saved per worker (see rank_state).

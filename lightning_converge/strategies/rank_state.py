@@ -38,7 +38,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import lightning.pytorch as pl
-import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -105,8 +104,3 @@ def load_rank_states(strategy: "pl.strategies.Strategy", checkpoint: dict[str, A
     mine = saved["ranks"][strategy.global_rank]
     callback_states.update(mine["callbacks"])
     return mine["strategy"]
-
-
-def to_device(state: Any, device: torch.device) -> Any:
-    """``state`` with every tensor moved to ``device``."""
-    return apply_to_collection(state, Tensor, lambda tensor: tensor.to(device))

@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-from lightning_converge.callbacks import EMA, Grokfast
+from lightning_converge.callbacks import EMA, LAWA, Grokfast
 from lightning_converge.comm import Int8Compressor
 from lightning_converge.strategies import DiLoCoStrategy, StreamingDiLoCoStrategy
 
@@ -190,6 +190,11 @@ AFTER_FIT = {
         lambda: [EMA(decay=0.5, backend="reference")],
         12,
     ),
+    "after_fit_lawa": (
+        lambda: RecordingDiLoCo(inner_steps=5, kernel_backend="reference"),
+        lambda: [LAWA(k=2, every=2)],
+        12,
+    ),
     "after_fit_grokfast": (
         lambda: RecordingDiLoCo(inner_steps=5, kernel_backend="reference"),
         lambda: [Grokfast(backend="reference")],
@@ -231,10 +236,10 @@ class SwitchRecorder(L.Callback):
 
 
 def callback_states(trainer):
-    """The EMA's averages and Grokfast's filter of this rank, where attached."""
+    """The state of this rank's EMA, LAWA and Grokfast, where attached."""
     states = {}
     for callback in trainer.callbacks:
-        if isinstance(callback, (EMA, Grokfast)):
+        if isinstance(callback, (EMA, LAWA, Grokfast)):
             states[type(callback).__name__] = callback.state_dict()
     return states
 
