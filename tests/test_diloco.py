@@ -599,7 +599,7 @@ def test_resuming_from_a_checkpoint_inside_an_inner_phase_continues_identically(
     workers = checkpoint["rank_states"]
     assert workers["world_size"] == 2 and len(workers["ranks"]) == 2
     # each worker's own local parameters: they differ inside an inner phase
-    local_models = [rank["strategy"]["model"] for rank in workers["ranks"]]
+    local_models = [rank["strategy"]["diloco"]["model"] for rank in workers["ranks"]]
     assert any(not torch.equal(a, b) for a, b in zip(local_models[0].values(), local_models[1].values()))
     assert any(fragment["pending_average"] is not None for fragment in state["fragments"])
     # the model in the checkpoint is the global one
@@ -773,7 +773,7 @@ def test_validation_evaluates_the_model_a_checkpoint_saves_the_same_on_every_wor
         initial = [p.detach() for p in Regression().parameters()]
         _assert_all_close(seen[0]["evaluated"], [0.5 * i + 0.5 * g for i, g in zip(initial, seen[0]["global"])])
     # the workers' local parameters went on from where they were: the runs end as the algorithm says
-    local_models = [rank["strategy"]["model"] for rank in checkpoint["rank_states"]["ranks"]]
+    local_models = [rank["strategy"]["diloco"]["model"] for rank in checkpoint["rank_states"]["ranks"]]
     assert any(not torch.equal(a, b) for a, b in zip(local_models[0].values(), local_models[1].values()))
     if name == "validation":
         updates, final = simulate(steps=5, inner_steps=3)

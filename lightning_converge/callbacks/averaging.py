@@ -164,7 +164,8 @@ class AveragingCallback(Callback):
         self._live: list[Tensor] = []  # the module's tracked parameters and buffers, in `_names` order
         # What the average follows, in `_names` order: `_live`, or the global parameters under DiLoCo.
         self._followed: list[Tensor] = []
-        self._followed_version: Optional[int] = None  # the strategy's outer steps at the last update (DiLoCo)
+        # DiLoCo: its outer steps when the average last followed the global parameters (None: not yet set).
+        self._followed_version: Optional[int] = None
         self._kept_live: Optional[dict[str, Tensor]] = None  # the live weights, after fit wrote the average in
         self._stash: Optional[list[Tensor]] = None  # the live storages while the average is swapped in
         self._last_step = 0  # trainer.global_step at the previous training batch end
@@ -356,12 +357,14 @@ class AveragingCallback(Callback):
             self._reset()
             self._untrack()
             self._kept_live = None
+            self._followed_version = None
         _SaveCheckpointHook.add(pl_module, self._write_averaged_weights)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_step = trainer.global_step
         self._track(pl_module)
-        self._followed_version = getattr(trainer.strategy, "outer_steps", None)
+        if self._followed_version is None:  # a new average starts from the global parameters as they are
+            self._followed_version = getattr(trainer.strategy, "outer_steps", None)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.validate_with == "average":

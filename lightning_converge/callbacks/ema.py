@@ -69,8 +69,8 @@ class EMA(AveragingCallback):
 
     Every decision depends on ``global_step``, the update count and the (DDP
     synchronized, or DiLoCo's global) weights, so all ranks take it alike. State (``state_dict``):
-    the averages by tensor name and the update count; a resumed run continues
-    exactly.
+    the averages by tensor name, the update count and (DiLoCo) the outer steps
+    the average has followed; a resumed run continues exactly.
     """
 
     checkpoint_key = "ema_state_dict"
@@ -168,9 +168,14 @@ class EMA(AveragingCallback):
             self._copy_average_into_model(pl_module)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"averages": dict(self._averages), "num_updates": self._num_updates}
+        return {
+            "averages": dict(self._averages),
+            "num_updates": self._num_updates,
+            "outer_steps_followed": self._followed_version,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._averages = dict(state_dict["averages"])
         self._num_updates = int(state_dict["num_updates"])
+        self._followed_version = state_dict.get("outer_steps_followed")
         self._untrack()

@@ -186,7 +186,7 @@ class CommHookDDPStrategy(DDPStrategy):
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        state = load_rank_states(self, checkpoint)
+        state = load_rank_states(self, checkpoint).get(self.checkpoint_key)
         if state is not None:
-            self.load_comm_state_dict(state[self.checkpoint_key])
+            self.load_comm_state_dict(state)
         return checkpoint

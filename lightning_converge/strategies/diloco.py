@@ -555,14 +555,6 @@ class DiLoCoStrategy(DDPStrategy):
         """Fires after each validation, after the callbacks' hook: the local parameters come back."""
         self._swap_out_global_parameters()
 
-    def on_test_start(self) -> None:
-        """As :meth:`on_validation_start`, for ``Trainer.test`` inside a fit."""
-        self._swap_in_global_parameters()
-
-    def on_test_end(self) -> None:
-        """As :meth:`on_validation_end`."""
-        self._swap_out_global_parameters()
-
     def _swap_in_global_parameters(self) -> None:
         agreed = self.agreed_parameters()
         callbacks = self.lightning_module.trainer.callbacks
@@ -609,16 +601,16 @@ class DiLoCoStrategy(DDPStrategy):
             else:
                 shared, worker = self._state_at_train_end
             checkpoint["diloco"] = shared
-            save_rank_states(self, checkpoint, worker)
+            save_rank_states(self, checkpoint, {"diloco": worker})
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         """Fires on every rank when ``fit`` resumes, before ``setup``: reads the checkpoint and hands this
         worker its own local state (and its callbacks' per-rank states)."""
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        worker = load_rank_states(self, checkpoint)
+        states = load_rank_states(self, checkpoint)
         if "diloco" in checkpoint:
-            checkpoint["diloco"]["worker"] = worker
+            checkpoint["diloco"]["worker"] = states.get("diloco")
         return checkpoint
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:

@@ -16,7 +16,9 @@ rank, gathers those states to rank 0 (as CPU copies, so pickling and the
 gather never touch an accelerator) and stores them under
 ``checkpoint["rank_states"]``::
 
-    {"world_size": n, "ranks": [{"strategy": ..., "callbacks": {state_key: state}}, ...]}
+    {"world_size": n, "ranks": [{"strategy": {name: state}, "callbacks": {state_key: state}}, ...]}
+
+(``name`` is the strategy's: ``"diloco"``, ``"compressed_ddp"``, ``"onebit_adam"``).
 
 :func:`load_rank_states`, called by the strategy's ``load_checkpoint`` on every
 rank, hands each rank its own entry: the callbacks' states replace rank 0's in
@@ -24,7 +26,7 @@ rank, hands each rank its own entry: the callbacks' states replace rank 0's in
 its own state), and the strategy's is returned. Resumed by a different number
 of ranks, the per-rank states cannot be matched to ranks: a warning, the
 callbacks' per-rank states are dropped (those callbacks start afresh) and the
-strategy gets None.
+strategy gets nothing (its per-rank state starts afresh too).
 
 A callback declares that its state follows the gradients with a class
 attribute ``state_follows_gradients = True``; a strategy declares that it leaves
@@ -60,18 +62,19 @@ def cpu_copy(state: Any) -> Any:
 
 
 def save_rank_states(
-    strategy: "pl.strategies.Strategy", checkpoint: dict[str, Any], strategy_state: Optional[dict[str, Any]] = None
+    strategy: "pl.strategies.Strategy", checkpoint: dict[str, Any], strategy_states: dict[str, Any]
 ) -> None:
-    """Collective, on every rank when a full checkpoint is saved: gather every rank's ``strategy_state`` and
-    the states of its :func:`per_rank_callbacks` (taken from this rank's ``checkpoint["callbacks"]``) into
-    ``checkpoint["rank_states"]`` on rank 0. Other ranks' checkpoints get nothing (they are not written)."""
+    """Collective, on every rank when a full checkpoint is saved: gather every rank's ``strategy_states``
+    (by name) and the states of its :func:`per_rank_callbacks` (taken from this rank's
+    ``checkpoint["callbacks"]``) into ``checkpoint["rank_states"]`` on rank 0. Other ranks' checkpoints get
+    nothing (they are not written)."""
     callback_states = checkpoint.get("callbacks", {})
     callbacks = {
         callback.state_key: callback_states[callback.state_key]
         for callback in per_rank_callbacks(strategy.lightning_module.trainer)
         if callback.state_key in callback_states
     }
-    mine = cpu_copy({"strategy": strategy_state, "callbacks": callbacks})
+    mine = cpu_copy({"strategy": strategy_states, "callbacks": callbacks})
     world_size = strategy.world_size
     if world_size == 1:
         ranks: Optional[list[Any]] = [mine]
@@ -82,13 +85,13 @@ def save_rank_states(
         checkpoint[CHECKPOINT_KEY] = {"world_size": world_size, "ranks": ranks}
 
 
-def load_rank_states(strategy: "pl.strategies.Strategy", checkpoint: dict[str, Any]) -> Optional[dict[str, Any]]:
+def load_rank_states(strategy: "pl.strategies.Strategy", checkpoint: dict[str, Any]) -> dict[str, Any]:
     """On every rank, when ``fit`` resumes: put this rank's callback states into ``checkpoint["callbacks"]``
-    and return this rank's strategy state (None if the checkpoint has none, or was saved by a different
-    number of ranks: then a warning, and the per-rank callback states are dropped)."""
+    and return this rank's strategy states by name (empty if the checkpoint has none, or was saved by a
+    different number of ranks: then a warning, and the per-rank callback states are dropped)."""
     saved = checkpoint.pop(CHECKPOINT_KEY, None)
     if saved is None:
-        return None
+        return {}
     callback_states = checkpoint.setdefault("callbacks", {})
     if saved["world_size"] != strategy.world_size:
         dropped = sorted(saved["ranks"][0]["callbacks"])
@@ -100,7 +103,7 @@ def load_rank_states(strategy: "pl.strategies.Strategy", checkpoint: dict[str, A
             + (f" (also the state of the callbacks {dropped})" if dropped else "")
             + "."
         )
-        return None
+        return {}
     mine = saved["ranks"][strategy.global_rank]
     callback_states.update(mine["callbacks"])
     return mine["strategy"]

@@ -190,6 +190,12 @@ AFTER_FIT = {
         lambda: [EMA(decay=0.5, backend="reference")],
         12,
     ),
+    # stopped right after an outer step whose EMA update is due only at step 6
+    "after_fit_ema_every_3": (
+        lambda: RecordingDiLoCo(inner_steps=5, kernel_backend="reference"),
+        lambda: [EMA(decay=0.5, update_every=3, backend="reference")],
+        5,
+    ),
     "after_fit_lawa": (
         lambda: RecordingDiLoCo(inner_steps=5, kernel_backend="reference"),
         lambda: [LAWA(k=2, every=2)],
