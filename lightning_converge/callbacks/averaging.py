@@ -53,8 +53,8 @@ a snapshot is due (LAWA), so the average is the same on every worker; before
 writing into the model at the end of ``fit`` they make the strategy end its
 local training (``strategy.finish_local_training()``), so every worker ends with
 the same model; Switch EMA switches the global parameters
-(``strategy.move_global_parameters``). Validation and test evaluate the average
-(or the global parameters until there is one), the same on every worker.
+(``strategy.move_global_parameters``). Validation inside ``fit`` evaluates the
+average (or the global parameters until there is one), the same on every worker.
 ``include_buffers`` is refused there: the workers' buffers are not synchronized.
 
 Sharded strategies (FSDP, DeepSpeed) are not supported: the tensors are swapped
@@ -74,18 +74,18 @@ from torch import Tensor
 from lightning_converge.kernels.dispatch import validate_backend
 from lightning_converge.kernels.finite import all_finite
 
-def agreed_parameters(pl_module: pl.LightningModule) -> Optional[list[Tensor]]:
-    """The parameters the workers agree on, in ``module.parameters()`` order, while the strategy's workers
-    train local copies (DiLoCo: its global parameters); None when the module's own parameters are those."""
-    agreed = getattr(pl_module.trainer.strategy, "agreed_parameters", None)
-    return None if agreed is None else agreed()
-
-
 VALIDATE_WITH = ("average", "live")
 #: Top-level checkpoint key of the live weights, when ``state_dict`` holds the average.
 LIVE_STATE_DICT_KEY = "live_state_dict"
 
 Writer = Callable[[pl.LightningModule, dict[str, Any]], None]
+
+
+def agreed_parameters(pl_module: pl.LightningModule) -> Optional[list[Tensor]]:
+    """The parameters the workers agree on, in ``module.parameters()`` order, while the strategy's workers
+    train local copies (DiLoCo: its global parameters); None when the module's own parameters are those."""
+    agreed = getattr(pl_module.trainer.strategy, "agreed_parameters", None)
+    return None if agreed is None else agreed()
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -322,12 +322,12 @@ class AveragingCallback(Callback):
         self._swap_in(pl_module)
         average = pl_module.state_dict()
         self._swap_out()
-        # The strategy's view: under DiLoCo the global parameters, not this worker's local ones.
-        live = self._kept_live or pl_module.trainer.strategy.lightning_module_state_dict()
+        # The strategy's view of the live weights: under DiLoCo the global parameters, not this worker's.
+        live = pl_module.trainer.strategy.lightning_module_state_dict()
         if swapped:
             self._swap_in(pl_module)
         checkpoint[self.checkpoint_key] = average
-        full = "optimizer_states" in checkpoint
+        full = "optimizer_states" in checkpoint  # not weights-only: it can resume training
         if self._kept_live is not None:  # the model holds the average since train end
             if full:
                 checkpoint[LIVE_STATE_DICT_KEY] = self._kept_live

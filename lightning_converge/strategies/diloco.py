@@ -275,7 +275,7 @@ class DiLoCoStrategy(DDPStrategy):
 
     **One model.** Between syncs each worker's parameters are its own; the
     model the workers agree on is the global parameters
-    (:meth:`agreed_parameters`). Validation and test inside ``fit`` evaluate it
+    (:meth:`agreed_parameters`). Validation inside ``fit`` evaluates it
     (swapped into the module, on every worker alike; or, when a callback
     evaluates with an average of it, that average), and checkpoints save it as
     ``state_dict``. When ``fit`` ends (:meth:`finish_local_training`), in-flight
