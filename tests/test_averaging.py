@@ -317,6 +317,26 @@ def test_checkpoint_resumes_live_weights_and_loads_the_average(tmp_path, name: s
     assert_weights_equal(weights(resumed_model), weights(full_model))  # the average, in the fitted model
 
 
+def test_validating_a_checkpoint_evaluates_its_model_not_the_live_weights(tmp_path) -> None:
+    # Saved after fit with keep_average_on_train_end: state_dict is the average. validate(ckpt_path=...)
+    # evaluates it, even with validate_with="live" (the live weights are for resuming fit only).
+    _, trainer = fit(tmp_path, [EMA(decay=0.5, validate_with="live", backend="reference")], max_epochs=2)
+    path = tmp_path / "after_fit.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)
+    recorder = Recorder()
+    validator = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[EMA(decay=0.5, validate_with="live", backend="reference"), recorder],
+    )
+    validator.validate(TinyModel(), loaders()[1], ckpt_path=path)
+    assert_weights_equal(recorder.in_validation[0], saved["state_dict"])
+    assert_weights_differ(recorder.in_validation[0], saved["live_state_dict"])
+
+
 def test_only_one_averaging_callback_can_keep_its_average_on_train_end(tmp_path) -> None:
     with pytest.raises(ValueError, match="keep_average_on_train_end=False"):
         fit(tmp_path, [EMA(backend="reference"), LAWA(validate_with="live")], max_epochs=1)

@@ -68,6 +68,7 @@ from typing import Any, Callable, ClassVar, Mapping, Optional, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
@@ -131,8 +132,8 @@ class AveragingCallback(Callback):
     - ``on_save_checkpoint`` (full checkpoints, during or after a run): writes
       the averaged weights under :attr:`checkpoint_key`, and into ``state_dict``
       with the live weights under ``"live_state_dict"`` (module docstring).
-    - ``on_load_checkpoint`` (when ``fit`` resumes, after Lightning loaded
-      ``state_dict`` into the model): puts the live weights back.
+    - ``on_load_checkpoint`` (when a checkpoint is restored, after Lightning loaded
+      ``state_dict`` into the model): when ``fit`` resumes, puts the live weights back.
     - The module's ``on_save_checkpoint``, stood in for between ``setup`` and
       ``teardown`` (every checkpoint, weights-only included; after the
       callbacks' hook): writes them if the callback's hook did not.
@@ -397,7 +398,9 @@ class AveragingCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         live = checkpoint.get(LIVE_STATE_DICT_KEY)
-        if live is not None:  # state_dict, which Lightning has just loaded, is the average
+        # state_dict, which Lightning has just loaded, is the average: training goes on from the live weights,
+        # validate/test/predict(ckpt_path=...) evaluate the checkpoint's model.
+        if live is not None and trainer.state.fn == TrainerFn.FITTING:
             pl_module.load_state_dict(live)
 
     def on_save_checkpoint(
