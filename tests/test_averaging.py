@@ -274,6 +274,74 @@ def test_resumed_run_continues_exactly(tmp_path) -> None:
     assert resumed.state_dict()["num_updates"] == uninterrupted.state_dict()["num_updates"] == 4 * STEPS_PER_EPOCH - 1
 
 
+AVERAGING_CALLBACKS = {
+    "ema": lambda: EMA(decay=0.7, include_buffers=True, backend="reference"),
+    "sema": lambda: EMA(decay=0.7, switch_every_epoch=True, backend="reference"),
+    "lawa": lambda: LAWA(k=2, every=1, include_buffers=True),
+}
+
+
+def averaged_weights(callback: EMA | LAWA) -> dict[str, Tensor]:
+    return {name: tensor.clone() for name, tensor in zip(callback._names, callback._average())}
+
+
+@pytest.mark.parametrize("saved_after_fit", [True, False], ids=["after_fit", "during_fit"])
+@pytest.mark.parametrize("name", AVERAGING_CALLBACKS)
+def test_checkpoint_resumes_live_weights_and_loads_the_average(tmp_path, name: str, saved_after_fit: bool) -> None:
+    # keep_average_on_train_end (the default): the fitted model is the average. A checkpoint taken by
+    # hand after fit, or by ModelCheckpoint at the end of the last epoch, must resume from the live weights.
+    make = AVERAGING_CALLBACKS[name]
+    uninterrupted, recorder = make(), Recorder()
+    full_model, _ = fit(tmp_path / "full", [uninterrupted, recorder], max_epochs=4)
+
+    callbacks = [make()]
+    if not saved_after_fit:
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True))
+    first_model, trainer = fit(tmp_path / "first", callbacks, max_epochs=2)
+    path = tmp_path / "ckpt" / "last.ckpt"
+    if saved_after_fit:
+        trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)
+    # for inference: the averaged weights, as Lightning loads them
+    loaded = TinyModel.load_from_checkpoint(path)
+    assert_weights_equal(weights(loaded), {**saved["live_state_dict"], **averaged_weights(callbacks[0])})
+    if name != "sema":  # SEMA switched the live weights to the average at the last epoch end
+        assert_weights_differ(saved["state_dict"], saved["live_state_dict"])
+    if saved_after_fit:
+        assert_weights_equal(weights(loaded), weights(first_model))  # the fitted model
+
+    resumed, resumed_recorder = make(), Recorder()
+    resumed_model, _ = fit(tmp_path / "second", [resumed, resumed_recorder], max_epochs=4, ckpt_path=str(path))
+    assert_weights_equal(resumed_recorder.epoch_end[-1], recorder.epoch_end[-1])  # the live weights
+    assert_weights_equal(averaged_weights(resumed), averaged_weights(uninterrupted))
+    assert_weights_equal(weights(resumed_model), weights(full_model))  # the average, in the fitted model
+
+
+def test_validating_a_checkpoint_evaluates_its_model_not_the_live_weights(tmp_path) -> None:
+    # Saved after fit with keep_average_on_train_end: state_dict is the average. validate(ckpt_path=...)
+    # evaluates it, even with validate_with="live" (the live weights are for resuming fit only).
+    _, trainer = fit(tmp_path, [EMA(decay=0.5, validate_with="live", backend="reference")], max_epochs=2)
+    path = tmp_path / "after_fit.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)
+    recorder = Recorder()
+    validator = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[EMA(decay=0.5, validate_with="live", backend="reference"), recorder],
+    )
+    validator.validate(TinyModel(), loaders()[1], ckpt_path=path)
+    assert_weights_equal(recorder.in_validation[0], saved["state_dict"])
+    assert_weights_differ(recorder.in_validation[0], saved["live_state_dict"])
+
+
+def test_only_one_averaging_callback_can_keep_its_average_on_train_end(tmp_path) -> None:
+    with pytest.raises(ValueError, match="keep_average_on_train_end=False"):
+        fit(tmp_path, [EMA(backend="reference"), LAWA(validate_with="live")], max_epochs=1)
+
+
 def test_save_weights_only_checkpoint_holds_the_average(tmp_path) -> None:
     ema = EMA(decay=0.6, keep_average_on_train_end=False, backend="reference")
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_weights_only=True)
@@ -283,8 +351,10 @@ def test_save_weights_only_checkpoint_holds_the_average(tmp_path) -> None:
     assert "callbacks" not in saved and "optimizer_states" not in saved
     assert saved["tiny_model_hook_ran"]  # the module's own on_save_checkpoint still runs
     assert_weights_equal(saved["ema_state_dict"], ema_averages(ema))
-    assert_weights_equal(saved["state_dict"], weights(model))  # the live weights stay where Lightning loads them
-    assert_weights_differ(saved["ema_state_dict"], saved["state_dict"])
+    # the model evaluation uses is the one Lightning loads; weights-only: no live weights to resume from
+    assert_weights_equal(saved["state_dict"], ema_averages(ema))
+    assert_weights_differ(saved["state_dict"], weights(model))
+    assert "live_state_dict" not in saved
     TinyModel().load_state_dict(saved["ema_state_dict"])  # a complete, strictly loadable state dict
     assert "on_save_checkpoint" not in vars(model)  # the stand-in hook is gone after fit...
     trainer.save_checkpoint(tmp_path / "after_fit.ckpt")  # ...and the callback's own hook serves full checkpoints
@@ -292,19 +362,20 @@ def test_save_weights_only_checkpoint_holds_the_average(tmp_path) -> None:
     assert_weights_equal(after_fit["ema_state_dict"], ema_averages(ema))
 
 
-def test_checkpoint_saved_during_validation_keeps_live_weights_in_state_dict(tmp_path) -> None:
+def test_checkpoint_saved_during_validation_keeps_live_weights_beside_the_average(tmp_path) -> None:
     ema = EMA(decay=0.5, keep_average_on_train_end=False, backend="reference")
     path = tmp_path / "during_validation.ckpt"
 
     class SaveDuringValidation(Callback):
         def on_validation_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-            trainer.save_checkpoint(path, weights_only=True)
+            trainer.save_checkpoint(path)
 
     recorder = Recorder()
     fit(tmp_path, [ema, recorder, SaveDuringValidation()], max_epochs=1)
     saved = torch.load(path, weights_only=True)
-    assert_weights_equal(saved["state_dict"], recorder.last_train_batch[0])
+    assert_weights_equal(saved["state_dict"], ema_averages(ema))
     assert_weights_equal(saved["ema_state_dict"], ema_averages(ema))
+    assert_weights_equal(saved["live_state_dict"], recorder.last_train_batch[0])
 
 
 def test_each_fit_starts_a_new_average(tmp_path) -> None:

@@ -23,6 +23,7 @@ import pytest
 import torch
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_converge.callbacks import EMA
 from lightning_converge.kernels import diloco_outer_step
 from lightning_converge.schedules import QSR
 from lightning_converge.strategies import DiLoCoStrategy, StreamingDiLoCoStrategy
@@ -31,7 +32,7 @@ from lightning_converge.strategies.diloco import assign_fragments, split_evenly
 ROOT = Path(__file__).parents[1]
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
-from diloco_fit import Regression, batch_indices, dataset  # noqa: E402
+from diloco_fit import AFTER_FIT, Regression, batch_indices, dataset  # noqa: E402
 
 sys.path.remove(str(SCRIPTS))
 
@@ -226,8 +227,11 @@ class TwoOptimizers(Regression):
         return [torch.optim.SGD(self.parameters(), lr=0.05) for _ in range(2)]
 
 
-def _fit_one_worker(model: L.LightningModule, strategy, max_steps: int = 6, ckpt_path=None) -> L.Trainer:
+def _fit_one_worker(
+    model: L.LightningModule, strategy, max_steps: int = 6, ckpt_path=None, callbacks=()
+) -> L.Trainer:
     trainer = L.Trainer(
+        callbacks=list(callbacks),
         accelerator="cpu",
         devices=1,
         strategy=strategy,
@@ -274,13 +278,21 @@ def test_qsr_sets_the_inner_steps_from_the_live_learning_rate():
         (DiLoCoStrategy(outer_optimizer=lambda params: None), Regression(), "must return a torch.optim"),
         (DiLoCoStrategy(inner_steps=lambda step: 0.2), Regression(), "inner_steps must be >= 1"),
         (DiLoCoStrategy(), TwoOptimizers(), "one inner optimizer"),
+        # the workers' buffers are not synchronized: no agreed value for an average of them
+        (DiLoCoStrategy(kernel_backend="reference"), Regression(), "include_buffers"),
     ],
-    ids=["too_many_fragments", "outer_optimizer_not_an_optimizer", "schedule_below_one", "two_optimizers"],
+    ids=[
+        "too_many_fragments",
+        "outer_optimizer_not_an_optimizer",
+        "schedule_below_one",
+        "two_optimizers",
+        "ema_include_buffers",
+    ],
 )
 def test_bad_setups_raise_before_training(strategy, model, match):
     initial = [p.detach().clone() for p in model.parameters()]
     with pytest.raises((ValueError, TypeError), match=match):
-        _fit_one_worker(model, strategy)
+        _fit_one_worker(model, strategy, callbacks=[EMA(include_buffers=True)] if match == "include_buffers" else [])
     for before, after in zip(initial, model.parameters()):
         assert torch.equal(before, after)
 
@@ -342,6 +354,16 @@ SCENARIOS = [
 ]
 
 
+END_OF_FIT_SCENARIOS = [
+    "accumulate_bf16_callbacks",
+    "delayed_stops_at_sync",
+    "ema_ends_at_sync",
+    "switch_ema",
+    "validation",
+    "validation_ema",
+]
+
+
 @pytest.fixture(scope="module")
 def two_worker_runs(tmp_path_factory):
     """One two-worker run of diloco_fit.py: every scenario, then ``worker_stops``.
@@ -350,11 +372,14 @@ def two_worker_runs(tmp_path_factory):
     """
     out = tmp_path_factory.mktemp("diloco")
     exits = run_two_workers(
-        "diloco_fit.py", [str(out), *SCENARIOS, "accumulate_bf16_callbacks", "worker_stops"], out, timeout=300
+        "diloco_fit.py", [str(out), *SCENARIOS, *END_OF_FIT_SCENARIOS, *AFTER_FIT, "worker_stops"], out, timeout=600
     )
     runs = {"exits": exits, "checkpoint_dir": out}
-    for name in SCENARIOS + [f"{name}_resumed" for name in SCENARIOS if name.endswith("_adamw")] + [
-        "accumulate_bf16_callbacks"
+    for name in [
+        *SCENARIOS,
+        *[f"{name}_resumed" for name in SCENARIOS if name.endswith("_adamw")],
+        *END_OF_FIT_SCENARIOS,
+        *[f"{name}{run}" for name in AFTER_FIT for run in ("", "_stopped", "_resumed")],
     ]:
         paths = [out / f"{name}_rank{rank}.pt" for rank in (0, 1)]
         if not all(path.exists() for path in paths):
@@ -430,14 +455,16 @@ def simulate(
                 start(f, None if delay else step + overlap_steps)
         for f in [f for f, (_, apply_at) in pending.items() if apply_at == step]:
             apply(f, mixing_alpha)
-    # The end of fit: apply what is in flight, sync what moved, replace the local parameters.
+    # The end of fit: apply what is in flight, sync what moved since its phase started, replace the
+    # local parameters.
     for f in range(num_fragments):
         if f in pending and pending[f][1] is not None:
             apply(f, mixing_alpha)
+        starts = origins.get(f, [pieces(global_params, f)] * 2)
         moved = any(
-            not torch.equal(a, b) for params in local for a, b in zip(pieces(params, f), pieces(global_params, f))
+            not torch.equal(a, b) for params, begun in zip(local, starts) for a, b in zip(pieces(params, f), begun)
         )
-        if f in origins or moved:
+        if moved:
             start(f, steps)
         if f in pending:
             apply(f, 0.0)
@@ -568,7 +595,12 @@ def test_resuming_from_a_checkpoint_inside_an_inner_phase_continues_identically(
         two_worker_runs["checkpoint_dir"] / f"{name}_checkpoints" / "epoch=0-step=4.ckpt", weights_only=True
     )
     state = checkpoint["diloco"]
-    assert state["inner_step"] == 4 and state["world_size"] == 2 and len(state["workers"]) == 2
+    assert state["inner_step"] == 4
+    workers = checkpoint["rank_states"]
+    assert workers["world_size"] == 2 and len(workers["ranks"]) == 2
+    # each worker's own local parameters: they differ inside an inner phase
+    local_models = [rank["strategy"]["diloco"]["model"] for rank in workers["ranks"]]
+    assert any(not torch.equal(a, b) for a, b in zip(local_models[0].values(), local_models[1].values()))
     assert any(fragment["pending_average"] is not None for fragment in state["fragments"])
     # the model in the checkpoint is the global one
     assert all(torch.equal(a, b) for a, b in zip(checkpoint["state_dict"].values(), state["global_params"]))
@@ -579,7 +611,7 @@ def test_resuming_from_a_checkpoint_inside_an_inner_phase_continues_identically(
 def test_resuming_with_fewer_workers_restarts_the_inner_phase_from_the_global_parameters(two_worker_runs):
     checkpoint = two_worker_runs["checkpoint_dir"] / "delayed_adamw_checkpoints" / "epoch=0-step=4.ckpt"
     strategy = DiLoCoStrategy(inner_steps=3, delay=1, kernel_backend="reference")
-    with pytest.warns(UserWarning, match="saved by 2 workers and is resumed by 1"):
+    with pytest.warns(UserWarning, match="saved by 2 ranks and is resumed by 1"):
         _fit_one_worker(Regression("AdamW"), strategy, max_steps=6, ckpt_path=checkpoint)
     # The update sent at step 3 (in the checkpoint, averaged over the two workers) lands at step 6,
     # the one sent at step 6 when fit ends.
@@ -630,3 +662,119 @@ def test_a_worker_that_stops_makes_the_other_fail_with_a_clear_error_at_the_time
     assert "Another worker has probably died or stopped responding (process-group timeout: 0:00:02)" in log1
     # gloo gave up after the strategy's 2 s, long before rank 0 died and closed its connections
     assert "Timed out waiting 2000ms" in log1
+
+
+# ---------------------------------------------------------------------------------------- the end of fit
+
+
+@pytest.mark.distributed
+def test_delay_1_stopping_right_after_a_sync_applies_only_the_average_in_flight(two_worker_runs):
+    # fit ends at step 3 = inner_steps: the first pseudo-gradient is in flight and nothing has moved since.
+    updates, final = simulate(steps=3, inner_steps=3, delay=1)
+    assert len(updates) == 1
+    for rank in two_worker_runs["delayed_stops_at_sync"]:
+        assert rank["outer_steps"] == 1
+        assert rank["events"] == [(3, 0, "start"), (3, 0, "apply")]
+        _assert_all_close(rank["globals_after_update"][0], updates[0])
+        _assert_all_close(rank["params"], final)
+
+
+def _assert_states_equal(actual, expected) -> None:
+    """Callback states (dicts and lists of tensors and plain values) equal, tensors bit for bit."""
+    assert type(actual) is type(expected)
+    if isinstance(expected, dict):
+        assert actual.keys() == expected.keys()
+        for key in expected:
+            _assert_states_equal(actual[key], expected[key])
+    elif isinstance(expected, list):
+        assert len(actual) == len(expected)
+        for a, b in zip(actual, expected):
+            _assert_states_equal(a, b)
+    elif isinstance(expected, torch.Tensor):
+        assert torch.equal(actual, expected)
+    else:
+        assert actual == expected
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", list(AFTER_FIT))
+def test_a_checkpoint_saved_after_fit_continues_exactly(two_worker_runs, name):
+    stop = AFTER_FIT[name][2]
+    full, stopped, resumed = (two_worker_runs[f"{name}{run}"] for run in ("", "_stopped", "_resumed"))
+    for rank in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(resumed[rank]["params"], full[rank]["params"]))
+        assert resumed[rank]["outer_steps"] == full[rank]["outer_steps"]
+        assert resumed[rank]["events"] == [event for event in full[rank]["events"] if event[0] > stop]
+        for callback, state in full[rank]["callbacks"].items():
+            _assert_states_equal(resumed[rank]["callbacks"][callback], state)
+    # every run ends with one model on both workers (the stopped one: after a last sync)
+    for run in (full, stopped, resumed):
+        assert all(torch.equal(a, b) for a, b in zip(run[0]["params"], run[1]["params"]))
+    if "EMA" in full[0]["callbacks"]:  # the EMA follows the global parameters: one average
+        _assert_states_equal(full[0]["callbacks"]["EMA"], full[1]["callbacks"]["EMA"])
+        assert all(  # and the fitted model is that average
+            torch.equal(p, a) for p, a in zip(full[0]["params"], full[0]["callbacks"]["EMA"]["averages"].values())
+        )
+    if "LAWA" in full[0]["callbacks"]:  # snapshots of the global parameters: the same on both workers
+        _assert_states_equal(full[0]["callbacks"]["LAWA"], full[1]["callbacks"]["LAWA"])
+    if "Grokfast" in full[0]["callbacks"]:  # local gradients: each worker's filter is its own
+        slow = [full[rank]["callbacks"]["Grokfast"]["slow"] for rank in range(2)]
+        assert any(not torch.equal(slow[0][key], slow[1][key]) for key in slow[0])
+
+
+@pytest.mark.distributed
+def test_ema_under_diloco_averages_the_global_parameters_and_the_workers_end_with_it(two_worker_runs):
+    # H=3, 6 steps: the last step is a sync step. The EMA (decay 0.5) starts from the initial parameters
+    # and takes one update after each outer step, with the global parameters.
+    rank0, rank1 = two_worker_runs["ema_ends_at_sync"]
+    assert rank0["outer_steps"] == 2
+    expected = [p.detach().clone() for p in Regression().parameters()]
+    for global_params in rank0["globals_after_update"]:
+        expected = [0.5 * e + 0.5 * g for e, g in zip(expected, global_params)]
+    for rank in (rank0, rank1):
+        _assert_all_close(list(rank["callbacks"]["EMA"]["averages"].values()), expected)
+        assert rank["callbacks"]["EMA"]["num_updates"] == 2
+    _assert_all_close(rank0["params"], expected)
+    assert all(torch.equal(a, b) for a, b in zip(rank0["params"], rank1["params"]))
+
+
+@pytest.mark.distributed
+def test_switch_ema_under_diloco_switches_the_global_parameters_on_every_worker(two_worker_runs):
+    # Epochs of 4 steps, syncs every 3 steps: each switch falls inside an inner phase. The global
+    # parameters become the average on both workers; each worker's local parameters move with them,
+    # so what it has learnt since its phase started (local - global) carries over.
+    rank0, rank1 = two_worker_runs["switch_ema"]
+    assert len(rank0["after_switch"]) == 3  # epoch ends at steps 4, 8 and 10 (max_steps)
+    for rank in (rank0, rank1):
+        for before, after in zip(rank["before_switch"], rank["after_switch"]):
+            _assert_all_close(after["global"], after["average"])
+            learnt_before = [l - g for l, g in zip(before["local"], before["global"])]
+            _assert_all_close([l - g for l, g in zip(after["local"], after["global"])], learnt_before)
+    for after0, after1 in zip(rank0["after_switch"], rank1["after_switch"]):
+        assert all(torch.equal(a, b) for a, b in zip(after0["global"], after1["global"]))
+    assert all(torch.equal(a, b) for a, b in zip(rank0["params"], rank1["params"]))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["validation", "validation_ema"])
+def test_validation_evaluates_the_model_a_checkpoint_saves_the_same_on_every_worker(two_worker_runs, name):
+    # Validation after step 4, inside an inner phase (H=3): the workers' local parameters differ. The model
+    # evaluated is the global one (or, with EMA, its average of the global parameters) on both workers,
+    # and it is the model a checkpoint saved during that validation holds as state_dict.
+    ranks = two_worker_runs[name]
+    seen = [rank["seen_in_validation"] for rank in ranks]
+    checkpoint = torch.load(two_worker_runs["checkpoint_dir"] / f"{name}.ckpt", weights_only=True)
+    for rank in seen:
+        assert all(torch.equal(a, b) for a, b in zip(rank["evaluated"], seen[0]["evaluated"]))
+        assert all(torch.equal(a, b) for a, b in zip(rank["evaluated"], checkpoint["state_dict"].values()))
+    if name == "validation":
+        _assert_all_close(seen[0]["evaluated"], seen[0]["global"])
+    else:  # the EMA's one update, after the outer step at step 3: 0.5 * initial + 0.5 * global
+        initial = [p.detach() for p in Regression().parameters()]
+        _assert_all_close(seen[0]["evaluated"], [0.5 * i + 0.5 * g for i, g in zip(initial, seen[0]["global"])])
+    # the workers' local parameters went on from where they were: the runs end as the algorithm says
+    local_models = [rank["strategy"]["diloco"]["model"] for rank in checkpoint["rank_states"]["ranks"]]
+    assert any(not torch.equal(a, b) for a, b in zip(local_models[0].values(), local_models[1].values()))
+    if name == "validation":
+        updates, final = simulate(steps=5, inner_steps=3)
+        _assert_all_close(ranks[0]["params"], final)

@@ -3,7 +3,11 @@ to the gradients Lightning hands to the optimizer, and survives a checkpoint."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections import defaultdict, deque
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
@@ -242,3 +246,47 @@ def test_loading_state_of_another_filter_raises():
 def test_bad_arguments_raise(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         Grokfast(**kwargs)
+
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+@pytest.fixture(scope="module")
+def onebit_grokfast_runs(tmp_path_factory):
+    """tests/scripts/ddp_fit.py's 1-bit Adam + Grokfast runs on 4 ranks, then on 2 (which also resume
+    the 4-rank checkpoint): world size -> each rank's runs, and the 2-rank launch's output."""
+    out_dir = tmp_path_factory.mktemp("onebit_grokfast")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "LIGHTNING_CONVERGE_BACKEND": "reference"}
+    runs = {}
+    for world_size, extra in ((4, []), (2, [str(out_dir / "onebit_grokfast_4.ckpt")])):
+        done = subprocess.run(
+            [sys.executable, str(SCRIPTS / "ddp_fit.py"), str(out_dir), "onebit_grokfast", str(world_size), *extra],
+            env=env, timeout=600, capture_output=True, text=True,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-4000:]
+        runs[world_size] = [torch.load(out_dir / f"onebit_grokfast_{world_size}_rank{r}.pt") for r in range(world_size)]
+        runs[f"log{world_size}"] = done.stdout + done.stderr
+    return runs
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_per_rank_state_under_onebit_adam_resumes_exactly(onebit_grokfast_runs, world_size):
+    # After freeze_step each rank filters its own gradients: the filters differ between ranks, and a
+    # checkpoint saved after the first epoch gives every rank its own back.
+    ranks = onebit_grokfast_runs[world_size]
+    for rank in ranks:
+        assert rank["resumed"]["filtered_at_start"] == len(rank["straight"]["grokfast"]["slow"]) > 0
+        for p, q in zip(rank["resumed"]["params"], rank["straight"]["params"]):
+            assert torch.equal(p, q)
+        assert _flatten(rank["resumed"]["grokfast"]) == _flatten(rank["straight"]["grokfast"])
+        assert all(torch.equal(p, q) for p, q in zip(rank["straight"]["params"], ranks[0]["straight"]["params"]))
+    slows = [rank["straight"]["grokfast"]["slow"] for rank in ranks]
+    assert all(_flatten(slow) != _flatten(slows[0]) for slow in slows[1:])
+
+
+@pytest.mark.distributed
+def test_per_rank_state_saved_by_another_number_of_ranks_starts_afresh_with_a_warning(onebit_grokfast_runs):
+    assert "saved by 4 ranks and is resumed by 2: it starts afresh" in onebit_grokfast_runs["log2"]
+    for rank in onebit_grokfast_runs[2]:
+        assert rank["other_world_size"]["filtered_at_start"] == 0  # Grokfast's filter starts afresh

@@ -12,31 +12,50 @@
 
 Checkpoints
 -----------
-``checkpoint["state_dict"]`` keeps the live weights, so Lightning resumes
-training exactly and ``load_from_checkpoint`` loads it strictly, as without the
-callback. The weights that evaluation uses go to a top-level key,
-``checkpoint[<callback>.checkpoint_key]`` (``"ema_state_dict"``,
-``"lawa_state_dict"``): a complete state dict of the module, loadable with
-``model.load_state_dict(torch.load(path, weights_only=True)["ema_state_dict"])``.
-A prefix inside ``checkpoint["state_dict"]`` was the alternative; it was turned
-down because those extra keys break strict loading of every such checkpoint
-without the callback attached.
+A checkpoint holds one model to use, the one evaluation uses, and what
+training needs to continue exactly, as Lightning's own ``WeightAveraging`` does:
 
-Full checkpoints get the key from the callback's ``on_save_checkpoint``, next
-to the callback's ``state_dict()`` (averages and counters, for an exact resume);
-``torch.save`` stores the tensors the two entries share once. Lightning writes a
-``ModelCheckpoint(save_weights_only=True)`` checkpoint without calling any
-callback hook (``on_save_checkpoint`` and ``state_dict`` are both skipped), but
-it calls the LightningModule's ``on_save_checkpoint`` for every checkpoint. So
-between ``setup`` and ``teardown`` an averaging callback puts a small stand-in
-for that method on the module instance (:class:`_SaveCheckpointHook`): it writes
-the key unless the callback's hook already did, then calls the module's own
-hook. It is removed at ``teardown`` so the module holds no reference to the
-callback after ``fit``; a weights-only checkpoint saved by hand after ``fit``
-therefore has no key, but with ``keep_average_on_train_end`` (the default) its
+- ``checkpoint["state_dict"]`` is the model evaluation sees: the average when
+  the callback evaluates with it (``validate_with="average"``), and after ``fit``
+  with ``keep_average_on_train_end`` (the model then holds the average), so
+  ``LightningModule.load_from_checkpoint`` loads the averaged weights;
+- ``checkpoint["live_state_dict"]`` (full checkpoints, whenever ``state_dict`` is
+  not the live weights) holds the live weights, which the callback puts back into
+  the model when ``fit`` resumes (``on_load_checkpoint``): a run resumed from a
+  checkpoint taken during or after ``fit`` continues exactly. Resumed without the
+  callback, training would continue from the average;
+- ``checkpoint[<callback>.checkpoint_key]`` (``"ema_state_dict"``,
+  ``"lawa_state_dict"``) always holds the callback's average, a complete state
+  dict of the module (``torch.save`` stores tensors shared with ``state_dict`` once).
+
+Full checkpoints get them from the callback's ``on_save_checkpoint``, next to the
+callback's ``state_dict()`` (averages and counters, for an exact resume).
+Lightning writes a ``ModelCheckpoint(save_weights_only=True)`` checkpoint
+without calling any callback hook (``on_save_checkpoint`` and ``state_dict`` are
+both skipped), but it calls the LightningModule's ``on_save_checkpoint`` for
+every checkpoint. So between ``setup`` and ``teardown`` an averaging callback
+puts a small stand-in for that method on the module instance
+(:class:`_SaveCheckpointHook`): it writes the averaged weights unless the
+callback's hook already did, then calls the module's own hook. It is removed at
+``teardown`` so the module holds no reference to the callback after ``fit``; a
+weights-only checkpoint saved by hand after ``fit`` therefore has no
+``checkpoint_key``, but with ``keep_average_on_train_end`` (the default) its
 ``state_dict`` is the average by then. A weights-only checkpoint cannot resume
-training (Lightning needs the optimizer state): the averaged weights are all it
-needs.
+training (Lightning needs the optimizer state): it gets no ``live_state_dict``.
+
+Strategies whose workers train local copies
+-------------------------------------------
+Under DiLoCo and Streaming DiLoCo each worker's parameters are its own between
+synchronizations; the model the workers agree on is the strategy's global
+parameters (``strategy.agreed_parameters()``). There the callbacks average the
+global parameters, once after each outer step that changed them (EMA) or when
+a snapshot is due (LAWA), so the average is the same on every worker; before
+writing into the model at the end of ``fit`` they make the strategy end its
+local training (``strategy.finish_local_training()``), so every worker ends with
+the same model; Switch EMA switches the global parameters
+(``strategy.move_global_parameters``). Validation inside ``fit`` evaluates the
+average (or the global parameters until there is one), the same on every worker.
+``include_buffers`` is refused there: the workers' buffers are not synchronized.
 
 Sharded strategies (FSDP, DeepSpeed) are not supported: the tensors are swapped
 and averaged as the module holds them.
@@ -49,6 +68,7 @@ from typing import Any, Callable, ClassVar, Mapping, Optional, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
@@ -56,8 +76,17 @@ from lightning_converge.kernels.dispatch import validate_backend
 from lightning_converge.kernels.finite import all_finite
 
 VALIDATE_WITH = ("average", "live")
+#: Top-level checkpoint key of the live weights, when ``state_dict`` holds the average.
+LIVE_STATE_DICT_KEY = "live_state_dict"
 
 Writer = Callable[[pl.LightningModule, dict[str, Any]], None]
+
+
+def agreed_parameters(pl_module: pl.LightningModule) -> Optional[list[Tensor]]:
+    """The parameters the workers agree on, in ``module.parameters()`` order, while the strategy's workers
+    train local copies (DiLoCo: its global parameters); None when the module's own parameters are those."""
+    agreed = getattr(pl_module.trainer.strategy, "agreed_parameters", None)
+    return None if agreed is None else agreed()
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -96,10 +125,15 @@ class AveragingCallback(Callback):
     - ``on_validation_end`` / ``on_test_end`` (after the last evaluation batch and
       the epoch-end hooks, before checkpoint callbacks save): swaps the live
       weights back.
-    - ``on_train_end`` (after the last epoch): with ``keep_average_on_train_end``,
-      copies the average into the model, which then holds it for good.
+    - ``on_train_end`` (after the last epoch, before the strategy's): with
+      ``keep_average_on_train_end``, keeps a copy of the live weights (for
+      checkpoints saved after ``fit``) and copies the average into the model,
+      which then holds it for good.
     - ``on_save_checkpoint`` (full checkpoints, during or after a run): writes
-      the averaged weights under :attr:`checkpoint_key`.
+      the averaged weights under :attr:`checkpoint_key`, and into ``state_dict``
+      with the live weights under ``"live_state_dict"`` (module docstring).
+    - ``on_load_checkpoint`` (when a checkpoint is restored, after Lightning loaded
+      ``state_dict`` into the model): when ``fit`` resumes, puts the live weights back.
     - The module's ``on_save_checkpoint``, stood in for between ``setup`` and
       ``teardown`` (every checkpoint, weights-only included; after the
       callbacks' hook): writes them if the callback's hook did not.
@@ -129,12 +163,23 @@ class AveragingCallback(Callback):
         self._module: Optional[pl.LightningModule] = None  # whose tensors are tracked (None: collect again)
         self._names: list[str] = []
         self._live: list[Tensor] = []  # the module's tracked parameters and buffers, in `_names` order
+        # What the average follows, in `_names` order: `_live`, or the global parameters under DiLoCo.
+        self._followed: list[Tensor] = []
+        # DiLoCo: its outer steps when the average last followed the global parameters (None: not yet set).
+        self._followed_version: Optional[int] = None
+        self._kept_live: Optional[dict[str, Tensor]] = None  # the live weights, after fit wrote the average in
         self._stash: Optional[list[Tensor]] = None  # the live storages while the average is swapped in
         self._last_step = 0  # trainer.global_step at the previous training batch end
 
     @property
     def _name(self) -> str:
         return type(self).__name__
+
+    @property
+    def evaluates_with_average(self) -> bool:
+        """Whether validation and test see the average: a strategy that would swap in weights of its own
+        for evaluation (DiLoCo's global parameters) leaves the model to this callback."""
+        return self.validate_with == "average"
 
     # -- for subclasses ------------------------------------------------------------------
 
@@ -167,6 +212,17 @@ class AveragingCallback(Callback):
             raise ValueError(f"{self._name}: {type(pl_module).__name__} has no parameters to average")
         self._names = [name for name, _ in named]
         self._live = [tensor for _, tensor in named]
+        agreed = agreed_parameters(pl_module)
+        if agreed is None:
+            self._followed = self._live
+        else:
+            if self.include_buffers:
+                strategy = type(pl_module.trainer.strategy).__name__
+                raise ValueError(
+                    f"{self._name}: include_buffers=True is not supported under {strategy}: its workers do not "
+                    "synchronize buffers, so there is no agreed value to average"
+                )
+            self._followed = list(agreed)
         self._align()
         self._module = pl_module
 
@@ -184,6 +240,16 @@ class AveragingCallback(Callback):
                 "or with another include_buffers?"
             )
 
+    def _followed_moved(self, trainer: pl.Trainer) -> bool:
+        """Whether what the average follows can have changed since the previous call: always, unless it is
+        the global parameters of a strategy whose workers train local copies, which change at outer steps."""
+        if self._followed is self._live:
+            return True
+        version = trainer.strategy.outer_steps
+        moved = version != self._followed_version
+        self._followed_version = version
+        return moved
+
     def _optimizer_stepped(self, trainer: pl.Trainer) -> bool:
         """Whether an optimizer step happened since the previous training batch ended.
 
@@ -198,7 +264,7 @@ class AveragingCallback(Callback):
     def _live_is_finite(self, trainer: pl.Trainer, *, otherwise: str) -> bool:
         """Whether every tracked tensor is finite on every rank, so all ranks decide alike;
         if not, warns that the live weights hold inf/NaN and ``otherwise``."""
-        finite = bool(all_finite(self._live, backend=self.backend))
+        finite = bool(all_finite(self._followed, backend=self.backend))
         finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
         if not finite:
             rank_zero_warn(f"{self._name}: the live weights hold inf or NaN; {otherwise}")
@@ -213,10 +279,14 @@ class AveragingCallback(Callback):
         same objects); only their ``.data`` changes. An average of the tensor's
         dtype and device is handed over without a copy.
         """
+        if self._stash is not None:
+            return
         self._track(pl_module)
         average = self._average()
-        if average is None:  # nothing averaged yet: evaluate the live weights
-            return
+        if average is None:  # nothing averaged yet: evaluate what the average follows
+            if self._followed is self._live:
+                return
+            average = self._followed
         self._stash = [tensor.data for tensor in self._live]
         for tensor, averaged in zip(self._live, average):
             tensor.data = averaged.to(device=tensor.device, dtype=tensor.dtype)
@@ -231,30 +301,41 @@ class AveragingCallback(Callback):
 
     @torch.no_grad()
     def _copy_average_into_model(self, pl_module: pl.LightningModule) -> None:
-        """Overwrite the live weights with the average (train end; Switch EMA)."""
+        """Make the model hold the average (train end; Switch EMA): overwrite the live weights, or, while
+        the workers of the strategy train local copies, switch its global parameters to the average."""
         self._track(pl_module)
         average = self._average()
-        if average is not None:
-            for tensor, averaged in zip(self._live, average):
-                tensor.copy_(averaged)
+        if average is None:
+            return
+        if agreed_parameters(pl_module) is not None:
+            pl_module.trainer.strategy.move_global_parameters(average)
+            return
+        for tensor, averaged in zip(self._live, average):
+            tensor.copy_(averaged)
 
     def _write_averaged_weights(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Store the weights evaluation uses, as the module's full state dict, under :attr:`checkpoint_key`."""
+        """Store the averaged weights under :attr:`checkpoint_key`; when this callback decides what the model
+        is (it evaluates with its average, or wrote it into the model at train end), make ``state_dict`` the
+        average and keep the live weights under ``"live_state_dict"`` (module docstring)."""
         if self.checkpoint_key in checkpoint:  # full checkpoint: on_save_checkpoint, called first, wrote it
             return
-        if self._stash is not None:
-            # Saved during evaluation: Lightning has just stored the swapped-in
-            # average as "state_dict"; the live weights belong there.
-            checkpoint[self.checkpoint_key] = checkpoint["state_dict"]
-            self._swap_out()
-            checkpoint["state_dict"] = pl_module.state_dict()
-            self._swap_in(pl_module)
-            return
+        swapped = self._stash is not None  # saved during evaluation, the average swapped in
         self._swap_in(pl_module)
-        try:
-            checkpoint[self.checkpoint_key] = pl_module.state_dict()
-        finally:
-            self._swap_out()
+        average = pl_module.state_dict()
+        self._swap_out()
+        # The strategy's view of the live weights: under DiLoCo the global parameters, not this worker's.
+        live = pl_module.trainer.strategy.lightning_module_state_dict()
+        if swapped:
+            self._swap_in(pl_module)
+        checkpoint[self.checkpoint_key] = average
+        full = "optimizer_states" in checkpoint  # not weights-only: it can resume training
+        if self._kept_live is not None:  # the model holds the average since train end
+            if full:
+                checkpoint[LIVE_STATE_DICT_KEY] = self._kept_live
+        elif self.validate_with == "average":
+            checkpoint["state_dict"] = average
+            if full:
+                checkpoint.setdefault(LIVE_STATE_DICT_KEY, live)  # a callback that kept them knows better
 
     # -- Lightning hooks -----------------------------------------------------------------
 
@@ -267,14 +348,24 @@ class AveragingCallback(Callback):
                 f"{self._name}: {[type(cb).__name__ for cb in evaluators]} all evaluate with their average; "
                 "only one can (they would swap weights over each other): set validate_with='live' on the others"
             )
+        keepers = [cb for cb in trainer.callbacks if isinstance(cb, AveragingCallback) and cb.keep_average_on_train_end]
+        if len(keepers) > 1:
+            raise ValueError(
+                f"{self._name}: {[type(cb).__name__ for cb in keepers]} all copy their average into the model when "
+                "training ends (each over the other's): set keep_average_on_train_end=False on all but one"
+            )
         if stage == "fit":
             self._reset()
             self._untrack()
+            self._kept_live = None
+            self._followed_version = None
         _SaveCheckpointHook.add(pl_module, self._write_averaged_weights)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_step = trainer.global_step
         self._track(pl_module)
+        if self._followed_version is None:  # a new average starts from the global parameters as they are
+            self._followed_version = getattr(trainer.strategy, "outer_steps", None)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.validate_with == "average":
@@ -290,9 +381,27 @@ class AveragingCallback(Callback):
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._swap_out()
 
+    @torch.no_grad()
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.keep_average_on_train_end:
-            self._copy_average_into_model(pl_module)
+        if not self.keep_average_on_train_end:
+            return
+        finish_local_training = getattr(trainer.strategy, "finish_local_training", None)
+        if finish_local_training is not None:  # DiLoCo: every worker holds the global parameters from here
+            finish_local_training()
+        self._track(pl_module)
+        if self._average() is None:
+            return
+        self._kept_live = {name: tensor.detach().clone() for name, tensor in pl_module.state_dict().items()}
+        self._copy_average_into_model(pl_module)
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        live = checkpoint.get(LIVE_STATE_DICT_KEY)
+        # state_dict, which Lightning has just loaded, is the average: training goes on from the live weights,
+        # validate/test/predict(ckpt_path=...) evaluate the checkpoint's model.
+        if live is not None and trainer.state.fn == TrainerFn.FITTING:
+            pl_module.load_state_dict(live)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]

@@ -35,10 +35,13 @@ class EMA(AveragingCallback):
             average; ``"live"`` leaves the model alone.
         switch_every_epoch: Switch EMA (SEMA): copy the average into the live
             model at the end of every training epoch; training goes on from there
-            (the optimizer state is kept).
+            (the optimizer state is kept). Under DiLoCo the average replaces the
+            global parameters, on every worker alike, and each worker's local
+            parameters move with them (the progress of its inner phase carries over).
         keep_average_on_train_end: copy the average into the model when training
             ends, so the fitted model is the averaged one. A checkpoint saved by
-            hand after ``fit`` then holds the average as its live weights too.
+            hand after ``fit`` holds it as ``state_dict``, and the live weights
+            beside it, so a run resumed from it continues exactly.
         device: where the average lives; None: with each parameter. ``"cpu"``
             saves accelerator memory at the cost of a transfer per update.
         backend: the :func:`~lightning_converge.kernels.ema.ema_update` backend.
@@ -60,10 +63,14 @@ class EMA(AveragingCallback):
       finiteness pass an epoch); with ``switch_every_epoch``, copies the
       average into the model.
 
+    Under DiLoCo / Streaming DiLoCo the EMA follows the global parameters: an
+    update is due as above, and is made only if an outer step has changed them
+    since the last one (so with ``update_every=1`` once per outer step).
+
     Every decision depends on ``global_step``, the update count and the (DDP
-    synchronized) weights, so all ranks take it alike. State (``state_dict``):
-    the averages by tensor name and the update count; a resumed run continues
-    exactly.
+    synchronized, or DiLoCo's global) weights, so all ranks take it alike. State (``state_dict``):
+    the averages by tensor name, the update count and (DiLoCo) the outer steps
+    the average has followed; a resumed run continues exactly.
     """
 
     checkpoint_key = "ema_state_dict"
@@ -112,13 +119,13 @@ class EMA(AveragingCallback):
             }
         else:
             self._averages = {
-                name: live.detach().to(
+                name: followed.detach().to(
                     device=self._state_device(live),
                     dtype=accumulation_dtype(live.dtype),
                     memory_format=torch.contiguous_format,
                     copy=True,
                 )
-                for name, live in zip(self._names, self._live)
+                for name, live, followed in zip(self._names, self._live, self._followed)
             }
 
     def _average(self) -> list[Tensor]:
@@ -140,10 +147,12 @@ class EMA(AveragingCallback):
         if not copying and trainer.global_step % self.update_every:
             return
         self._track(pl_module)
+        if not self._followed_moved(trainer):  # DiLoCo: no outer step since the last update
+            return
         # decay 0 makes the update an exact copy: the same fused pass serves both phases.
         decay = 0.0 if copying else self._scheduled_decay()
         averages = self._average()
-        currents = [live.detach().to(average.device) for live, average in zip(self._live, averages)]
+        currents = [followed.detach().to(average.device) for followed, average in zip(self._followed, averages)]
         ema_update(averages, currents, decay=scalar(decay, averages[0].device), backend=self.backend)
         if not copying:
             self._num_updates += 1
@@ -159,9 +168,14 @@ class EMA(AveragingCallback):
             self._copy_average_into_model(pl_module)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"averages": dict(self._averages), "num_updates": self._num_updates}
+        return {
+            "averages": dict(self._averages),
+            "num_updates": self._num_updates,
+            "outer_steps_followed": self._followed_version,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._averages = dict(state_dict["averages"])
         self._num_updates = int(state_dict["num_updates"])
+        self._followed_version = state_dict.get("outer_steps_followed")
         self._untrack()

@@ -46,9 +46,15 @@ class Grokfast(pl.Callback):
     never references to the live ``.grad`` tensors, which are zeroed in place or freed.
 
     State, by parameter name, in :meth:`state_dict` (tensors and plain values only),
-    so a resumed run continues exactly. Logs ``grokfast/slow_norm``, the L2 norm of
-    this step's slow gradients.
+    so a resumed run continues exactly. Under strategies where each rank steps on
+    its own gradients (DiLoCo, 1-bit Adam after ``freeze_step``) the state differs
+    between ranks, and the strategy saves every rank's in the checkpoint
+    (:mod:`lightning_converge.strategies.rank_state`). Logs ``grokfast/slow_norm``,
+    the L2 norm of this step's slow gradients.
     """
+
+    #: The state follows the gradients this rank sees: saved per rank where they differ between ranks.
+    state_follows_gradients = True
 
     def __init__(
         self,

@@ -42,6 +42,8 @@ class LAWA(AveragingCallback):
       or ``global_step`` moved to a multiple of ``every``). If a live weight is
       inf/NaN on any rank, every rank skips the snapshot.
 
+    Under DiLoCo / Streaming DiLoCo the snapshots are of the global parameters.
+
     State (``state_dict``): the snapshots, oldest first, by tensor name; a
     resumed run continues exactly.
     """
@@ -111,7 +113,8 @@ class LAWA(AveragingCallback):
         if not self._live_is_finite(trainer, otherwise="the snapshot is skipped"):
             return
         snapshot = {
-            name: live.detach().to(self._state_device(live), copy=True) for name, live in zip(self._names, self._live)
+            name: followed.detach().to(self._state_device(live), live.dtype, copy=True)
+            for name, live, followed in zip(self._names, self._live, self._followed)
         }
         self._snapshots = [*self._snapshots, snapshot][-self.k :]
 

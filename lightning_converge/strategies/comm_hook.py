@@ -10,17 +10,16 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from lightning_converge.comm import CommStats, Exchange, Layout
 from lightning_converge.options import unknown_options_error
+from lightning_converge.strategies.rank_state import load_rank_states, save_rank_states
 
 
 def _run_comm_hook(strategy: "CommHookDDPStrategy", bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
@@ -91,8 +90,11 @@ class CommHookDDPStrategy(DDPStrategy):
       (restored on resume), through the LightningModule's ``log``, and keeps the
       step's counts in ``last_comm_stats``. Bytes are this rank's.
     * :meth:`save_checkpoint` (every rank, whenever the Trainer saves): gathers
-      every rank's :meth:`comm_state_dict` into the checkpoint under
-      ``checkpoint_key``, unless the checkpoint holds weights only.
+      every rank's :meth:`comm_state_dict` (under ``checkpoint_key``), and the
+      per-rank states of callbacks that follow the gradients when
+      ``gradients_differ_between_ranks``, into ``checkpoint["rank_states"]``
+      (:mod:`lightning_converge.strategies.rank_state`), unless the checkpoint
+      holds weights only.
     * :meth:`load_checkpoint` (every rank, when ``fit`` resumes from ``ckpt_path``):
       each rank loads its own entry; with a different number of ranks the state
       starts afresh, with a warning.
@@ -199,24 +201,12 @@ class CommHookDDPStrategy(DDPStrategy):
         self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None
     ) -> None:
         if "optimizer_states" in checkpoint:  # a full checkpoint, not save_weights_only
-            state = apply_to_collection(self.comm_state_dict(), Tensor, lambda t: t.detach().cpu())
-            states: list[Any] = [None] * self.world_size
-            if self.world_size > 1:
-                dist.all_gather_object(states, state)
-            else:
-                states = [state]
-            checkpoint[self.checkpoint_key] = {"world_size": self.world_size, "ranks": states}
+            save_rank_states(self, checkpoint, {self.checkpoint_key: self.comm_state_dict()})
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        saved = checkpoint.get(self.checkpoint_key)
-        if saved is not None:
-            if saved["world_size"] == self.world_size:
-                self.load_comm_state_dict(saved["ranks"][self.global_rank])
-            else:
-                rank_zero_warn(
-                    f"{type(self).__name__}: the checkpoint's communication state is from {saved['world_size']} "
-                    f"ranks, this run has {self.world_size}; it starts afresh."
-                )
+        state = load_rank_states(self, checkpoint).get(self.checkpoint_key)
+        if state is not None:
+            self.load_comm_state_dict(state)
         return checkpoint

@@ -66,7 +66,7 @@ class CompressedDDPStrategy(CommHookDDPStrategy):
     The communication hook compresses each bucket (fp32 math whatever the
     gradients' dtype), exchanges it and hands back the average; each rank keeps
     its own error-feedback residuals and compressor state, saved in checkpoints
-    under ``"compressed_ddp"`` (every rank's) so that a resumed run continues
+    in ``checkpoint["rank_states"]`` (every rank's, key ``"compressed_ddp"``) so that a resumed run continues
     exactly. Gradient accumulation communicates once per optimizer step, and
     ``precision="bf16-mixed"`` compresses the fp32 gradients of the fp32 parameters.
     Under ``precision="16-mixed"`` with a gradient scaler, the hook compresses

@@ -94,6 +94,7 @@ from lightning_converge.comm import Compressor, Exchange, Layout, make_compresso
 from lightning_converge.kernels import diloco_outer_step, ema_update, scalar
 from lightning_converge.kernels.dispatch import validate_backend
 from lightning_converge.schedules import QSR, Schedule, as_schedule
+from lightning_converge.strategies.rank_state import cpu_copy, load_rank_states, save_rank_states
 
 OuterOptimizerFactory = Callable[[Iterable[Tensor]], Optimizer]
 
@@ -216,7 +217,8 @@ class _Fragment:
     # Names and shapes of the pieces, in the order of the flat pseudo-gradient (what compressors read).
     layout: Layout
     pending: Optional[_PendingSync] = None
-    # True while the local parameters equal the global ones: nothing new to send.
+    # True while the local parameters hold nothing unsent: they equal the global ones, or (delay=1,
+    # right after the first sync) the origin of the next inner phase.
     in_sync: bool = True
     # Where this worker's inner phase started (fp32, on the outer-state device), when not at the
     # global parameters: with delay=1, between the first sync and the second.
@@ -269,22 +271,37 @@ class DiLoCoStrategy(DDPStrategy):
             wrapper (``find_unused_parameters``, ``ddp_comm_hook``, ...) raise:
             the model is not wrapped.
 
-    Only one inner optimizer is supported. When ``fit`` ends, in-flight
-    all-reduces are applied and each fragment whose local parameters moved
-    since its last sync takes one last, blocking outer step, so every worker
-    ends with the same (global) parameters.
+    Only one inner optimizer is supported.
 
-    Checkpoints hold, besides what ``"ddp"`` saves, ``checkpoint["diloco"]``: the
-    global parameters, the outer optimizer's state, the position in the
-    schedule, the averaged pseudo-gradients still to be applied (the strategy
-    waits for in-flight all-reduces when saving), and every worker's local
-    model state and inner-optimizer state (``world_size`` copies), so a run
-    resumed from a checkpoint taken in the middle of an inner phase continues
-    exactly. The checkpoint's ``state_dict`` holds the global parameters (the
-    model the workers agree on; what ``save_weights_only`` checkpoints keep).
-    Resumed with a different number of workers, the interrupted inner phase
-    restarts from the global parameters.
+    **One model.** Between syncs each worker's parameters are its own; the
+    model the workers agree on is the global parameters
+    (:meth:`agreed_parameters`). Validation inside ``fit`` evaluates it
+    (swapped into the module, on every worker alike; or, when a callback
+    evaluates with an average of it, that average), and checkpoints save it as
+    ``state_dict``. When ``fit`` ends (:meth:`finish_local_training`), in-flight
+    all-reduces are applied and each fragment whose local parameters hold unsent
+    progress takes one last, blocking outer step, so every worker ends with the
+    same (global) parameters. EMA and LAWA average the global parameters and call
+    :meth:`finish_local_training` before writing their average into the model;
+    Switch EMA switches the global parameters (:meth:`move_global_parameters`).
+
+    **Checkpoints** hold, besides what ``"ddp"`` saves, ``checkpoint["diloco"]``:
+    the global parameters, the outer optimizer's state, the position in the
+    schedule and the averaged pseudo-gradients still to be applied (the strategy
+    waits for in-flight all-reduces when saving); and in
+    ``checkpoint["rank_states"]`` (:mod:`~lightning_converge.strategies.rank_state`)
+    every worker's local model state, inner-optimizer state and error-feedback
+    residuals, and its callbacks' per-worker states (Grokfast's filter: each
+    worker filters its own gradients). A run resumed from a checkpoint taken in
+    the middle of an inner phase continues exactly. So does one resumed from a
+    checkpoint saved after ``fit``: it holds the state kept when training ended,
+    before the last sync, while its ``state_dict`` is the synced model. Resumed
+    with a different number of workers, the interrupted inner phase restarts
+    from the global parameters (with a warning).
     """
+
+    # Workers step on their own gradients: Grokfast's state is saved per worker (see rank_state).
+    gradients_differ_between_ranks = True
 
     def __init__(
         self,
@@ -355,6 +372,7 @@ class DiLoCoStrategy(DDPStrategy):
         self._exchange: Optional[Exchange] = None
         self._comm_thread: Optional[ThreadPoolExecutor] = None
         self._params: list[torch.nn.Parameter] = []
+        self._local_params: list[Tensor] = []
         self._global_params: list[Tensor] = []
         self._momentum_buffers: list[Tensor] = []
         self._outer_optimizer: Optional[Optimizer] = None
@@ -366,6 +384,10 @@ class DiLoCoStrategy(DDPStrategy):
         self._outer_steps = 0
         self._bytes_sent = 0
         self._wait_seconds = 0.0
+        # Whether the module holds the global parameters for evaluation (its local ones: `_local_params`).
+        self._evaluating_global = False
+        # (shared state, this worker's state) kept by finish_local_training for checkpoints saved after fit.
+        self._state_at_train_end: Optional[tuple[dict[str, Any], dict[str, Any]]] = None
 
     # ------------------------------------------------------------------ public read-outs
 
@@ -401,12 +423,15 @@ class DiLoCoStrategy(DDPStrategy):
         """
         module = self.lightning_module
         _sync_module_states(module)
+        self._state_at_train_end = None
         self._group = dist.new_group(backend=dist.get_backend(), timeout=self._timeout)
         if self._compressor is not None:
             self._exchange = Exchange(self._group)
             self._comm_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diloco-exchange")
         names, params = zip(*module.named_parameters())
         self._params = list(params)
+        # Views of this worker's parameter storages, which stay put while evaluation swaps other weights in.
+        self._local_params = [p.detach() for p in params]
         numels = [p.numel() for p in params]
         if self._fragment_assignment == "balanced":
             assignment = split_evenly(numels, self._num_fragments)
@@ -460,36 +485,133 @@ class DiLoCoStrategy(DDPStrategy):
         return output
 
     def on_train_end(self) -> None:
-        """Fires when ``fit`` finishes training (not on an exception): applies what is in flight and
-        syncs whatever moved since its last sync, so every worker ends with the global parameters."""
-        with torch.no_grad():
-            for fragment in self._fragments:
-                overlapped = fragment.pending is not None and fragment.pending.apply_at_step is not None
-                if overlapped:  # its time has not come; it must not be lost
-                    self._apply_outer_update(fragment)
-                if not fragment.in_sync:  # a delay=1 update still pending is applied inside, as at any sync
-                    self._start_sync(fragment, apply_at_step=self._inner_step)
-                if fragment.pending is not None:
-                    self._apply_outer_update(fragment, mixing_alpha=0.0)  # replace, so all workers end identical
+        """Fires when ``fit`` finishes training (not on an exception), after the callbacks' ``on_train_end``:
+        :meth:`finish_local_training`, unless a callback has already called it."""
+        self.finish_local_training()
+
+    @torch.no_grad()
+    def finish_local_training(self) -> None:
+        """End the workers' local training when ``fit`` ends, once: every worker ends with the global parameters.
+
+        First the state training needs to continue (every worker's local parameters, inner-optimizer
+        state and error-feedback residuals, the outer state, the position in the schedule) is kept,
+        as CPU copies, for checkpoints saved after ``fit``: a run resumed from one continues as if it
+        had not stopped. Then what is in flight is applied, and each fragment whose local parameters
+        hold unsent progress takes one last, blocking outer step; the local parameters are replaced
+        by the global ones. Callbacks that write into the model when training ends (EMA, LAWA with
+        ``keep_average_on_train_end``) call this first, from their own ``on_train_end``, which
+        Lightning runs before the strategy's.
+        """
+        if self._state_at_train_end is not None or not self._fragments:
+            return
+        self._state_at_train_end = (cpu_copy(self._shared_state()), cpu_copy(self._worker_state()))
+        for fragment in self._fragments:
+            overlapped = fragment.pending is not None and fragment.pending.apply_at_step is not None
+            if overlapped:  # its time has not come; it must not be lost
+                self._apply_outer_update(fragment)
+            if not fragment.in_sync:  # a delay=1 update still pending is applied inside, as at any sync
+                self._start_sync(fragment, apply_at_step=self._inner_step)
+            if fragment.pending is not None:
+                self._apply_outer_update(fragment, mixing_alpha=0.0)  # replace, so all workers end identical
+
+    def agreed_parameters(self) -> Optional[list[Tensor]]:
+        """The parameters the workers agree on while each trains a local copy: the global parameters
+        (fp32, on ``outer_state_device``, in ``module.parameters()`` order), from the start of ``fit`` to
+        :meth:`finish_local_training`; None otherwise (the model's own parameters are then the agreed ones).
+
+        Averaging callbacks (EMA, LAWA) average these, not a worker's local parameters."""
+        if not self._fragments or self._state_at_train_end is not None:
+            return None
+        return self._global_params
+
+    @torch.no_grad()
+    def move_global_parameters(self, values: Sequence[Tensor]) -> None:
+        """Replace the global parameters by ``values`` (one per parameter, in ``module.parameters()``
+        order, the same on every worker), and move every worker's local parameters, and the origin of
+        its inner phase, by as much: the progress of the inner phase carries over, the pseudo-gradients
+        stay what they were. Switch EMA (``EMA(switch_every_epoch=True)``) switches the model this way."""
+        shifts = [value.to(g.device, g.dtype) - g for g, value in zip(self._global_params, values, strict=True)]
+        for global_param, value in zip(self._global_params, values):
+            global_param.copy_(value)
+        for fragment in self._fragments:
+            locals_ = self._pieces(self._local_params, fragment)
+            if fragment.in_sync and fragment.origin is None:  # exactly the global values, on every worker
+                for local, global_piece in zip(locals_, self._pieces(self._global_params, fragment)):
+                    local.copy_(global_piece)
+                continue
+            for local, shift in zip(locals_, self._pieces(shifts, fragment)):
+                local.add_(shift.to(local.device, local.dtype))
+            for origin, shift in zip(fragment.origin or [], self._pieces(shifts, fragment)):
+                origin.add_(shift)
+
+    def on_validation_start(self) -> None:
+        """Fires before each validation (the sanity check included), after the callbacks' hook: while the
+        workers train local copies, the model evaluates the global parameters, the same on every worker
+        and the model checkpoints save, unless a callback evaluates with an average of them (EMA or LAWA
+        with ``validate_with="average"``)."""
+        self._swap_in_global_parameters()
+
+    def on_validation_end(self) -> None:
+        """Fires after each validation, after the callbacks' hook: the local parameters come back."""
+        self._swap_out_global_parameters()
+
+    def _swap_in_global_parameters(self) -> None:
+        agreed = self.agreed_parameters()
+        callbacks = self.lightning_module.trainer.callbacks
+        if agreed is None or self._evaluating_global:
+            return
+        if any(getattr(callback, "evaluates_with_average", False) for callback in callbacks):
+            return
+        for param, global_param in zip(self._params, agreed):
+            param.data = global_param.to(param.device, param.dtype, copy=True)
+        self._evaluating_global = True
+
+    def _swap_out_global_parameters(self) -> None:
+        if not self._evaluating_global:
+            return
+        for param, local in zip(self._params, self._local_params):
+            param.data = local
+        self._evaluating_global = False
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        """Fires when a checkpoint is assembled: the model's state with the global parameters in place
-        of this worker's local ones (the model the workers agree on)."""
+        """Fires when a checkpoint is assembled: while the workers train local copies, the model's state
+        with the global parameters in place of this worker's local ones (the model the workers agree on)."""
+        agreed = self.agreed_parameters()
+        if agreed is None:
+            return super().lightning_module_state_dict()
+        return self._module_state_with(agreed)
+
+    def _module_state_with(self, params: Sequence[Tensor]) -> dict[str, Any]:
+        """The module's state dict with ``params`` (one per parameter, in ``module.parameters()`` order) as
+        its parameters, in their dtypes."""
         state = super().lightning_module_state_dict()
-        if not self._global_params:
-            return state
         index_of = {id(p): i for i, p in enumerate(self._params)}
         for name, param in self.lightning_module.named_parameters(remove_duplicate=False):
             if name in state:
-                state[name] = self._global_params[index_of[id(param)]].to(param.dtype)
+                state[name] = params[index_of[id(param)]].to(param.dtype)
         return state
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
-        """Fires on every rank when a checkpoint is saved: adds ``checkpoint["diloco"]`` (collective:
-        rank 0 gathers every worker's local state) unless the checkpoint holds weights only."""
+        """Fires on every rank when a checkpoint is saved: adds ``checkpoint["diloco"]`` and every worker's
+        local state (collective: gathered on rank 0, see :mod:`~lightning_converge.strategies.rank_state`),
+        unless the checkpoint holds weights only. After ``fit``, both are the state kept when training ended."""
         if self._fragments and "optimizer_states" in checkpoint:
-            checkpoint["diloco"] = self._checkpoint_state()
+            if self._state_at_train_end is None:
+                shared, worker = self._shared_state(), self._worker_state()
+            else:
+                shared, worker = self._state_at_train_end
+            checkpoint["diloco"] = shared
+            save_rank_states(self, checkpoint, {"diloco": worker})
         super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """Fires on every rank when ``fit`` resumes, before ``setup``: reads the checkpoint and hands this
+        worker its own local state (and its callbacks' per-rank states)."""
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        states = load_rank_states(self, checkpoint)
+        if "diloco" in checkpoint:
+            checkpoint["diloco"]["worker"] = states.get("diloco")
+        return checkpoint
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         """Fires when resuming ``fit``, after ``setup``: Lightning restores the inner optimizer from
@@ -501,6 +623,7 @@ class DiLoCoStrategy(DDPStrategy):
     def teardown(self) -> None:
         """Fires when the trainer finishes a stage, also after an exception: closes the pseudo-gradient
         process group (an all-reduce still in flight is abandoned)."""
+        self._swap_out_global_parameters()
         if self._group is not None:
             for fragment in self._fragments:
                 fragment.pending = None
@@ -579,7 +702,7 @@ class DiLoCoStrategy(DDPStrategy):
         at the first outer step, with nothing to apply, it starts where this one
         ended, which becomes its origin.
         """
-        local_params = self._pieces([p.detach() for p in self._params], fragment)
+        local_params = self._pieces(self._local_params, fragment)
         origin = fragment.origin or self._pieces(self._global_params, fragment)
         pseudo_gradient = torch.cat(
             [(start.to(local.device) - local.float()).reshape(-1) for start, local in zip(origin, local_params)]
@@ -590,6 +713,7 @@ class DiLoCoStrategy(DDPStrategy):
                 self._apply_outer_update(fragment)
             else:
                 fragment.origin = [p.detach().to(self._outer_device, torch.float32, copy=True) for p in local_params]
+                fragment.in_sync = True  # the next phase starts here: a sync now would send zeros
         try:
             exchange = self._start_exchange(fragment, pseudo_gradient)
         except RuntimeError as error:
@@ -659,7 +783,7 @@ class DiLoCoStrategy(DDPStrategy):
 
     def _pull_global(self, fragment: _Fragment, mixing_alpha: float) -> None:
         """``local = mixing_alpha * local + (1 - mixing_alpha) * global`` for the fragment (0 replaces)."""
-        local_params = self._pieces([p.detach() for p in self._params], fragment)
+        local_params = self._pieces(self._local_params, fragment)
         device = local_params[0].device
         ema_update(
             local_params,
@@ -678,20 +802,12 @@ class DiLoCoStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _checkpoint_state(self) -> dict[str, Any]:
-        """The outer state and every worker's local state (gathered on rank 0; None elsewhere)."""
+    def _shared_state(self) -> dict[str, Any]:
+        """What every worker holds alike: the outer state, the schedule's position and the averages
+        still to be applied (in-flight exchanges are waited for)."""
         for fragment in self._fragments:
             if fragment.pending is not None:
                 self._resolve(fragment.pending)
-        local_state = {
-            "model": self.lightning_module.state_dict(),
-            "optimizer": self.optimizers[0].state_dict(),
-            # error-feedback residuals are each worker's own
-            "compressor": None if self._compressor is None else self._compressor.state_dict(),
-            "fragment_origins": [fragment.origin for fragment in self._fragments],
-        }
-        workers = [None] * self.world_size if self.is_global_zero else None
-        dist.gather_object(local_state, workers, dst=0, group=self._group)
         if self._outer_optimizer is None:
             outer_optimizer_state = {"momentum_buffers": self._momentum_buffers}
         else:
@@ -702,7 +818,6 @@ class DiLoCoStrategy(DDPStrategy):
             "round_length": self._round_length,
             "outer_steps": self._outer_steps,
             "bytes_sent": self._bytes_sent,
-            "wait_seconds": self._wait_seconds,
             "global_params": self._global_params,
             "outer_optimizer": outer_optimizer_state,
             "fragments": [
@@ -714,8 +829,18 @@ class DiLoCoStrategy(DDPStrategy):
                 }
                 for fragment in self._fragments
             ],
-            "world_size": self.world_size,
-            "workers": workers,
+        }
+
+    def _worker_state(self) -> dict[str, Any]:
+        """This worker's own state: its local model and inner optimizer, error-feedback residuals, where
+        its inner phases started, and its time spent waiting."""
+        return {
+            # Also while evaluation has other weights swapped into the module (checkpoints saved then).
+            "model": self._module_state_with(self._local_params),
+            "optimizer": self.optimizers[0].state_dict(),
+            "compressor": None if self._compressor is None else self._compressor.state_dict(),
+            "fragment_origins": [fragment.origin for fragment in self._fragments],
+            "wait_seconds": self._wait_seconds,
         }
 
     def _restore_checkpoint_state(self, state: Mapping[str, Any]) -> None:
@@ -731,7 +856,6 @@ class DiLoCoStrategy(DDPStrategy):
         self._round_length = state["round_length"]
         self._outer_steps = state["outer_steps"]
         self._bytes_sent = state["bytes_sent"]
-        self._wait_seconds = state["wait_seconds"]
         for current, saved in zip(self._global_params, state["global_params"]):
             current.copy_(saved)
         if self._outer_optimizer is None:
@@ -746,8 +870,8 @@ class DiLoCoStrategy(DDPStrategy):
             fragment.pending = (
                 None if average is None else _PendingSync(saved["pending_apply_at_step"], average=average.to(device))
             )
-        if state["world_size"] == self.world_size:
-            worker = state["workers"][self.global_rank]
+        worker = state.get("worker")
+        if worker is not None:
             self.lightning_module.load_state_dict(worker["model"])
             self.optimizers[0].load_state_dict(worker["optimizer"])
             _optimizer_to_device(self.optimizers[0], self.root_device)
@@ -755,11 +879,14 @@ class DiLoCoStrategy(DDPStrategy):
                 self._compressor.load_state_dict(worker["compressor"])
             for fragment, origin in zip(self._fragments, worker["fragment_origins"]):
                 fragment.origin = None if origin is None else [t.to(self._outer_device) for t in origin]
+            self._wait_seconds = worker["wait_seconds"]
         else:
-            # The model already holds the global parameters: Lightning loaded the checkpoint's state_dict.
+            # Resumed by another number of workers (rank_state warned): start from the global parameters.
+            for param, global_param in zip(self._params, self._global_params):
+                param.detach().copy_(global_param)
             rank_zero_warn(
-                f"{type(self).__name__}: the checkpoint was saved by {state['world_size']} workers and is resumed "
-                f"by {self.world_size}: the interrupted inner phase restarts from the global parameters."
+                f"{type(self).__name__}: the workers' local states cannot be matched to this run's workers: "
+                "the interrupted inner phase restarts from the global parameters."
             )
             for fragment in self._fragments:
                 fragment.in_sync = True

@@ -88,11 +88,13 @@ class OneBitAdamStrategy(CommHookDDPStrategy):
     State: the momentum, frozen variance, per-parameter ``step`` and
     ``variance_step`` (when the variance froze) live in the optimizer's state,
     identical on every rank; the worker and server errors, which differ per rank,
-    are saved in checkpoints under ``"onebit_adam"`` (every rank's). A resumed run
+    are saved in ``checkpoint["rank_states"]`` (every rank's, key ``"onebit_adam"``). A resumed run
     continues exactly.
     """
 
     checkpoint_key = "onebit_adam"
+    # From freeze_step on, each rank's step sees its own gradients: Grokfast's state is saved per rank.
+    gradients_differ_between_ranks = True
 
     def __init__(
         self,

@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-from lightning_converge.callbacks import EMA, Grokfast
+from lightning_converge.callbacks import EMA, LAWA, Grokfast
 from lightning_converge.comm import Int8Compressor
 from lightning_converge.strategies import DiLoCoStrategy, StreamingDiLoCoStrategy
 
@@ -44,6 +44,35 @@ class Regression(L.LightningModule):
         if self.inner_optimizer == "SGD":
             return torch.optim.SGD(self.parameters(), lr=0.05)
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+class Validated(Regression):
+    """With a validation set (8 fixed samples, in 2 batches)."""
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y), sync_dist=True)
+
+    def val_dataloader(self):
+        x, y = dataset().tensors
+        return DataLoader(TensorDataset(x[:8], y[:8]), batch_size=4)
+
+
+class SeenInValidation(L.Callback):
+    """At the first validation batch: the parameters the model evaluates, the global and local parameters,
+    and a checkpoint saved right there (``path``)."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+        self.seen = None
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0 and not trainer.sanity_checking:
+            trainer.save_checkpoint(self.path)
+            self.seen = {
+                "evaluated": [p.detach().clone() for p in pl_module.parameters()],
+                "global": [g.clone() for g in trainer.strategy.global_parameters],
+            }
 
 
 def dataset() -> TensorDataset:
@@ -152,6 +181,75 @@ CHECKPOINTED = {
 }
 
 
+# Stopped at step 12 (or 10), saved by hand after fit, resumed to 15: against 15 steps straight. Each:
+# (strategy, callbacks, the step it stops at).
+AFTER_FIT = {
+    "after_fit": (lambda: RecordingDiLoCo(inner_steps=5, kernel_backend="reference"), lambda: [], 12),
+    "after_fit_ema": (
+        lambda: RecordingDiLoCo(inner_steps=5, kernel_backend="reference"),
+        lambda: [EMA(decay=0.5, backend="reference")],
+        12,
+    ),
+    # stopped right after an outer step whose EMA update is due only at step 6
+    "after_fit_ema_every_3": (
+        lambda: RecordingDiLoCo(inner_steps=5, kernel_backend="reference"),
+        lambda: [EMA(decay=0.5, update_every=3, backend="reference")],
+        5,
+    ),
+    "after_fit_lawa": (
+        lambda: RecordingDiLoCo(inner_steps=5, kernel_backend="reference"),
+        lambda: [LAWA(k=2, every=2)],
+        12,
+    ),
+    "after_fit_grokfast": (
+        lambda: RecordingDiLoCo(inner_steps=5, kernel_backend="reference"),
+        lambda: [Grokfast(backend="reference")],
+        12,
+    ),
+    # stopped with an overlapped all-reduce in flight (fragment 0 syncs at step 10, is applied at 11)
+    "after_fit_streaming_ema_grokfast": (
+        lambda: RecordingStreamingDiLoCo(
+            inner_steps=4, num_fragments=2, overlap_steps=1, mixing_alpha=0.5, kernel_backend="reference"
+        ),
+        lambda: [EMA(decay=0.5, backend="reference"), Grokfast(backend="reference")],
+        10,
+    ),
+}
+
+
+class SwitchRecorder(L.Callback):
+    """At each epoch end (after Switch EMA switched): the global parameters, the EMA average and this
+    worker's local parameters; and the local and global parameters at the epoch's last batch (before)."""
+
+    def __init__(self) -> None:
+        self.before, self.after = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.is_last_batch:
+            self.before.append(self._now(trainer, pl_module))
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.after.append(self._now(trainer, pl_module))
+
+    @staticmethod
+    def _now(trainer, pl_module):
+        ema = next(cb for cb in trainer.callbacks if isinstance(cb, EMA))
+        return {
+            "global": [g.clone() for g in trainer.strategy.global_parameters],
+            "local": [p.detach().clone() for p in pl_module.parameters()],
+            "average": [a.clone() for a in ema.state_dict()["averages"].values()],
+        }
+
+
+def callback_states(trainer):
+    """The state of this rank's EMA, LAWA and Grokfast, where attached."""
+    states = {}
+    for callback in trainer.callbacks:
+        if isinstance(callback, (EMA, LAWA, Grokfast)):
+            states[type(callback).__name__] = callback.state_dict()
+    return states
+
+
 class StopAnsweringAtStep(L.Callback):
     """Before inner step ``step``, rank ``rank`` stops answering for ``seconds``, then exits at once,
     as a killed process would."""
@@ -183,7 +281,7 @@ def fit(strategy, inner_optimizer, max_steps, callbacks=(), ckpt_path=None, **tr
     return trainer, model
 
 
-def save(out_dir, name, trainer, model):
+def save(out_dir, name, trainer, model, **extra):
     strategy = trainer.strategy
     torch.save(
         {
@@ -194,6 +292,8 @@ def save(out_dir, name, trainer, model):
             "bytes_sent": strategy.bytes_sent,
             "wait_seconds": strategy.wait_seconds,
             "logged": {k: float(v) for k, v in trainer.callback_metrics.items()},
+            "callbacks": callback_states(trainer),
+            **extra,
         },
         Path(out_dir) / f"{name}_rank{trainer.global_rank}.pt",
     )
@@ -213,11 +313,52 @@ if __name__ == "__main__":
             save(out_dir, f"{name}_resumed", *resumed)
         elif name == "accumulate_bf16_callbacks":  # 2 micro-batches a step, bf16 autocast, EMA and Grokfast
             strategy = RecordingDiLoCo(inner_steps=3, kernel_backend="reference")
-            # Each worker's EMA averages its own local weights; the model is left with DiLoCo's at the end.
+            # The EMA follows the global parameters; the model is left with DiLoCo's at the end.
             ema = EMA(decay=0.9, keep_average_on_train_end=False, backend="reference")
             callbacks = [ema, Grokfast(backend="reference")]
             run = fit(strategy, "AdamW", 6, callbacks, accumulate_grad_batches=2, precision="bf16-mixed")
             save(out_dir, name, *run)
+        elif name in AFTER_FIT:
+            make_strategy, make_callbacks, stop = AFTER_FIT[name]
+            save(out_dir, name, *fit(make_strategy(), "AdamW", 15, make_callbacks()))
+            trainer, model = fit(make_strategy(), "AdamW", stop, make_callbacks())
+            checkpoint = out_dir / f"{name}.ckpt"
+            trainer.save_checkpoint(checkpoint)
+            save(out_dir, f"{name}_stopped", trainer, model)
+            resumed = fit(make_strategy(), "AdamW", 15, make_callbacks(), ckpt_path=checkpoint)
+            save(out_dir, f"{name}_resumed", *resumed)
+        elif name == "delayed_stops_at_sync":  # delay=1, fit ends right after the first sync
+            strategy = RecordingDiLoCo(inner_steps=3, delay=1, kernel_backend="reference")
+            save(out_dir, name, *fit(strategy, "SGD", 3))
+        elif name == "ema_ends_at_sync":  # the last step is a sync step
+            strategy = RecordingDiLoCo(inner_steps=3, kernel_backend="reference")
+            save(out_dir, name, *fit(strategy, "SGD", 6, [EMA(decay=0.5, backend="reference")]))
+        elif name == "switch_ema":  # epochs of 4 steps, syncs every 3: the switches fall inside inner phases
+            strategy = RecordingDiLoCo(inner_steps=3, kernel_backend="reference")
+            recorder = SwitchRecorder()
+            callbacks = [EMA(decay=0.5, switch_every_epoch=True, backend="reference"), recorder]
+            run = fit(strategy, "SGD", 10, callbacks, limit_train_batches=4)
+            save(out_dir, name, *run, before_switch=recorder.before, after_switch=recorder.after)
+        elif name in ("validation", "validation_ema"):  # validation at step 4, inside the second inner phase
+            strategy = RecordingDiLoCo(inner_steps=3, kernel_backend="reference")
+            seen = SeenInValidation(out_dir / f"{name}.ckpt")
+            callbacks = [seen] + ([EMA(decay=0.5, backend="reference")] if name == "validation_ema" else [])
+            model = Validated("SGD")
+            trainer = L.Trainer(
+                accelerator="cpu",
+                devices=2,
+                strategy=strategy,
+                max_steps=5,
+                val_check_interval=4,
+                check_val_every_n_epoch=None,
+                logger=False,
+                callbacks=callbacks,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+            )
+            trainer.fit(model)
+            save(out_dir, name, trainer, model, seen_in_validation=seen.seen)
         elif name == "worker_stops":  # the last scenario: rank 0 hangs in the second inner phase, then dies
             strategy = DiLoCoStrategy(inner_steps=2, kernel_backend="reference", timeout=2)
             fit(strategy, "SGD", 8, callbacks=[StopAnsweringAtStep(rank=0, step=3, seconds=8)])
