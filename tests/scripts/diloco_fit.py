@@ -108,17 +108,17 @@ class RecordingStreamingDiLoCo(Recording, StreamingDiLoCoStrategy):
 SCENARIOS = {
     "ddp_identity": (
         lambda: RecordingDiLoCo(
-            inner_steps=1, outer_optimizer="sgd", outer_lr=1.0, outer_momentum=0.0, kernel_backend="reference"
+            inner_steps=1, outer_optimizer="sgd", outer_lr=1.0, outer_momentum=0.0, backend="reference"
         ),
         "SGD",
         5,
     ),
-    "diloco": (lambda: RecordingDiLoCo(inner_steps=3, kernel_backend="reference"), "SGD", 10),
-    "delayed": (lambda: RecordingDiLoCo(inner_steps=3, delay=1, kernel_backend="reference"), "SGD", 10),
-    "diloco_fp16": (lambda: RecordingDiLoCo(inner_steps=3, compressor="fp16", kernel_backend="reference"), "SGD", 10),
+    "diloco": (lambda: RecordingDiLoCo(inner_steps=3, backend="reference"), "SGD", 10),
+    "delayed": (lambda: RecordingDiLoCo(inner_steps=3, delay=1, backend="reference"), "SGD", 10),
+    "diloco_fp16": (lambda: RecordingDiLoCo(inner_steps=3, compressor="fp16", backend="reference"), "SGD", 10),
     "streaming": (
         lambda: RecordingStreamingDiLoCo(
-            inner_steps=4, num_fragments=2, overlap_steps=1, mixing_alpha=0.5, kernel_backend="reference"
+            inner_steps=4, num_fragments=2, overlap_steps=1, mixing_alpha=0.5, backend="reference"
         ),
         "SGD",
         10,
@@ -130,7 +130,7 @@ SCENARIOS = {
             overlap_steps=1,
             mixing_alpha=0.5,
             fragment_assignment="balanced",
-            kernel_backend="reference",
+            backend="reference",
         ),
         "SGD",
         10,
@@ -139,7 +139,7 @@ SCENARIOS = {
 # Checkpointed every 4 steps (the first: inside the second inner phase, with an update in flight),
 # then resumed from the first checkpoint.
 CHECKPOINTED = {
-    "delayed_adamw": lambda: RecordingDiLoCo(inner_steps=3, delay=1, kernel_backend="reference"),
+    "delayed_adamw": lambda: RecordingDiLoCo(inner_steps=3, delay=1, backend="reference"),
     # int8 pseudo-gradients with error feedback: each worker's residuals are in the checkpoint too
     "streaming_int8_adamw": lambda: RecordingStreamingDiLoCo(
         inner_steps=6,
@@ -147,7 +147,7 @@ CHECKPOINTED = {
         overlap_steps=1,
         mixing_alpha=0.5,
         compressor=Int8Compressor(block_size=64, backend="reference"),
-        kernel_backend="reference",
+        backend="reference",
     ),
 }
 
@@ -212,14 +212,14 @@ if __name__ == "__main__":
             resumed = fit(CHECKPOINTED[name](), "AdamW", 12, ckpt_path=ckpt_dir / "epoch=0-step=4.ckpt")
             save(out_dir, f"{name}_resumed", *resumed)
         elif name == "accumulate_bf16_callbacks":  # 2 micro-batches a step, bf16 autocast, EMA and Grokfast
-            strategy = RecordingDiLoCo(inner_steps=3, kernel_backend="reference")
+            strategy = RecordingDiLoCo(inner_steps=3, backend="reference")
             # Each worker's EMA averages its own local weights; the model is left with DiLoCo's at the end.
             ema = EMA(decay=0.9, keep_average_on_train_end=False, backend="reference")
             callbacks = [ema, Grokfast(backend="reference")]
             run = fit(strategy, "AdamW", 6, callbacks, accumulate_grad_batches=2, precision="bf16-mixed")
             save(out_dir, name, *run)
         elif name == "worker_stops":  # the last scenario: rank 0 hangs in the second inner phase, then dies
-            strategy = DiLoCoStrategy(inner_steps=2, kernel_backend="reference", timeout=2)
+            strategy = DiLoCoStrategy(inner_steps=2, backend="reference", timeout=2)
             fit(strategy, "SGD", 8, callbacks=[StopAnsweringAtStep(rank=0, step=3, seconds=8)])
         else:
             raise ValueError(f"unknown scenario {name!r}")
