@@ -54,3 +54,15 @@ def test_unknown_argument_is_rejected_before_training(capsys):
     with pytest.raises(SystemExit) as error:
         main(["fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--model.init_args.no_such_argument", "1"])
     assert error.value.code != 0
+
+
+def test_package_metadata_declares_an_spdx_license_and_only_dependencies_in_use():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0"  # an SPDX string: setuptools >= 77 warns about the old table
+    sources = "\n".join(
+        path.read_text() for folder in ("lightning_converge", "examples") for path in (ROOT / folder).rglob("*.py")
+    )
+    for requirement in project["dependencies"]:
+        module = requirement.split("[")[0].split(">")[0].split("=")[0].strip()
+        assert f"import {module}" in sources or f"from {module}" in sources, f"{module} is declared but never imported"
