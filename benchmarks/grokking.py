@@ -13,12 +13,15 @@ process with the same seed and data for each method:
     python benchmarks/grokking.py --methods grokfast-ema grokfast-ma --baseline-steps 45000 --publish
                                               # the long baseline (about 45 minutes here)
 
-Each Grokfast run stops once it reaches the target (unless ``--run-past-target``), at
-most ``--max-steps``. The baseline then runs ``--baseline-steps`` steps: by default
-as many as the slowest Grokfast run took, so the result reads "at the step where
-Grokfast reached 95%, the baseline was at X%". Grokking takes the baseline tens of
-thousands of steps; the summary quotes the longest baseline in the published results
-(``benchmarks/results/grokking.json``) with the command that produced it.
+The runs go side by side, one process each (one torch thread each: this model is
+small, and on a shared CPU two threads ran 6x slower than one). Each Grokfast run
+stops once it reaches the target (unless ``--run-past-target``), at most
+``--max-steps``. The baseline runs ``--baseline-steps`` steps or, by default, until
+it has passed the step where the last Grokfast run stopped, so the result reads "at
+the step where Grokfast reached 95%, the baseline was at X%". Grokking takes the
+baseline tens of thousands of steps; the summary quotes the longest baseline in the
+published results (``benchmarks/results/grokking.json``) with the command that
+produced it.
 
 Outputs (``grokking.json``, ``grokking.png``) go to a new folder under ``runs/grokking/``
 (``--out`` to choose), or to ``benchmarks/results/`` with ``--publish``.
@@ -30,8 +33,9 @@ import argparse
 import functools
 import json
 import logging
-import math
+import multiprocessing
 import platform
+import queue as queue_module
 import shlex
 import sys
 import time
@@ -64,11 +68,14 @@ METHODS = {
 
 class AccuracyCurve(L.Callback):
     """Records (step, seconds since fit start, validation accuracy) at each validation, prints a
-    progress line every ``print_every`` steps, and stops at the target if asked."""
+    progress line every ``print_every`` steps, and stops at the target if asked, or (``stop_after``)
+    once every entry of that shared array is set (>= 0) and the step has passed them all."""
 
-    def __init__(self, name: str, max_steps: int, target: float, stop_at_target: bool, print_every: int) -> None:
+    def __init__(
+        self, name: str, max_steps: int, target: float, stop_at_target: bool, print_every: int, stop_after=None
+    ) -> None:
         self.name, self.max_steps, self.target = name, max_steps, target
-        self.stop_at_target, self.print_every = stop_at_target, print_every
+        self.stop_at_target, self.print_every, self.stop_after = stop_at_target, print_every, stop_after
         self.steps: list[int] = []
         self.seconds: list[float] = []
         self.accuracy: list[float] = []
@@ -85,9 +92,10 @@ class AccuracyCurve(L.Callback):
         self.seconds.append(seconds)
         self.accuracy.append(accuracy)
         reached = accuracy >= self.target and self.stop_at_target
-        if step % self.print_every == 0 or reached or step >= self.max_steps:
-            print(f"  [{self.name}] step {step:>5}/{self.max_steps}  val acc {accuracy:6.1%}  {seconds:5.0f} s", flush=True)
-        if reached:
+        others_done = self.stop_after is not None and min(self.stop_after) >= 0 and step >= max(self.stop_after)
+        if step % self.print_every == 0 or reached or others_done or step >= self.max_steps:
+            print(f"  [{self.name}] step {step:>5}  val acc {accuracy:6.1%}  {seconds:5.0f} s", flush=True)
+        if reached or others_done:
             trainer.should_stop = True
 
     def first_at_target(self) -> tuple[Optional[int], Optional[float]]:
@@ -97,20 +105,31 @@ class AccuracyCurve(L.Callback):
         return None, None
 
 
-def run(name: str, max_steps: int, stop_at_target: bool, val_every: int, args: argparse.Namespace) -> dict:
-    """Train ``name`` from the seed's initialization, validating every ``val_every`` steps and after the last."""
+def run(name: str, args: argparse.Namespace, stopped_at, results) -> None:
+    """One process: train ``name`` from the seed's initialization and put its result in ``results``.
+
+    A Grokfast run writes the step it stopped at into its entry of ``stopped_at``; the baseline
+    (unless ``--baseline-steps``) stops once it has passed all of them.
+    """
+    torch.set_num_threads(args.threads)
     setting = METHODS[name]
-    goal = f"until {args.target:.0%} validation accuracy, at most {max_steps} steps" if stop_at_target else f"{max_steps} steps"
+    if name == "baseline":
+        stop_at_target, max_steps = False, args.baseline_steps or args.max_steps
+        stop_after = None if args.baseline_steps else stopped_at
+        goal = f"{max_steps} steps" if args.baseline_steps else "until past the steps where the Grokfast runs stop"
+    else:
+        stop_at_target, max_steps, stop_after = not args.run_past_target, args.max_steps, None
+        goal = f"until {args.target:.0%} validation accuracy, at most {max_steps} steps" if stop_at_target else f"{max_steps} steps"
     print(f"{name}: {goal}", flush=True)
     L.seed_everything(args.seed, verbose=False)
     optimizer = functools.partial(torch.optim.Adam, lr=1e-3, betas=(0.9, 0.98), weight_decay=setting["weight_decay"])
     model = GrokkingTransformer(p=args.p, optimizer=optimizer)
-    curve = AccuracyCurve(name, max_steps, args.target, stop_at_target, print_every=args.print_every)
+    curve = AccuracyCurve(name, max_steps, args.target, stop_at_target, args.print_every, stop_after)
     callbacks = [curve] + ([Grokfast(**setting["grokfast"])] if setting["grokfast"] else [])
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=max_steps,
-        val_check_interval=val_every,
+        val_check_interval=args.val_every,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         callbacks=callbacks,
@@ -123,8 +142,10 @@ def run(name: str, max_steps: int, stop_at_target: bool, val_every: int, args: a
     trainer.fit(model, data)
     if curve.steps[-1:] != [trainer.global_step]:
         trainer.validate(model, data, verbose=False)  # the accuracy at the last step
+    if name != "baseline":
+        stopped_at[args.methods.index(name)] = trainer.global_step
     step, seconds = curve.first_at_target()
-    return dict(
+    results.put(dict(
         method=name,
         weight_decay=setting["weight_decay"],
         grokfast=setting["grokfast"],
@@ -134,7 +155,7 @@ def run(name: str, max_steps: int, stop_at_target: bool, val_every: int, args: a
         seconds_run=curve.seconds[-1],
         final_val_acc=curve.accuracy[-1],
         curve=dict(step=curve.steps, seconds=curve.seconds, val_acc=curve.accuracy),
-    )
+    ))
 
 
 def accuracy_at(result: dict, step: int) -> Optional[float]:
@@ -230,13 +251,10 @@ def main() -> None:
                         help="the Grokfast runs; the baseline always runs, after them")
     parser.add_argument("--max-steps", type=int, default=3000, help="at most this many steps per Grokfast run")
     parser.add_argument("--baseline-steps", type=int, default=None,
-                        help="the baseline's steps (default: as many as the slowest Grokfast run took)")
+                        help="the baseline's steps (default: until past the steps where the Grokfast runs stopped)")
     parser.add_argument("--run-past-target", action="store_true", help="Grokfast runs go on past the target")
-    parser.add_argument("--val-every", type=int, default=10, help="Grokfast runs validate every this many steps")
-    parser.add_argument("--baseline-val-every", type=int, default=100,
-                        help="the baseline validates every this many steps, and after its last")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads; this model is small, and on a shared CPU two threads ran 6x slower than one")
+    parser.add_argument("--val-every", type=int, default=10, help="validate every this many steps")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each run's process")
     parser.add_argument("--print-every", type=int, default=100, help="a progress line every this many steps")
     parser.add_argument("--target", type=float, default=0.95)
     parser.add_argument("--p", type=int, default=97)
@@ -247,28 +265,41 @@ def main() -> None:
     args = parser.parse_args()
     command = shlex.join(["python", "benchmarks/grokking.py", *sys.argv[1:]])
     if args.quick:
-        args.max_steps, args.val_every, args.baseline_val_every, args.print_every = 200, 20, 100, 100
+        args.max_steps, args.val_every, args.print_every = 200, 20, 100
     if args.publish and args.out is not None:
         parser.error("--publish writes to benchmarks/results/; leave out --out")
     out = PUBLISHED if args.publish else args.out or RUNS / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     started = time.perf_counter()
 
-    torch.set_num_threads(args.threads)
-    results = [run(name, args.max_steps, not args.run_past_target, args.val_every, args) for name in args.methods]
-    baseline_steps = args.baseline_steps or max(r["steps_run"] for r in results)
-    # The baseline's accuracy matters at the steps where Grokfast runs reached the target: it validates
-    # after its last step, and on an interval that hits the others; in between, a coarser curve saves
-    # most of its validation passes.
-    reached = {r["steps_to_target"] for r in results if r["steps_to_target"] not in (None, baseline_steps)}
-    baseline_val_every = math.gcd(args.baseline_val_every, *reached)
-    results.insert(0, run("baseline", baseline_steps, False, baseline_val_every, args))
+    # One process a run, side by side ("fork": the children start without importing anything again).
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    stopped_at = context.Array("i", [-1] * len(args.methods))
+    queue = context.Queue()
+    names = ["baseline", *args.methods]
+    processes = [context.Process(target=run, args=(name, args, stopped_at, queue)) for name in names]
+    for process in processes:
+        process.start()
+    by_name = {}
+    while len(by_name) < len(names):
+        try:
+            result = queue.get(timeout=5)
+            by_name[result["method"]] = result
+        except queue_module.Empty:
+            failed = [name for name, process in zip(names, processes) if process.exitcode]
+            if failed:
+                for process in processes:
+                    process.kill()
+                sys.exit(f"the {failed} run failed; see its output above")
+    for process in processes:
+        process.join()
+    results = [by_name[name] for name in names]
 
     quoted = None if args.publish else published_baseline(args.target)
     text = "\n".join([summary(results, args), *([quoted] if quoted else [])])
     out.mkdir(parents=True, exist_ok=True)
     record = dict(
         command=command,
-        settings=vars(args) | dict(out=str(out), baseline_steps=baseline_steps),
+        settings=vars(args) | dict(out=str(out)),
         machine=dict(torch=torch.__version__, python=platform.python_version(), threads=torch.get_num_threads()),
         results=results,
         table=table(results, args.target),
