@@ -119,7 +119,9 @@ def run(name: str, args: argparse.Namespace, stopped_at, results) -> None:
         goal = f"{max_steps} steps" if args.baseline_steps else "until past the steps where the Grokfast runs stop"
     else:
         stop_at_target, max_steps, stop_after = not args.run_past_target, args.max_steps, None
-        goal = f"until {args.target:.0%} validation accuracy, at most {max_steps} steps" if stop_at_target else f"{max_steps} steps"
+        goal = f"until {args.target:.0%} validation accuracy, at most {max_steps} steps"
+        if not stop_at_target:
+            goal = f"{max_steps} steps"
     print(f"{name}: {goal}", flush=True)
     L.seed_everything(args.seed, verbose=False)
     optimizer = functools.partial(torch.optim.Adam, lr=1e-3, betas=(0.9, 0.98), weight_decay=setting["weight_decay"])
@@ -167,7 +169,8 @@ def accuracy_at(result: dict, step: int) -> Optional[float]:
 def table(results: list[dict], target: float) -> str:
     baseline = next(r for r in results if r["method"] == "baseline")
     lines = [
-        f"| method | steps to {target:.0%} val acc | seconds | baseline's val acc at that step | val acc at its last step |",
+        f"| method | steps to {target:.0%} val acc | seconds | baseline's val acc at that step "
+        "| val acc at its last step |",
         "|---|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -216,7 +219,8 @@ def published_baseline(target: float) -> Optional[str]:
     baseline = next((r for r in record["results"] if r["method"] == "baseline"), None)
     if baseline is None:
         return None
-    command = record.get("command") or "python benchmarks/grokking.py --max-steps {max_steps}".format(**record["settings"])
+    # Results written before the command was recorded: that version's only setting was --max-steps.
+    command = record.get("command") or f"python benchmarks/grokking.py --max-steps {record['settings']['max_steps']}"
     if baseline["steps_to_target"] is None:
         outcome = f"had not reached {target:.0%} by step {baseline['steps_run']:,} ({baseline['final_val_acc']:.1%})"
     else:
@@ -247,8 +251,9 @@ def plot(results: list[dict], target: float, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=["grokfast-ema"], choices=[m for m in METHODS if m != "baseline"],
-                        help="the Grokfast runs; the baseline always runs, after them")
+    grokfast_methods = [m for m in METHODS if m != "baseline"]
+    parser.add_argument("--methods", nargs="+", default=["grokfast-ema"], choices=grokfast_methods,
+                        help="the Grokfast runs; the baseline always runs beside them")
     parser.add_argument("--max-steps", type=int, default=3000, help="at most this many steps per Grokfast run")
     parser.add_argument("--baseline-steps", type=int, default=None,
                         help="the baseline's steps (default: until past the steps where the Grokfast runs stopped)")
@@ -261,13 +266,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a 200-step smoke run")
     parser.add_argument("--publish", action="store_true", help="write to benchmarks/results/ (the README's figures)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: a new one under runs/grokking/)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: a new one under runs/grokking/)")
     args = parser.parse_args()
     command = shlex.join(["python", "benchmarks/grokking.py", *sys.argv[1:]])
     if args.quick:
         args.max_steps, args.val_every, args.print_every = 200, 20, 100
-    if args.publish and args.out is not None:
-        parser.error("--publish writes to benchmarks/results/; leave out --out")
+    if args.publish and (args.out is not None or args.quick):
+        parser.error("--publish writes the README's figures to benchmarks/results/: not with --out or --quick")
     out = PUBLISHED if args.publish else args.out or RUNS / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     started = time.perf_counter()
 
@@ -314,7 +320,8 @@ def main() -> None:
     except ImportError:
         print("(matplotlib is not installed: no plot)")
     print("\n" + record["table"] + "\n\n" + text)
-    print(f"\n{record['total_seconds']:.0f} s in all; wrote {', '.join(str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p) for p in written)}")
+    shown = [str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p) for p in written]
+    print(f"\n{record['total_seconds']:.0f} s in all; wrote {', '.join(shown)}")
 
 
 if __name__ == "__main__":

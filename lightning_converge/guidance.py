@@ -96,7 +96,9 @@ class APG:
         if not math.isfinite(eta):
             raise ValueError(f"APG: eta must be a finite number, got {eta!r}")
         if not (math.isfinite(norm_threshold) and norm_threshold >= 0):
-            raise ValueError(f"APG: norm_threshold must be a finite number >= 0 (0: no rescaling), got {norm_threshold!r}")
+            raise ValueError(
+                f"APG: norm_threshold must be a finite number >= 0 (0: no rescaling), got {norm_threshold!r}"
+            )
         if not -1.0 < momentum <= 0.0:
             raise ValueError(f"APG: momentum must be in (-1, 0], got {momentum!r}")
         self.eta = float(eta)

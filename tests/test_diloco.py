@@ -125,7 +125,7 @@ def test_registered_by_name():
         (DiLoCoStrategy, dict(ddp_kwargs={"find_unused_parameters": True}), TypeError, "have no meaning here"),
         (DiLoCoStrategy, dict(ddp_comm_hook=print), TypeError, "have no meaning here"),
         # A misspelt option is unknown, with the closest valid name; not a DDP option.
-        (DiLoCoStrategy, dict(inner_step=5), TypeError, r"unknown option 'inner_step' \(did you mean 'inner_steps'\?\)"),
+        (DiLoCoStrategy, dict(inner_step=5), TypeError, r"unknown option 'inner_step' \(did you mean 'inner_steps'"),
         (DiLoCoStrategy, dict(kernel_backend="reference"), TypeError, r"did you mean 'backend'\?"),
         (StreamingDiLoCoStrategy, dict(num_fragment=2), TypeError, r"did you mean 'num_fragments'\?"),
         (DiLoCoStrategy, dict(outer_state_device="gpu:0"), ValueError, "outer_state_device must be a device"),

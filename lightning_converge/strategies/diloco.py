@@ -430,7 +430,8 @@ class DiLoCoStrategy(DDPStrategy):
                 f"DistributedDataParallel options have no meaning here: {sorted(wrapper_options)}"
             )
         if kwargs:
-            valid = [name for name in inspect.signature(type(self).__init__).parameters if name not in ("self", "kwargs")]
+            parameters = inspect.signature(type(self).__init__).parameters
+            valid = [name for name in parameters if name not in ("self", "kwargs")]
             raise unknown_options_error(type(self).__name__, kwargs, valid)
 
     # ------------------------------------------------------------------ public read-outs
