@@ -4,7 +4,7 @@ What it measures, in one run
     Convergence. The digits classifier (``examples/digits.py``: an MLP, SGD
         lr 0.05 momentum 0.9, batch 32, about 40 steps an epoch) trained plain,
         with ``EMA(decay=0.98)``, with Switch-EMA (the same EMA with
-        ``switch_every_epoch=True``) and with ``LAWA(k=6, every="epoch")``,
+        ``switch_every_epoch=True``) and with ``LAWA(k=6, every_n_epochs=1)``,
         validating with the averaged weights after every epoch. Every method runs
         with the same seeds (initialization and batch order); the split is fixed.
         Reported: the epochs each needs to reach the plain run's best validation
@@ -99,7 +99,7 @@ CONVERGENCE_METHODS: dict[str, Callable[[], list[L.Callback]]] = {
     "plain": lambda: [],
     "EMA": lambda: [EMA(decay=CLASSIFIER_EMA_DECAY)],
     "Switch-EMA": lambda: [EMA(decay=CLASSIFIER_EMA_DECAY, switch_every_epoch=True)],
-    "LAWA": lambda: [LAWA(k=LAWA_K, every="epoch")],
+    "LAWA": lambda: [LAWA(k=LAWA_K, every_n_epochs=1)],
 }
 
 
@@ -260,7 +260,7 @@ OVERHEAD_METHODS = {
     "ours EMA (compiled)": OverheadMethod(lambda: [EMA(decay=OVERHEAD_EMA_DECAY, backend="compiled")], "step", 12),
     "Lightning EMAWeightAveraging": OverheadMethod(lambda: [EMAWeightAveraging(decay=OVERHEAD_EMA_DECAY)], "step", 12),
     "torch AveragedModel EMA (callback)": OverheadMethod(lambda: [AveragedModelEMA(OVERHEAD_EMA_DECAY)], "step", 12),
-    "ours LAWA (snapshot per epoch)": OverheadMethod(lambda: [LAWA(k=LAWA_K, every="epoch")], "epoch", 8),
+    "ours LAWA (snapshot per epoch)": OverheadMethod(lambda: [LAWA(k=LAWA_K, every_n_epochs=1)], "epoch", 8),
     "Lightning StochasticWeightAveraging": OverheadMethod(
         # swa_lrs equal to the training lr: SWA's LR schedule changes nothing.
         lambda: [StochasticWeightAveraging(swa_lrs=OVERHEAD_LR, swa_epoch_start=1, annealing_epochs=1)], "epoch", 12

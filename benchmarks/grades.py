@@ -12,7 +12,7 @@ of its bytes validate) three times, with the same seed, batches and step budget:
 * ``grades-grad``: with GradES on the paper's statistic, the L1 norm of each matrix's
   gradient (``metric="grad_l1"``).
 
-GradES settings, as in the authors' package: a check every step (``interval=1``), no
+GradES settings, as in the authors' package: a check every step (``every_n_steps=1``), no
 freezing before 55% of the steps (``grace_period=0.55``, their README's alpha), and
 training stops once every monitored matrix is frozen (``max_frozen_ratio=1``). The
 statistics are divided by the matrix's size (``normalize=True``), so one ``tau`` means
@@ -72,7 +72,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PRETRAIN_FILES = ("*.py",)  # the standard library's top-level modules
 FINETUNE_FILES = ("asyncio/**/*.py",)  # a package the pretraining never read
 MODEL = dict(dim=128, depth=4, heads=4, seq_len=128)
-GRADES = dict(normalize=True, interval=1, grace_period=0.55, max_frozen_ratio=1.0, verbose=False)
+GRADES = dict(normalize=True, every_n_steps=1, grace_period=0.55, max_frozen_ratio=1.0, verbose=False)
 VARIANTS = {"grades-update": "update_l1", "grades-grad": "grad_l1"}  # run name -> GradES metric
 COLORS = {"baseline": "tab:blue", "grades-update": "tab:orange", "grades-grad": "tab:green"}
 

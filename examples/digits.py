@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_converge.guidance import Guidance
 
@@ -98,6 +99,9 @@ class DigitsClassifier(L.LightningModule):
         for i in range(depth):
             layers += [nn.Linear(NUM_PIXELS if i == 0 else width, width), nn.ReLU()]
         self.net = nn.Sequential(*layers, nn.Linear(width if depth else NUM_PIXELS, NUM_CLASSES))
+        # The fraction of correct answers ("micro"; torchmetrics' default "macro" averages per class).
+        self.val_acc = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images)
@@ -107,23 +111,27 @@ class DigitsClassifier(L.LightningModule):
         """The predicted class of each image in ``images`` (shape (N, 64), in [-1, 1])."""
         return self(images).argmax(-1)
 
-    def _loss_and_accuracy(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def _logits_and_loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         images, labels = batch
         logits = self(images)
-        return F.cross_entropy(logits, labels), (logits.argmax(-1) == labels).float().mean()
+        return logits, F.cross_entropy(logits, labels)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss, _ = self._loss_and_accuracy(batch)
+        _, loss = self._logits_and_loss(batch)
         self.log("train_loss", loss)
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        loss, accuracy = self._loss_and_accuracy(batch)
-        self.log_dict({"val_loss": loss, "val_acc": accuracy}, prog_bar=True)
+        logits, loss = self._logits_and_loss(batch)
+        self.val_acc.update(logits, batch[1])
+        self.log("val_loss", loss, prog_bar=True)
+        self.log("val_acc", self.val_acc, prog_bar=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        loss, accuracy = self._loss_and_accuracy(batch)
-        self.log_dict({"test_loss": loss, "test_acc": accuracy})
+        logits, loss = self._logits_and_loss(batch)
+        self.test_acc.update(logits, batch[1])
+        self.log("test_loss", loss)
+        self.log("test_acc", self.test_acc)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.parameters())

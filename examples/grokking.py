@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
 
 OPERATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {
     "x*y": lambda x, y, p: (x * y) % p,
@@ -96,6 +97,9 @@ class GrokkingTransformer(L.LightningModule):
         self.head = nn.Linear(dim, p)
         mask = torch.triu(torch.full((seq_len, seq_len), float("-inf")), diagonal=1)
         self.register_buffer("causal_mask", mask, persistent=False)
+        # The fraction of correct answers ("micro"; torchmetrics' default "macro" averages per class).
+        self.train_acc = MulticlassAccuracy(num_classes=p, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=p, average="micro")
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device)
@@ -104,20 +108,22 @@ class GrokkingTransformer(L.LightningModule):
             x = block(x, self.causal_mask)
         return self.head(self.ln_f(x[:, -1]))
 
-    def _loss_and_accuracy(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logits_and_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, labels = batch
         logits = self(tokens)
-        loss = nn.functional.cross_entropy(logits.float(), labels)
-        return loss, (logits.argmax(-1) == labels).float().mean()
+        return logits, nn.functional.cross_entropy(logits.float(), labels)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, accuracy = self._loss_and_accuracy(batch)
-        self.log_dict({"train_loss": loss, "train_acc": accuracy})
+        logits, loss = self._logits_and_loss(batch)
+        self.train_acc(logits, batch[1])
+        self.log_dict({"train_loss": loss, "train_acc": self.train_acc})
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        loss, accuracy = self._loss_and_accuracy(batch)
-        self.log_dict({"val_loss": loss, "val_acc": accuracy}, prog_bar=True, sync_dist=True)
+        logits, loss = self._logits_and_loss(batch)
+        self.val_acc.update(logits, batch[1])  # over the whole validation set, synced across ranks
+        self.log("val_loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val_acc", self.val_acc, prog_bar=True)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.parameters())

@@ -70,7 +70,7 @@ class APG:
         diff = cond - uncond
         diff = diff + momentum * previous_diff     # if momentum != 0; previous_diff is the
                                                     # diff this line produced last step
-        diff = diff * min(1, norm_threshold / ||diff||)                # if norm_threshold
+        diff = diff * min(1, norm_threshold / ||diff||)                # if norm_threshold > 0
         parallel = (<diff, cond> / <cond, cond>) * cond;  orthogonal = diff - parallel
         pred = cond + (w - 1) * (orthogonal + eta * parallel)
 
@@ -82,8 +82,9 @@ class APG:
 
     Args:
         eta: weight of the component of ``diff`` parallel to ``cond``.
-        norm_threshold: the ``r`` that caps each sample's ``||diff||``; ``None``
-            does not rescale.
+        norm_threshold: the ``r`` that caps each sample's ``||diff||``; 0 (the
+            default) does not rescale, as in the APG authors' code and diffusers'
+            ``AdaptiveProjectedGuidance``.
         momentum: the paper's ``beta``, in ``(-1, 0]``. A negative value subtracts
             the running average of earlier steps' differences; 0 keeps no state.
 
@@ -91,15 +92,17 @@ class APG:
     :meth:`reset` before each new sampling run.
     """
 
-    def __init__(self, eta: float = 0.0, norm_threshold: Optional[float] = None, momentum: float = 0.0) -> None:
+    def __init__(self, eta: float = 0.0, norm_threshold: float = 0.0, momentum: float = 0.0) -> None:
         if not math.isfinite(eta):
             raise ValueError(f"APG: eta must be a finite number, got {eta!r}")
-        if norm_threshold is not None and not (math.isfinite(norm_threshold) and norm_threshold > 0):
-            raise ValueError(f"APG: norm_threshold must be None or a finite number > 0, got {norm_threshold!r}")
+        if not (math.isfinite(norm_threshold) and norm_threshold >= 0):
+            raise ValueError(
+                f"APG: norm_threshold must be a finite number >= 0 (0: no rescaling), got {norm_threshold!r}"
+            )
         if not -1.0 < momentum <= 0.0:
             raise ValueError(f"APG: momentum must be in (-1, 0], got {momentum!r}")
         self.eta = float(eta)
-        self.norm_threshold = norm_threshold
+        self.norm_threshold = float(norm_threshold)
         self.momentum = float(momentum)
         self.running_diff: Optional[Tensor] = None
 
@@ -116,7 +119,7 @@ class APG:
 
         batch = c.shape[0]
         diff = diff.reshape(batch, -1)
-        if self.norm_threshold is not None:
+        if self.norm_threshold > 0:
             norm = diff.norm(dim=1, keepdim=True)
             diff = diff * torch.clamp(self.norm_threshold / norm, max=1.0)
         direction = F.normalize(c.reshape(batch, -1), dim=1)

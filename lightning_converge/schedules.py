@@ -25,6 +25,7 @@ sampler's noise level.
 from __future__ import annotations
 
 import bisect
+import inspect
 import math
 from typing import Callable, Optional, Sequence, Union
 
@@ -277,35 +278,75 @@ class EMAWarmup(Schedule):
         return min(max(decay, self.min_decay), self.max_decay)
 
 
+def takes_lr(schedule: Callable[..., float]) -> bool:
+    """Whether calling ``schedule`` accepts an ``lr=`` keyword (as :class:`QSR` does), so that a caller
+    that owns the optimizer can hand it the live learning rate."""
+    try:
+        parameters = inspect.signature(schedule).parameters
+    except (TypeError, ValueError):  # a builtin or C callable without a signature
+        return False
+    return "lr" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
 class QSR(Schedule):
     """Quadratic Synchronization Rule (Gu et al., ICLR 2024): the number of local
-    steps between synchronizations, ``H = max(base, floor((alpha / lr) ** 2))``.
+    steps between synchronizations, ``H = max(base, floor((alpha / lr) ** 2))``,
+    at most ``max_inner_steps``.
 
     The rule reads the *current* learning rate. Choice made here: the lr is an
     argument, not state, so the schedule stays a pure, picklable function.
 
     - ``qsr(step, lr=optimizer.param_groups[0]["lr"])``: the caller passes the
-      live learning rate (what a strategy that owns the optimizer does);
+      live learning rate (what a strategy that owns the optimizer does: any
+      inner-steps schedule whose ``__call__`` takes ``lr`` is given it);
     - ``qsr(step)``: the learning rate is ``lr(step)`` from the schedule (or
       number) given at construction, e.g. the same ``Cosine`` the optimizer
       follows; this is how :class:`~lightning_converge.callbacks.anneal.Anneal`
       and other callers that only know the step use it.
 
+    A learning rate <= 0 (a warm-up that starts from 0, a schedule that ends at
+    0) gives ``base``: the rule is meant for the decaying phase, and a period
+    read from a zero learning rate would never end. As the learning rate decays
+    towards 0 the period grows as ``1 / lr ** 2``; ``max_inner_steps`` caps it,
+    so a run whose learning rate decays to 0 keeps synchronizing. Without a cap,
+    a learning rate so small that the period exceeds any integer raises.
+
     Returns an ``int``.
     """
 
-    def __init__(self, base: int, alpha: float, lr: Union[float, Schedule, None] = None) -> None:
+    def __init__(
+        self,
+        base: int,
+        alpha: float,
+        lr: Union[float, Schedule, None] = None,
+        max_inner_steps: Optional[int] = None,
+    ) -> None:
         self._require_count("base", base, minimum=1)
         self._require(math.isfinite(alpha) and alpha > 0, "alpha", "a finite number > 0", alpha)
+        if max_inner_steps is not None:
+            self._require_count("max_inner_steps", max_inner_steps, minimum=base)
         self.base = base
         self.alpha = float(alpha)
         self.lr = None if lr is None else as_schedule(lr, name="lr")
+        self.max_inner_steps = max_inner_steps
 
     def __call__(self, step: int, lr: Optional[float] = None) -> int:
         if lr is None:
             if self.lr is None:
                 raise ValueError("QSR needs the learning rate: call qsr(step, lr=...) or build QSR(..., lr=schedule)")
             lr = self.lr(step)
-        if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"QSR: lr must be a finite number > 0, got {lr!r}")
-        return max(self.base, math.floor((self.alpha / lr) ** 2))
+        if not math.isfinite(lr):
+            raise ValueError(f"QSR: lr must be a finite number, got {lr!r}")
+        if lr <= 0:
+            return self.base
+        try:
+            period = (self.alpha / lr) ** 2
+        except OverflowError:
+            period = math.inf
+        if self.max_inner_steps is not None and period >= self.max_inner_steps:
+            return self.max_inner_steps
+        if math.isinf(period):
+            raise ValueError(
+                f"QSR: at lr={lr!r} the period (alpha / lr) ** 2 is unbounded; set max_inner_steps to cap it"
+            )
+        return max(self.base, math.floor(period))

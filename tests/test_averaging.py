@@ -203,10 +203,10 @@ def test_ema_follows_the_recurrence_under_gradient_accumulation(tmp_path, backen
     def warmup(update: int) -> float:  # EMAWarmup-style: 1 - (1 + update) ** -power, capped
         return min(0.95, 1 - (1 + update) ** -0.75)
 
-    start_step, update_every = 1, 2
+    start_step, every_n_steps = 1, 2
     ema = EMA(
         decay=warmup,
-        update_every=update_every,
+        every_n_steps=every_n_steps,
         start_step=start_step,
         include_buffers=True,
         keep_average_on_train_end=False,
@@ -223,7 +223,7 @@ def test_ema_follows_the_recurrence_under_gradient_accumulation(tmp_path, backen
     for step, live in enumerate(recorder.after_step[1:], start=1):
         if step <= start_step:
             expected = {name: live[name].float() for name in averaged}
-        elif step % update_every == 0:
+        elif step % every_n_steps == 0:
             decay = warmup(updates)
             expected = {name: decay * expected[name] + (1 - decay) * live[name] for name in averaged}
             updates += 1
@@ -277,7 +277,7 @@ def test_resumed_run_continues_exactly(tmp_path) -> None:
 AVERAGING_CALLBACKS = {
     "ema": lambda: EMA(decay=0.7, include_buffers=True, backend="reference"),
     "sema": lambda: EMA(decay=0.7, switch_every_epoch=True, backend="reference"),
-    "lawa": lambda: LAWA(k=2, every=1, include_buffers=True),
+    "lawa": lambda: LAWA(k=2, every_n_steps=1, include_buffers=True),
 }
 
 
@@ -457,13 +457,23 @@ def test_lawa_evaluates_the_mean_of_the_latest_epoch_snapshots(tmp_path) -> None
 
 
 def test_lawa_snapshots_every_n_optimizer_steps(tmp_path) -> None:
-    lawa = LAWA(k=3, every=3, device=None, validate_with="live", keep_average_on_train_end=False)
+    lawa = LAWA(k=3, every_n_steps=3, device=None, validate_with="live", keep_average_on_train_end=False)
     recorder = Recorder()
     fit(tmp_path, [lawa, recorder], max_epochs=4)  # 8 optimizer steps: snapshots after steps 3 and 6
     snapshots = lawa.state_dict()["snapshots"]
     assert len(snapshots) == 2
     for snapshot, step in zip(snapshots, (3, 6)):
         assert_weights_equal(snapshot, {name: recorder.after_step[step][name] for name in snapshot})
+
+
+def test_lawa_snapshots_every_n_epochs(tmp_path) -> None:
+    lawa = LAWA(k=3, every_n_epochs=2, device=None, validate_with="live", keep_average_on_train_end=False)
+    recorder = Recorder()
+    fit(tmp_path, [lawa, recorder], max_epochs=5)  # snapshots at the ends of epochs 2 and 4 (1-based)
+    snapshots = lawa.state_dict()["snapshots"]
+    assert len(snapshots) == 2
+    for snapshot, epoch in zip(snapshots, (1, 3)):  # 0-based
+        assert_weights_equal(snapshot, {name: recorder.epoch_end[epoch][name] for name in snapshot})
 
 
 def test_only_one_averaging_callback_can_evaluate_with_its_average(tmp_path) -> None:
@@ -477,13 +487,15 @@ def test_only_one_averaging_callback_can_evaluate_with_its_average(tmp_path) -> 
         (lambda: EMA(decay=1.5), "decay"),
         (lambda: EMA(decay=-0.1), "decay"),
         (lambda: EMA(decay=float("nan")), "decay"),
-        (lambda: EMA(update_every=0), "update_every"),
+        (lambda: EMA(every_n_steps=0), "every_n_steps"),
         (lambda: EMA(start_step=-1), "start_step"),
         (lambda: EMA(validate_with="best"), "validate_with"),
         (lambda: EMA(backend="cuda"), "backend"),
         (lambda: LAWA(k=0), "k"),
-        (lambda: LAWA(every=0), "every"),
-        (lambda: LAWA(every="step"), "every"),
+        (lambda: LAWA(every_n_steps=0), "every_n_steps"),
+        (lambda: LAWA(every_n_epochs=0), "every_n_epochs"),
+        (lambda: LAWA(every_n_epochs="epoch"), "every_n_epochs"),
+        (lambda: LAWA(every_n_steps=3, every_n_epochs=1), "every_n_steps"),
         (lambda: LAWA(validate_with="both"), "validate_with"),
     ],
 )

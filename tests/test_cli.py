@@ -96,3 +96,18 @@ def test_compressor_options_in_yaml_reach_the_strategy_and_print_config_shows_th
     assert printed["compressor"]["class_path"].endswith("PowerSGDCompressor")
     # Every option of the compressor is shown, the defaults too.
     assert printed["compressor"]["init_args"] == {"error_feedback": True, "rank": 4, "seed": 0}
+
+
+def test_package_metadata_declares_an_spdx_license_and_only_dependencies_in_use():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0"  # an SPDX string: setuptools >= 77 warns about the old table
+    sources = "\n".join(
+        path.read_text() for folder in ("lightning_converge", "examples") for path in (ROOT / folder).rglob("*.py")
+    )
+    # LightningCLI imports these for us: jsonargparse always, omegaconf for parser_mode="omegaconf".
+    used_by_lightning_cli = {"jsonargparse": "LightningCLI", "omegaconf": '"parser_mode": "omegaconf"'}
+    for requirement in project["dependencies"]:
+        module = requirement.split("[")[0].split(">")[0].split("=")[0].strip()
+        used = f"import {module}" in sources or f"from {module}" in sources
+        assert used or used_by_lightning_cli.get(module, "\0") in sources, f"{module} is declared but never used"

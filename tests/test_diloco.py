@@ -11,7 +11,9 @@ describe it for two workers in one process, with ``torch.optim.SGD`` as the oute
 
 from __future__ import annotations
 
+import datetime
 import functools
+import inspect
 import os
 import socket
 import subprocess
@@ -119,8 +121,15 @@ def test_registered_by_name():
         (DiLoCoStrategy, dict(outer_momentum=1.0), ValueError, "outer_momentum"),
         (DiLoCoStrategy, dict(outer_lr=-1.0), ValueError, "outer_lr"),
         (DiLoCoStrategy, dict(delay=2), ValueError, "delay must be 0 or 1"),
-        (DiLoCoStrategy, dict(kernel_backend="cuda"), ValueError, "backend"),
+        (DiLoCoStrategy, dict(backend="cuda"), ValueError, "backend"),
         (DiLoCoStrategy, dict(find_unused_parameters=True), TypeError, "does not wrap the model"),
+        (DiLoCoStrategy, dict(ddp_kwargs={"find_unused_parameters": True}), TypeError, "have no meaning here"),
+        (DiLoCoStrategy, dict(ddp_comm_hook=print), TypeError, "have no meaning here"),
+        # A misspelt option is unknown, with the closest valid name; not a DDP option.
+        (DiLoCoStrategy, dict(inner_step=5), TypeError, r"unknown option 'inner_step' \(did you mean 'inner_steps'"),
+        (DiLoCoStrategy, dict(kernel_backend="reference"), TypeError, r"did you mean 'backend'\?"),
+        (StreamingDiLoCoStrategy, dict(num_fragment=2), TypeError, r"did you mean 'num_fragments'\?"),
+        (DiLoCoStrategy, dict(outer_state_device="gpu:0"), ValueError, "outer_state_device must be a device"),
         (StreamingDiLoCoStrategy, dict(num_fragments=0), ValueError, "num_fragments"),
         (StreamingDiLoCoStrategy, dict(inner_steps=3, num_fragments=4), ValueError, "smaller than num_fragments"),
         (StreamingDiLoCoStrategy, dict(inner_steps=8, num_fragments=4, overlap_steps=2), ValueError, "per-fragment"),
@@ -139,6 +148,24 @@ def test_registered_by_name():
 def test_bad_arguments_raise_at_construction(cls, kwargs, error, match):
     with pytest.raises(error, match=match):
         cls(**kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("cls", [DiLoCoStrategy, StreamingDiLoCoStrategy])
+def test_a_cuda_outer_state_device_without_cuda_raises_at_construction(cls):
+    with pytest.raises(ValueError, match="outer_state_device='cuda', but this machine has 0 CUDA devices"):
+        cls(outer_state_device="cuda")
+
+
+def test_the_ddp_strategy_arguments_are_explicit_in_the_signature():
+    # LightningCLI and jsonargparse see only named parameters, not what **kwargs would take.
+    ddp_arguments = {"accelerator", "parallel_devices", "cluster_environment", "checkpoint_io", "precision_plugin",
+                     "process_group_backend", "timeout", "start_method", "ddp_kwargs"}  # fmt: skip
+    for cls in (DiLoCoStrategy, StreamingDiLoCoStrategy):
+        assert ddp_arguments <= set(inspect.signature(cls.__init__).parameters), cls
+    strategy = DiLoCoStrategy(process_group_backend="gloo", start_method="spawn", timeout=7, ddp_kwargs={})
+    assert (strategy.process_group_backend, strategy._start_method) == ("gloo", "spawn")
+    assert strategy._timeout == datetime.timedelta(seconds=7)
 
 
 # A GPT-like model: embeddings, four blocks of two tensors, a final norm and a head (name, size).
@@ -265,9 +292,80 @@ def test_one_worker_with_plain_outer_steps_equals_training_without_the_strategy(
 @pytest.mark.usefixtures("single_process_group")
 def test_qsr_sets_the_inner_steps_from_the_live_learning_rate():
     # SGD lr 0.05: (alpha / lr) ** 2 = (0.1 / 0.05) ** 2 = 4 inner steps, above the base of 3.
-    strategy = DiLoCoStrategy(inner_steps=QSR(base=3, alpha=0.1), kernel_backend="reference")
+    strategy = DiLoCoStrategy(inner_steps=QSR(base=3, alpha=0.1), backend="reference")
     _fit_one_worker(Regression("SGD"), strategy, max_steps=8)
     assert strategy.outer_steps == 2  # after steps 4 and 8 (with the base, H = 3: after 3, 6 and a last one at 8)
+
+
+class WarmupFromZero(Regression):
+    """Inner SGD lr 0.05 after a linear warm-up from 0: lr 0 at step 0, 0.025 at step 1, 0.05 from step 2."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.05)
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(step / 2, 1.0))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+
+
+@pytest.mark.usefixtures("single_process_group")
+def test_qsr_after_a_warmup_from_zero_takes_the_base_then_the_capped_period():
+    # Round 1 starts at step 0 with lr 0: the base, 3 steps. Round 2 starts at step 3 with lr 0.05:
+    # (1.0 / 0.05) ** 2 = 400 steps, capped at 5: its sync is after step 8, where fit ends.
+    strategy = DiLoCoStrategy(inner_steps=QSR(base=3, alpha=1.0, max_inner_steps=5), backend="reference")
+    _fit_one_worker(WarmupFromZero(), strategy, max_steps=8)
+    assert strategy.outer_steps == 2
+
+
+@pytest.mark.usefixtures("single_process_group")
+def test_any_inner_steps_schedule_that_takes_lr_is_given_the_live_lr():
+    seen = []
+
+    def period(step: int, lr: float) -> int:
+        seen.append((step, lr))
+        return 3
+
+    _fit_one_worker(WarmupFromZero(), DiLoCoStrategy(inner_steps=period, backend="reference"), max_steps=7)
+    # Each round starts after the lr scheduler stepped: lr = 0.05 * min(step / 2, 1).
+    assert seen == [(0, 0.0), (3, 0.05), (6, 0.05)]
+
+
+class InMemoryLogger(L.pytorch.loggers.Logger):
+    """Keeps what the Trainer logs: step -> metrics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: dict[int, dict[str, float]] = {}
+
+    name, version = "memory", 0
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.setdefault(step, {}).update(metrics)
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+@pytest.mark.usefixtures("single_process_group")
+@pytest.mark.parametrize("compressor, bytes_per_number", [(None, 4), ("fp16", 2)])
+def test_bytes_are_logged_per_step_and_in_total(compressor, bytes_per_number):
+    # One worker, inner_steps 3, 7 steps: exchanges complete after steps 3 and 6 (the all-reduce of
+    # the 129 numbers of the pseudo-gradient: 129 * bytes_per_number in, as many out), and once more
+    # when fit ends (step 7 moved the model).
+    strategy = DiLoCoStrategy(inner_steps=3, compressor=compressor, backend="reference")
+    logger = InMemoryLogger()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, strategy=strategy, max_steps=7, logger=logger, log_every_n_steps=1,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(Regression())
+    sync = NUM_PARAMS * bytes_per_number
+    per_step = [0, 0, sync, 0, 0, sync, 0]  # steps 1..7
+    logged = [logger.metrics[step] for step in sorted(logger.metrics)]
+    assert [m["comm/bytes_sent"] for m in logged] == per_step
+    assert [m["comm/bytes_received"] for m in logged] == per_step
+    totals = [sum(per_step[: i + 1]) for i in range(7)]
+    assert [m["comm/bytes_sent_total"] for m in logged] == totals
+    assert [m["comm/bytes_received_total"] for m in logged] == totals
+    assert strategy.bytes_sent == strategy.bytes_received == 3 * sync
 
 
 @pytest.mark.usefixtures("single_process_group")
@@ -279,7 +377,7 @@ def test_qsr_sets_the_inner_steps_from_the_live_learning_rate():
         (DiLoCoStrategy(inner_steps=lambda step: 0.2), Regression(), "inner_steps must be >= 1"),
         (DiLoCoStrategy(), TwoOptimizers(), "one inner optimizer"),
         # the workers' buffers are not synchronized: no agreed value for an average of them
-        (DiLoCoStrategy(kernel_backend="reference"), Regression(), "include_buffers"),
+        (DiLoCoStrategy(backend="reference"), Regression(), "include_buffers"),
     ],
     ids=[
         "too_many_fragments",
@@ -610,7 +708,7 @@ def test_resuming_from_a_checkpoint_inside_an_inner_phase_continues_identically(
 @pytest.mark.usefixtures("single_process_group")
 def test_resuming_with_fewer_workers_restarts_the_inner_phase_from_the_global_parameters(two_worker_runs):
     checkpoint = two_worker_runs["checkpoint_dir"] / "delayed_adamw_checkpoints" / "epoch=0-step=4.ckpt"
-    strategy = DiLoCoStrategy(inner_steps=3, delay=1, kernel_backend="reference")
+    strategy = DiLoCoStrategy(inner_steps=3, delay=1, backend="reference")
     with pytest.warns(UserWarning, match="saved by 2 ranks and is resumed by 1"):
         _fit_one_worker(Regression("AdamW"), strategy, max_steps=6, ckpt_path=checkpoint)
     # The update sent at step 3 (in the checkpoint, averaged over the two workers) lands at step 6,
@@ -626,7 +724,8 @@ def test_bytes_sent_are_the_pseudo_gradient_sizes(two_worker_runs):
         for rank in two_worker_runs[name]:
             assert rank["bytes_sent"] == syncs * NUM_PARAMS * bytes_per_number
             assert rank["logged"]["diloco/outer_step"] == logged_updates
-            assert rank["logged"]["comm/bytes_sent"] == logged_updates * NUM_PARAMS * bytes_per_number
+            assert rank["logged"]["comm/bytes_sent_total"] == logged_updates * NUM_PARAMS * bytes_per_number
+            assert rank["logged"]["comm/bytes_received_total"] == logged_updates * NUM_PARAMS * bytes_per_number
             assert 0 <= rank["logged"]["comm/wait_seconds"] <= rank["wait_seconds"] + 1e-6  # logged as fp32
 
     # Streaming sends one fragment a sync: fp32, 2 fragments by layer: net.0 6*16 + 16 = 112 numbers,

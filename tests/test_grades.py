@@ -77,7 +77,7 @@ def assert_frozen_weights_never_move(recorder: RecordWeights, frozen_at: dict[st
 
 
 def test_grad_l1_freezes_exactly_the_vanished_matrices_after_the_grace_period():
-    grades = GradES(tau=1e-6, grace_period=0.25, verbose=False)
+    grades = GradES(tau=1e-6, metric="grad_l1", grace_period=0.25, verbose=False)
     recorder = RecordWeights()
     model = GatedBlocks(dead_from={"k_proj": 0, "up_proj": 0, "v_proj": 5})
     trainer = make_trainer(max_steps=12, callbacks=[grades, recorder])
@@ -97,7 +97,7 @@ def test_grad_l1_freezes_exactly_the_vanished_matrices_after_the_grace_period():
 
 def test_update_l1_measures_the_weight_change_at_check_steps():
     # Plain SGD: a matrix with a zero gradient does not move, the others do.
-    grades = GradES(tau=1e-7, metric="update_l1", normalize=True, interval=2, verbose=False)
+    grades = GradES(tau=1e-7, metric="update_l1", normalize=True, every_n_steps=2, grace_period=0, verbose=False)
     recorder = RecordWeights()
     model = GatedBlocks(dead_from={"k_proj": 0, "v_proj": 3}, optimizer="sgd")
     trainer = make_trainer(max_steps=8, callbacks=[grades, recorder])
@@ -109,7 +109,7 @@ def test_update_l1_measures_the_weight_change_at_check_steps():
 
 
 def test_enough_frozen_matrices_stop_training(capsys):
-    grades = GradES(tau=1e-6, max_frozen_ratio=0.4)
+    grades = GradES(tau=1e-6, metric="grad_l1", grace_period=0, max_frozen_ratio=0.4)
     trainer = make_trainer(max_steps=10, callbacks=[grades])
     trainer.fit(GatedBlocks(dead_from={"k_proj": 0, "up_proj": 0}))
 
@@ -121,7 +121,7 @@ def test_enough_frozen_matrices_stop_training(capsys):
 
 
 def test_resumed_run_refreezes_before_its_first_step(tmp_path):
-    first = make_trainer(max_steps=4, callbacks=[GradES(tau=1e-6, verbose=False)])
+    first = make_trainer(max_steps=4, callbacks=[GradES(tau=1e-6, metric="grad_l1", grace_period=0, verbose=False)])
     first.fit(GatedBlocks(dead_from={"k_proj": 0}, samples=8))  # ends with the epoch
     checkpoint = tmp_path / "frozen.ckpt"
     first.save_checkpoint(checkpoint)
@@ -139,13 +139,118 @@ def test_resumed_run_refreezes_before_its_first_step(tmp_path):
                 self.requires_grad = pl_module.k_proj.weight.requires_grad
                 self.weight = pl_module.k_proj.weight.detach().clone()
 
-    probe, grades = AtFirstStep(), GradES(tau=1e-6, verbose=False)
+    probe, grades = AtFirstStep(), GradES(tau=1e-6, metric="grad_l1", grace_period=0, verbose=False)
     model = GatedBlocks(dead_from={"k_proj": 0}, samples=8)  # a fresh model: everything trainable
     make_trainer(max_steps=8, callbacks=[grades, probe]).fit(model, ckpt_path=checkpoint)
 
     assert probe.requires_grad is False
     assert torch.equal(model.k_proj.weight, probe.weight)
     assert grades.frozen_at == {"k_proj.weight": 0}
+
+
+class TwoOptimizers(GatedBlocks):
+    """Manual optimization with two SGD optimizers: one for q_proj and k_proj, one for the rest.
+    Each batch steps the first, then the second (two steps of ``global_step``)."""
+
+    FIRST = ("q_proj", "k_proj")
+
+    def __init__(self, dead_from: dict[str, int]) -> None:
+        super().__init__(dead_from)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        first, second = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        first.zero_grad()
+        second.zero_grad()
+        self.manual_backward(loss)
+        first.step()
+        second.step()
+
+    def configure_optimizers(self):
+        first = [p for name, p in self.named_parameters() if name.split(".")[0] in self.FIRST]
+        second = [p for name, p in self.named_parameters() if name.split(".")[0] not in self.FIRST]
+        return torch.optim.SGD(first, lr=0.1), torch.optim.SGD(second, lr=0.1)
+
+
+@pytest.mark.parametrize("metric", ["update_l1", "grad_l1"])
+def test_two_optimizers_each_measure_their_own_matrices(metric):
+    # k_proj (first optimizer) and up_proj (second) have zero gradients from the start: plain SGD
+    # leaves them where they are. Every other matrix trains under its own optimizer.
+    grades, recorder = GradES(tau=1e-7, metric=metric, grace_period=0, verbose=False), RecordWeights()
+    model = TwoOptimizers(dead_from={"k_proj": 0, "up_proj": 0})
+    make_trainer(max_steps=8, callbacks=[grades, recorder]).fit(model)
+
+    # Frozen at the first batch, which starts at step 0; q_proj, stepped by the first optimizer
+    # only, is judged by the weight change that optimizer made.
+    assert grades.frozen_at == {"k_proj.weight": 0, "up_proj.weight": 0}
+    assert not torch.equal(recorder.after_step[0]["q_proj.weight"], recorder.after_step[-1]["q_proj.weight"])
+    assert_frozen_weights_never_move(recorder, grades.frozen_at)
+
+
+def test_defaults_judge_nothing_during_the_grace_period():
+    # The defaults (the authors' package): update_l1, tau 1e-4, a check every step, grace period 30%.
+    grades, recorder = GradES(verbose=False), RecordWeights()
+    model = GatedBlocks(dead_from={"k_proj": 0, "up_proj": 0}, optimizer="sgd")
+    max_steps = 10
+    make_trainer(max_steps=max_steps, callbacks=[grades, recorder]).fit(model)
+
+    grace_steps = math.ceil(0.3 * max_steps)
+    # Under SGD a zero gradient leaves a matrix exactly where it is (an update of L1 norm 0): both
+    # are frozen at the first check after the grace period, none earlier.
+    assert grades.frozen_at == {"k_proj.weight": grace_steps, "up_proj.weight": grace_steps}
+    assert_frozen_weights_never_move(recorder, grades.frozen_at)
+
+
+class TinyAttention(pl.LightningModule):
+    """One attention block and a gated-free FFN named like Llama's, initialized as Hugging Face
+    does (normal, std 0.02), trained from scratch on a next-token task with AdamW."""
+
+    def __init__(self, dim: int = 32, vocab: int = 16) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, dim)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self, name, nn.Linear(dim, dim, bias=False))
+        self.up_proj, self.down_proj = nn.Linear(dim, 4 * dim, bias=False), nn.Linear(4 * dim, dim, bias=False)
+        self.head = nn.Linear(dim, vocab)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+
+    def training_step(self, batch, batch_idx):
+        tokens, targets = batch
+        h = self.embed(tokens)
+        attended = nn.functional.scaled_dot_product_attention(
+            self.q_proj(h), self.k_proj(h), self.v_proj(h), is_causal=True
+        )
+        h = h + self.o_proj(attended)
+        h = h + self.down_proj(torch.relu(self.up_proj(h)))
+        return nn.functional.cross_entropy(self.head(h).flatten(0, 1), targets.flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self):
+        tokens = torch.randint(0, 16, (64, 8), generator=torch.Generator().manual_seed(1))
+        return DataLoader(TensorDataset(tokens, tokens.roll(1, dims=1)), batch_size=16)
+
+
+def test_from_scratch_defaults_do_not_freeze_attention_at_the_first_steps():
+    # What went wrong before: with near-uniform attention at initialization the q/k projections'
+    # gradients are tiny (about 1e-8 here), so a gradient criterion judged from step 0 freezes them at once.
+    hasty = GradES(tau=1e-6, metric="grad_l1", grace_period=0, verbose=False)
+    make_trainer(max_steps=2, callbacks=[hasty]).fit(TinyAttention())
+    assert hasty.frozen_at == {"q_proj.weight": 0, "k_proj.weight": 0}
+
+    model = TinyAttention()
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    defaults = GradES(verbose=False)
+    make_trainer(max_steps=12, callbacks=[defaults]).fit(model)
+    assert defaults.frozen_at == {}
+    for name in ("q_proj.weight", "k_proj.weight"):
+        assert getattr(model, name.split(".")[0]).weight.requires_grad
+        assert not torch.equal(dict(model.named_parameters())[name], initial[name]), name
 
 
 @pytest.mark.distributed
@@ -171,7 +276,7 @@ def test_ddp_freezing_mid_run_keeps_ranks_in_agreement(tmp_path):
 def ddp_main(out_dir: Path) -> None:
     """The DDP run: 2 CPU processes, gloo, find_unused_parameters=False (plain ``strategy="ddp"``)."""
     torch.set_num_threads(1)
-    grades, recorder = GradES(tau=1e-6, grace_period=0.25), RecordWeights()
+    grades, recorder = GradES(tau=1e-6, metric="grad_l1", grace_period=0.25), RecordWeights()
     model = GatedBlocks(dead_from={"k_proj": 0, "v_proj": 4}, samples=40)
     trainer = make_trainer(strategy="ddp", devices=2, max_steps=10, callbacks=[grades, recorder])
     trainer.fit(model)
@@ -238,7 +343,7 @@ def test_default_patterns_cover_common_transformers():
         (dict(tau=-1.0), "tau"),
         (dict(tau=lambda step: -0.5), "tau"),
         (dict(tau=0.1, metric="grad_l2"), "metric"),
-        (dict(tau=0.1, interval=0), "interval"),
+        (dict(tau=0.1, every_n_steps=0), "every_n_steps"),
         (dict(tau=0.1, grace_period=1.5), "grace_period"),
         (dict(tau=0.1, max_frozen_ratio=0.0), "max_frozen_ratio"),
         (dict(tau=0.1, patterns=[]), "patterns"),

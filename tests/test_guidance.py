@@ -17,7 +17,7 @@ def predictions(*shape, dtype=torch.float64, seed=0):
 def apg_one_sample(cond, diff, scale, eta, norm_threshold):
     """The APG update for one sample, on flat float64 vectors, given its (momentum-adjusted) diff."""
     c, d = cond.flatten().double(), diff.flatten().double()
-    if norm_threshold is not None:
+    if norm_threshold > 0:
         d = d * min(1.0, norm_threshold / d.norm().item())
     parallel = (torch.dot(d, c) / torch.dot(c, c)) * c
     orthogonal = d - parallel
@@ -40,7 +40,7 @@ def test_cfg_takes_one_scale_per_sample():
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
-@pytest.mark.parametrize("norm_threshold", [None, 0.8])
+@pytest.mark.parametrize("norm_threshold", [0.0, 0.8])
 def test_apg_matches_its_equations(eta, norm_threshold):
     cond, uncond = predictions(4, 3, 5, 2)
     guided = APG(eta=eta, norm_threshold=norm_threshold)(cond, uncond, 5.0)
@@ -85,7 +85,7 @@ def test_apg_momentum_and_reset():
         running = (cond - uncond) + momentum * running
         guided = apg(cond, uncond, 4.0)
         for i in range(2):
-            torch.testing.assert_close(guided[i], apg_one_sample(cond[i], running[i], 4.0, 0.0, None))
+            torch.testing.assert_close(guided[i], apg_one_sample(cond[i], running[i], 4.0, 0.0, 0.0))
 
     # After reset the next step sees no history: the same as a fresh APG.
     apg.reset()
@@ -107,6 +107,14 @@ def test_any_shape_and_dtype_is_preserved(shape, dtype, combiner):
     torch.testing.assert_close(guided.double(), exact, rtol=1e-2, atol=1e-2)
 
 
+def test_apg_norm_threshold_zero_does_not_rescale():
+    # As in the APG authors' code and diffusers: 0 means no rescaling, so with eta 1 and no
+    # momentum APG is plain CFG however large the difference.
+    cond, uncond = predictions(3, 4, 5)
+    uncond = cond + 100.0 * (uncond - cond)
+    torch.testing.assert_close(APG(eta=1.0, norm_threshold=0.0)(cond, uncond, 4.0), cfg(cond, uncond, 4.0))
+
+
 def test_mismatched_shapes_raise():
     cond, uncond = predictions(2, 4)
     with pytest.raises(ValueError, match="same shape"):
@@ -117,7 +125,12 @@ def test_mismatched_shapes_raise():
 
 @pytest.mark.parametrize(
     ("kwargs", "argument"),
-    [(dict(eta=float("nan")), "eta"), (dict(norm_threshold=0.0), "norm_threshold"), (dict(momentum=0.5), "momentum")],
+    [
+        (dict(eta=float("nan")), "eta"),
+        (dict(norm_threshold=-1.0), "norm_threshold"),
+        (dict(norm_threshold=float("inf")), "norm_threshold"),
+        (dict(momentum=0.5), "momentum"),
+    ],
 )
 def test_apg_bad_arguments_raise(kwargs, argument):
     with pytest.raises(ValueError, match=f"APG: {argument} must be"):

@@ -99,10 +99,31 @@ def test_qsr_reads_the_lr_given_to_the_call():
     assert isinstance(qsr(0, lr=0.03), int)
     with pytest.raises(ValueError, match="needs the learning rate"):
         qsr(0)
-    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
-        qsr(0, lr=0.0)
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        qsr(0, lr=math.nan)
     # A live lr passed to the call wins over the schedule given at construction.
     assert QSR(base=1, alpha=1.0, lr=1.0)(0, lr=0.5) == 4
+
+
+def test_qsr_takes_the_base_period_at_lr_zero_and_caps_the_period():
+    qsr = QSR(base=4, alpha=0.2, max_inner_steps=50)
+    # A warm-up from lr = 0 and a schedule that ends at 0: the base period, not an error.
+    assert qsr(0, lr=0.0) == 4
+    assert qsr(0, lr=-1e-3) == 4
+    assert qsr(0, lr=0.03) == 44  # floor((0.2 / 0.03) ** 2), under the cap
+    for lr in [0.02, 1e-3, 1e-9, 1e-300, 5e-324]:  # (0.2 / lr) ** 2 >= 100 > 50, up to overflow
+        assert qsr(0, lr=lr) == 50
+    # The lr schedule a run would give it: a 10-step warm-up from 0, then a cosine decay to 0.
+    warmup_then_decay = QSR(base=2, alpha=0.05, lr=Warmup(Cosine(0.1, 0.0, 100), warmup_steps=10), max_inner_steps=30)
+    expected = [
+        2 if lr <= 0 else min(30, max(2, math.floor((0.05 / lr) ** 2)))
+        for lr in (Warmup(Cosine(0.1, 0.0, 100), warmup_steps=10)(s) for s in range(120))
+    ]
+    assert [warmup_then_decay(s) for s in range(120)] == expected
+    assert expected[0] == 2 and expected[-1] == 2 and 30 in expected
+    # Without a cap, a period beyond any integer says what to do.
+    with pytest.raises(ValueError, match="max_inner_steps"):
+        QSR(base=4, alpha=0.2)(0, lr=1e-300)
 
 
 def test_as_schedule():
@@ -195,6 +216,7 @@ BAD_ARGUMENTS = [
     (EMAWarmup, dict(min_decay=0.5, max_decay=0.4), "min_decay"),
     (QSR, dict(base=0, alpha=0.1), "base"),
     (QSR, dict(base=2, alpha=-0.1), "alpha"),
+    (QSR, dict(base=8, alpha=0.1, max_inner_steps=4), "max_inner_steps"),
 ]
 
 

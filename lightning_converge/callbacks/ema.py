@@ -24,7 +24,7 @@ class EMA(AveragingCallback):
             :class:`~lightning_converge.schedules.EMAWarmup`. A schedule is called
             with the number of EMA updates made so far (0 for the first), so a
             warm-up counts from ``start_step`` and in updates, not optimizer steps.
-        update_every: update after every ``update_every``-th optimizer step
+        every_n_steps: update after every ``every_n_steps``-th optimizer step
             (``trainer.global_step`` a multiple of it).
         start_step: until ``trainer.global_step`` passes it, the average is a copy
             of the live weights (refreshed at every optimizer step), so evaluation
@@ -54,7 +54,7 @@ class EMA(AveragingCallback):
 
     - ``on_train_batch_end`` (after each training batch, after its optimizer step
       if it made one): if ``global_step`` moved, copies the live weights (up to
-      ``start_step``) or makes one EMA update (every ``update_every`` steps), and
+      ``start_step``) or makes one EMA update (every ``every_n_steps`` steps), and
       logs the decay used as ``ema/decay``. Live elements that are inf/NaN are
       left out: those elements of the average keep their last finite value
       (checked inside the update pass; there is no extra pass or host sync).
@@ -65,7 +65,7 @@ class EMA(AveragingCallback):
 
     Under DiLoCo / Streaming DiLoCo the EMA follows the global parameters: an
     update is due as above, and is made only if an outer step has changed them
-    since the last one (so with ``update_every=1`` once per outer step).
+    since the last one (so with ``every_n_steps=1`` once per outer step).
 
     Every decision depends on ``global_step``, the update count and the (DDP
     synchronized, or DiLoCo's global) weights, so all ranks take it alike. State (``state_dict``):
@@ -78,7 +78,7 @@ class EMA(AveragingCallback):
     def __init__(
         self,
         decay: ScheduleLike = 0.999,
-        update_every: int = 1,
+        every_n_steps: int = 1,
         start_step: int = 0,
         include_buffers: bool = False,
         validate_with: str = "average",
@@ -96,12 +96,12 @@ class EMA(AveragingCallback):
         )
         if isinstance(decay, (int, float)) and not isinstance(decay, bool) and not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA: decay must be in [0, 1], got {decay!r}")
-        if not is_count(update_every, minimum=1):
-            raise ValueError(f"EMA: update_every must be an integer >= 1, got {update_every!r}")
+        if not is_count(every_n_steps, minimum=1):
+            raise ValueError(f"EMA: every_n_steps must be an integer >= 1, got {every_n_steps!r}")
         if not is_count(start_step, minimum=0):
             raise ValueError(f"EMA: start_step must be an integer >= 0, got {start_step!r}")
         self.decay = as_schedule(decay, name="decay")
-        self.update_every = update_every
+        self.every_n_steps = every_n_steps
         self.start_step = start_step
         self.switch_every_epoch = switch_every_epoch
         self._averages: dict[str, Tensor] = {}
@@ -144,7 +144,7 @@ class EMA(AveragingCallback):
         if not self._optimizer_stepped(trainer):
             return
         copying = trainer.global_step <= self.start_step
-        if not copying and trainer.global_step % self.update_every:
+        if not copying and trainer.global_step % self.every_n_steps:
             return
         self._track(pl_module)
         if not self._followed_moved(trainer):  # DiLoCo: no outer step since the last update

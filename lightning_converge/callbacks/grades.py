@@ -45,22 +45,41 @@ class GradES(pl.Callback):
     Monitored: the 2-D parameters whose name matches one of ``patterns`` (regular
     expressions, searched; default :data:`DEFAULT_PATTERNS`, covering Hugging Face
     Llama/Qwen, BERT, GPT-2, T5, ``torch.nn.MultiheadAttention`` and common generic
-    names). Every ``interval`` optimizer steps, once ``grace_period`` (a fraction of
+    names). Every ``every_n_steps`` optimizer steps, once ``grace_period`` (a fraction of
     ``trainer.estimated_stepping_batches``) has passed, each unfrozen matrix gets a statistic:
 
-    * ``metric="grad_l1"``: the L1 norm of its gradient at that step (the paper's criterion);
-    * ``metric="update_l1"``: the L1 norm of its weight change made by that step's
-      optimizer update (what the authors' package measures). Measuring one step,
-      not the whole interval, keeps ``tau`` meaning the same for every ``interval``.
+    * ``metric="update_l1"`` (default): the L1 norm of its weight change made by that
+      step's optimizer update, what the authors' package measures. Measuring one step,
+      not the whole interval, keeps ``tau`` meaning the same for every ``every_n_steps``.
+    * ``metric="grad_l1"``: the L1 norm of its gradient at that step (the paper's criterion).
 
-    With ``normalize`` the statistic is divided by the matrix's size. A matrix whose statistic is
+    The L1 norm is a raw sum over the matrix, as in the authors' package; with
+    ``normalize`` it is divided by the matrix's size (a mean absolute value), which
+    makes one ``tau`` fit matrices of different sizes. A matrix whose statistic is
     below ``tau`` (a number or a schedule of the step) is frozen. When the frozen
     fraction of the monitored matrices reaches ``max_frozen_ratio``, training stops
     through ``trainer.should_stop``, Lightning's normal path.
 
+    Defaults: those of the authors' package (``GradEarlyStoppingConfig``): ``tau=1e-4``
+    on the raw ``update_l1`` sum, a check every step, and a grace period of 30% of the
+    training steps (their ``alpha=0.3``). No matrix is judged in the grace period:
+    from a random initialization a matrix's gradient can be tiny at first (attention
+    q/k projections, while attention is near uniform), and a gradient criterion
+    without a grace period freezes them at the first step. Under Adam-type
+    optimizers the weight change follows the learning rate, not the gradient's
+    size, so ``tau=1e-4`` freezes only matrices that practically stopped moving;
+    tune ``tau`` per model and metric (the paper does), for instance from the
+    statistics logged in a first run.
+
     Only matrices that received a gradient at a check are judged; a check whose step
     moved none of them (an fp16 step the grad scaler skipped, or a zero learning
     rate) decides nothing, and non-finite gradients never freeze anything.
+
+    With several optimizers (manual optimization), each optimizer step measures the
+    matrices that optimizer updates, and only those; all steps of a check batch
+    are judged together after the batch. A check batch is one that starts at a
+    ``trainer.global_step`` past the grace period and a multiple of ``every_n_steps``
+    (Lightning counts each optimizer's step in ``global_step``).
 
     Freezing sets ``requires_grad=False`` (backward no longer computes the weight
     gradient) and ``grad=None``: ``torch.optim`` optimizers and this pack's skip
@@ -73,10 +92,11 @@ class GradES(pl.Callback):
 
     When it runs: ``setup`` finds the monitored matrices (and rejects patterns that
     match none); ``on_train_start``, after any checkpoint is restored, re-freezes
-    the matrices a resumed run had frozen; ``on_before_optimizer_step`` (gradients
-    accumulated, unscaled and all-reduced) measures; ``on_train_batch_end``, after
-    the optimizer step, decides, freezes and logs ``grades/frozen_fraction``;
-    ``on_fit_end`` prints a summary on rank 0 when ``verbose``.
+    the matrices a resumed run had frozen; ``on_train_batch_start`` decides whether
+    the batch is a check; ``on_before_optimizer_step`` (gradients accumulated,
+    unscaled and all-reduced) measures the stepping optimizer's matrices;
+    ``on_train_batch_end``, after the optimizer steps, decides, freezes and logs
+    ``grades/frozen_fraction``; ``on_fit_end`` prints a summary on rank 0 when ``verbose``.
 
     ``frozen_at`` maps each frozen matrix's name to the step it was frozen at; it is
     the checkpointed state.
@@ -84,11 +104,11 @@ class GradES(pl.Callback):
 
     def __init__(
         self,
-        tau: ScheduleLike,
-        metric: str = "grad_l1",
+        tau: ScheduleLike = 1e-4,
+        metric: str = "update_l1",
         normalize: bool = False,
-        interval: int = 1,
-        grace_period: float = 0.0,
+        every_n_steps: int = 1,
+        grace_period: float = 0.3,
         max_frozen_ratio: float = 1.0,
         patterns: Optional[Sequence[str]] = None,
         verbose: bool = True,
@@ -97,15 +117,15 @@ class GradES(pl.Callback):
         _check_tau(self.tau(0))  # schedules are pure: a bad value at step 0 is caught before training
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
         if not 0.0 <= grace_period <= 1.0:
             raise ValueError(f"grace_period must be a fraction of the total steps in [0, 1], got {grace_period}")
         if not 0.0 < max_frozen_ratio <= 1.0:
             raise ValueError(f"max_frozen_ratio must be in (0, 1], got {max_frozen_ratio}")
         self.metric = metric
         self.normalize = normalize
-        self.interval = interval
+        self.every_n_steps = every_n_steps
         self.grace_period = grace_period
         self.max_frozen_ratio = max_frozen_ratio
         self._user_patterns = patterns is not None
@@ -121,10 +141,12 @@ class GradES(pl.Callback):
         self._monitored: dict[str, Parameter] = {}
         self._grace_steps = 0
         self._stopped_at: Optional[int] = None
-        # Set at a check step before the optimizer step, consumed after it: the step,
-        # the judged matrices' names, and their gradient L1 norms ("grad_l1") or
-        # copies of their weights ("update_l1", None for a matrix without a gradient).
-        self._pending: Optional[tuple[int, list[str], Any]] = None
+        # The step a check batch started at, None in other batches (set in on_train_batch_start).
+        self._check_step: Optional[int] = None
+        # One entry per optimizer step of the check batch, taken before the step and consumed after
+        # the batch: the judged matrices' names and their gradient L1 norms ("grad_l1") or copies of
+        # their weights ("update_l1", None for a matrix without a gradient).
+        self._pending: list[tuple[list[str], Any]] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Fires before the strategy wraps the model: find the monitored matrices."""
@@ -170,15 +192,28 @@ class GradES(pl.Callback):
             self._freeze(trainer, self.frozen_at)
             self._stop_if_enough_frozen(trainer, trainer.global_step)
 
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Fires before each training batch: is it a check (past the grace period, on the interval)?"""
+        step = trainer.global_step
+        self._check_step = step if step >= self._grace_steps and step % self.every_n_steps == 0 else None
+
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        """Fires once per optimizer step, with accumulated, unscaled, all-reduced gradients:
-        at a check step, measure the gradients, or copy the weights to measure the update."""
-        step = trainer.global_step
-        if step < self._grace_steps or step % self.interval:
+        """Fires before each optimizer step, with accumulated, unscaled, all-reduced gradients: in a
+        check batch, measure the gradients of the matrices this optimizer updates, or copy their
+        weights to measure the update."""
+        if self._check_step is None:
             return
-        names = [name for name in self._monitored if name not in self.frozen_at]
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        measured_already = {name for names, _ in self._pending for name in names}
+        names = [
+            name
+            for name, p in self._monitored.items()
+            if id(p) in in_optimizer and name not in self.frozen_at and name not in measured_already
+        ]
         if not names:
             return
         params = [self._monitored[name] for name in names]
@@ -186,30 +221,29 @@ class GradES(pl.Callback):
             measured: Any = _l1_norms([p.grad for p in params], pl_module.device)
         else:
             measured = [None if p.grad is None else p.detach().clone() for p in params]
-        self._pending = (step, names, measured)
+        self._pending.append((names, measured))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Fires after every batch; after a check step's optimizer step: decide, freeze, log, maybe stop."""
-        if self._pending is None:
+        """Fires after every batch; after a check batch's optimizer steps: decide, freeze, log, maybe stop."""
+        if not self._pending:
             return
-        step, names, measured = self._pending
-        self._pending = None
-        if self.metric == "grad_l1":
-            stats = measured
-        else:
-            params = [self._monitored[name] for name in names]
-            with torch.no_grad():
-                updates = [None if before is None else before.sub_(p) for p, before in zip(params, measured)]
-            stats = _l1_norms(updates, pl_module.device)
+        step, pending = self._check_step, self._pending
+        self._pending = []
+        # One statistic per measured matrix, optimizer step after optimizer step.
+        stats = torch.cat([self._statistics(names, measured, pl_module.device) for names, measured in pending])
         # One all-reduce: every rank then holds the same numbers and takes the same decisions.
         stats = trainer.strategy.reduce(stats, reduce_op="mean")
+        names = [name for names, _ in pending for name in names]
         if self.normalize:
             stats = stats / torch.tensor([self._monitored[name].numel() for name in names], device=stats.device)
-        judged = stats[~stats.isnan()]
-        if self.metric == "update_l1" and bool((judged == 0).all()):
-            return  # the step moved nothing: it was skipped, or the learning rate was zero
+        if self.metric == "update_l1":
+            # An optimizer step that moved none of its matrices was skipped, or its learning rate was
+            # zero: it decides nothing about them.
+            for judged in stats.split([len(step_names) for step_names, _ in pending]):
+                if bool((judged[~judged.isnan()] == 0).all()):
+                    judged.fill_(math.nan)
         tau = _check_tau(self.tau(step))
         # NaN (not judged) and inf (overflowed gradient) compare False: never frozen.
         newly_frozen = [name for name, stat in zip(names, stats.tolist()) if stat < tau]
@@ -218,6 +252,16 @@ class GradES(pl.Callback):
             self.frozen_at.update(dict.fromkeys(newly_frozen, step))
         pl_module.log("grades/frozen_fraction", self.frozen_fraction)
         self._stop_if_enough_frozen(trainer, step)
+
+    def _statistics(self, names: list[str], measured: Any, device: torch.device) -> Tensor:
+        """The L1 norms of one optimizer step's matrices: measured before the step (``grad_l1``), or
+        of the weight change from the copies taken before the step (``update_l1``)."""
+        if self.metric == "grad_l1":
+            return measured
+        params = [self._monitored[name] for name in names]
+        with torch.no_grad():
+            updates = [None if before is None else before.sub_(p) for p, before in zip(params, measured)]
+        return _l1_norms(updates, device)
 
     @property
     def frozen_fraction(self) -> float:

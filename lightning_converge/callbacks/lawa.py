@@ -3,7 +3,7 @@ Training with Latest Weight Averaging", Kaddour 2022)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -17,10 +17,12 @@ class LAWA(AveragingCallback):
 
     Args:
         k: how many snapshots to keep; the oldest is dropped when a new one comes.
-        every: ``"epoch"``: a snapshot at the end of every training epoch (taken
-            at its last batch, so the epoch-end validation already counts it); an
-            integer ``n``: a snapshot every ``n`` optimizer steps
-            (``trainer.global_step`` a multiple of ``n``).
+        every_n_steps: a snapshot every ``every_n_steps`` optimizer steps
+            (``trainer.global_step`` a multiple of it).
+        every_n_epochs: a snapshot at the end of every ``every_n_epochs``-th
+            training epoch (taken at its last batch, so the epoch-end validation
+            already counts it). Set at most one of the two; with neither, a
+            snapshot at the end of every epoch (the paper's).
         device: where the snapshots live (``"cpu"`` by default: ``k`` copies of
             the model would crowd an accelerator); None: with each parameter.
         include_buffers: also average the floating-point buffers saved with the
@@ -38,8 +40,8 @@ class LAWA(AveragingCallback):
     with EMA, are described in :class:`~lightning_converge.callbacks.averaging.AveragingCallback`):
 
     - ``on_train_batch_end`` (after each training batch, after its optimizer step
-      if it made one): takes a snapshot when one is due (the epoch's last batch,
-      or ``global_step`` moved to a multiple of ``every``). If a live weight is
+      if it made one): takes a snapshot when one is due (the last batch of an epoch
+      due, or ``global_step`` moved to a multiple of ``every_n_steps``). If a live weight is
       inf/NaN on any rank, every rank skips the snapshot.
 
     Under DiLoCo / Streaming DiLoCo the snapshots are of the global parameters.
@@ -53,7 +55,8 @@ class LAWA(AveragingCallback):
     def __init__(
         self,
         k: int = 6,
-        every: Union[Literal["epoch"], int] = "epoch",
+        every_n_steps: Optional[int] = None,
+        every_n_epochs: Optional[int] = None,
         device: Optional[Union[str, torch.device]] = "cpu",
         include_buffers: bool = False,
         validate_with: str = "average",
@@ -69,10 +72,19 @@ class LAWA(AveragingCallback):
         )
         if not is_count(k, minimum=1):
             raise ValueError(f"LAWA: k must be an integer >= 1, got {k!r}")
-        if every != "epoch" and not is_count(every, minimum=1):
-            raise ValueError(f"LAWA: every must be 'epoch' or an integer >= 1 (optimizer steps), got {every!r}")
+        if every_n_steps is not None and every_n_epochs is not None:
+            raise ValueError(
+                f"LAWA: every_n_steps must be None when every_n_epochs is set (one snapshot rule), "
+                f"got every_n_steps={every_n_steps!r}, every_n_epochs={every_n_epochs!r}"
+            )
+        if every_n_steps is None and every_n_epochs is None:
+            every_n_epochs = 1
+        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None and not is_count(value, minimum=1):
+                raise ValueError(f"LAWA: {name} must be None or an integer >= 1, got {value!r}")
         self.k = k
-        self.every = every
+        self.every_n_steps = every_n_steps
+        self.every_n_epochs = every_n_epochs
         self._snapshots: list[dict[str, Tensor]] = []
 
     def _reset(self) -> None:
@@ -100,10 +112,10 @@ class LAWA(AveragingCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         stepped = self._optimizer_stepped(trainer)
-        if self.every == "epoch":
-            due = trainer.is_last_batch
+        if self.every_n_steps is None:
+            due = trainer.is_last_batch and (trainer.current_epoch + 1) % self.every_n_epochs == 0
         else:
-            due = stepped and trainer.global_step % self.every == 0
+            due = stepped and trainer.global_step % self.every_n_steps == 0
         if due:
             self._take_snapshot(trainer, pl_module)
 

@@ -49,12 +49,15 @@ copy of the global parameters and the outer optimizer's state) lives on
 parameters' device, in fp32 unless a ``compressor`` is given.
 
 Each inner step logs ``diloco/outer_step`` (outer updates applied so far, one
-per fragment sync), ``comm/bytes_sent`` (bytes of pseudo-gradient this worker
-has sent in the exchanges completed so far: the payload handed to the
-collective, compressed when a ``compressor`` is set, not the ring algorithm's
-``2 (n - 1) / n`` multiple of it on the wire; the convention of
-:class:`lightning_converge.comm.Exchange`) and ``comm/wait_seconds`` (time
-spent blocked, waiting for exchanges to complete).
+per fragment sync); ``comm/bytes_sent`` and ``comm/bytes_received``, the bytes
+of pseudo-gradient this worker sent and received in the exchanges completed
+during that step (0 in most steps), and ``comm/bytes_sent_total`` and
+``comm/bytes_received_total``, the same since training started; and
+``comm/wait_seconds`` (time spent blocked, waiting for exchanges to complete).
+Bytes follow the convention of :class:`lightning_converge.comm.Exchange`: the
+sizes of the tensors handed to the collective and returned by it, compressed
+when a ``compressor`` is set (an fp32 all-reduce of N numbers sends 4 N bytes
+and receives 4 N), not the ring algorithm's ``2 (n - 1) / n`` multiple on the wire.
 
 ``delay=1`` in detail: at each outer step the worker takes its pseudo-gradient
 (measured from the parameters its inner phase started from) and starts its
@@ -76,13 +79,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
+from lightning.fabric.accelerators.cuda import num_cuda_devices
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.optimizer import _optimizer_to_device
+from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.overrides.distributed import _sync_module_states
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -93,7 +100,8 @@ from torch.optim import Optimizer
 from lightning_converge.comm import Compressor, Exchange, Layout, make_compressor
 from lightning_converge.kernels import diloco_outer_step, ema_update, scalar
 from lightning_converge.kernels.dispatch import validate_backend
-from lightning_converge.schedules import QSR, Schedule, as_schedule
+from lightning_converge.options import unknown_options_error
+from lightning_converge.schedules import Schedule, as_schedule, takes_lr
 from lightning_converge.strategies.rank_state import cpu_copy, load_rank_states, save_rank_states
 
 OuterOptimizerFactory = Callable[[Iterable[Tensor]], Optimizer]
@@ -181,15 +189,35 @@ def _piece_of(tensors: Sequence[Tensor], piece: Piece) -> Tensor:
     index, start, end = piece
     tensor = tensors[index]
     return tensor if end - start == tensor.numel() else tensor.view(-1)[start:end]
-# Options of the DistributedDataParallel wrapper, which does not exist here, with their defaults:
-# those are accepted (LightningCLI passes every one of them) and anything else raises.
+# Options of the DistributedDataParallel wrapper, which does not exist here, with their defaults: in
+# ddp_kwargs a default value is accepted (it changes nothing), anything else raises.
 _DDP_WRAPPER_DEFAULTS = {
     name: parameter.default
     for name, parameter in inspect.signature(DistributedDataParallel.__init__).parameters.items()
     if parameter.default is not inspect.Parameter.empty
 }
-# DDPStrategy's options for the wrapper's gradient hooks; None means unused.
-_DDP_HOOK_OPTIONS = ("_ddp_comm_state", "_ddp_comm_hook", "_ddp_comm_wrapper", "_model_averaging_period")
+# DDPStrategy's options for the wrapper's gradient hooks, which have no meaning here either.
+_DDP_HOOK_OPTIONS = ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period")
+
+
+def _available_device(device: Union[str, torch.device], option: str) -> torch.device:
+    """``device`` as a ``torch.device``, or a ValueError naming ``option`` if it is malformed or absent here.
+
+    CUDA is counted without initializing it (as Lightning does), so a later fork stays safe.
+    """
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{option} must be a device such as 'cpu' or 'cuda:0', got {device!r}") from error
+    if device.type == "cuda":
+        count = num_cuda_devices()
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise ValueError(f"{option}={str(device)!r}, but this machine has {count} CUDA devices")
+    elif device.type != "cpu":
+        module = getattr(torch, device.type, None) if device.type != "mps" else torch.backends.mps
+        if module is not None and hasattr(module, "is_available") and not module.is_available():
+            raise ValueError(f"{option}={str(device)!r}, but no {device.type} device is available here")
+    return device
 
 
 @dataclass
@@ -231,8 +259,9 @@ class DiLoCoStrategy(DDPStrategy):
     Args:
         inner_steps: H, the inner steps between synchronizations: an int >= 1,
             or a schedule evaluated at the step each round starts (rounded to the
-            nearest int). A :class:`~lightning_converge.schedules.QSR` is given the
-            inner optimizer's current learning rate, which must be the same on
+            nearest int). A schedule whose ``__call__`` takes ``lr``, such as
+            :class:`~lightning_converge.schedules.QSR`, is also given the inner
+            optimizer's current learning rate (``lr=``), which must be the same on
             every worker (any step-based lr schedule is).
         outer_optimizer: ``"nesterov"`` (SGD with Nesterov momentum, the paper's)
             or ``"sgd"`` (heavy-ball momentum), both run by the fused
@@ -259,17 +288,22 @@ class DiLoCoStrategy(DDPStrategy):
             one outer step late, when the next all-reduce starts. The all-reduce is
             then hidden behind a whole inner phase (details below).
         outer_state_device: where the global parameters and the outer
-            optimizer's state are kept.
-        kernel_backend: backend of the fused kernels (``"auto"``, ``"reference"``,
+            optimizer's state are kept; checked when the strategy is built (a
+            ``"cuda"`` device on a machine without one raises then).
+        backend: backend of the fused kernels (``"auto"``, ``"reference"``,
             ``"compiled"``, ``"triton"``), see :mod:`lightning_converge.kernels`.
+        accelerator, parallel_devices, cluster_environment, checkpoint_io,
+            precision_plugin: as for :class:`~lightning.pytorch.strategies.DDPStrategy`;
+            the Trainer sets them.
+        process_group_backend, start_method: as for
+            :class:`~lightning.pytorch.strategies.DDPStrategy`.
         timeout: seconds (or a ``timedelta``) a collective may wait before it
             fails; this is the process groups' timeout, so a worker that dies or
             hangs makes the others raise within it instead of waiting forever.
-        **ddp_kwargs: the other :class:`~lightning.pytorch.strategies.DDPStrategy`
-            arguments (``process_group_backend``, ``start_method``,
-            ``cluster_environment``, ...). Options of the ``DistributedDataParallel``
-            wrapper (``find_unused_parameters``, ``ddp_comm_hook``, ...) raise:
-            the model is not wrapped.
+        ddp_kwargs: options of the ``DistributedDataParallel`` wrapper, the same
+            argument as in the pack's other strategies. The model is not wrapped
+            here, so any value other than the wrapper's default raises, as does
+            a wrapper option or a DDP communication hook given as a keyword.
 
     Only one inner optimizer is supported.
 
@@ -312,23 +346,32 @@ class DiLoCoStrategy(DDPStrategy):
         compressor: Union[str, Compressor, None] = None,
         delay: int = 0,
         outer_state_device: Union[str, torch.device] = "cpu",
-        kernel_backend: str = "auto",
+        backend: str = "auto",
+        *,
+        accelerator: Optional[Accelerator] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+        process_group_backend: Optional[str] = None,
         timeout: Union[float, timedelta, None] = default_pg_timeout,
-        **ddp_kwargs: Any,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        ddp_kwargs: Optional[dict[str, Any]] = None,
+        **kwargs: Any,
     ) -> None:
+        self._check_options(kwargs, ddp_kwargs)
         if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
             timeout = timedelta(seconds=timeout)
-        super().__init__(timeout=timeout, **ddp_kwargs)
-        wrapper_options = [
-            name
-            for name, value in self._ddp_kwargs.items()
-            if name not in _DDP_WRAPPER_DEFAULTS or value != _DDP_WRAPPER_DEFAULTS[name]
-        ] + [name.lstrip("_") for name in _DDP_HOOK_OPTIONS if getattr(self, name) is not None]
-        if wrapper_options:
-            raise TypeError(
-                f"{type(self).__name__} does not wrap the model in DistributedDataParallel, so these options "
-                f"have no meaning here: {wrapper_options}"
-            )
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
         if isinstance(outer_optimizer, str):
             if outer_optimizer not in _BUILT_IN_OUTER_OPTIMIZERS:
                 raise ValueError(
@@ -351,13 +394,14 @@ class DiLoCoStrategy(DDPStrategy):
             raise TypeError(f"compressor must be None, a compressor's name or a Compressor, got {compressor!r}")
 
         self._inner_steps = as_schedule(inner_steps, "inner_steps")
+        self._inner_steps_takes_lr = takes_lr(self._inner_steps)
         self._outer_optimizer_spec = outer_optimizer
         self._outer_lr = as_schedule(outer_lr, "outer_lr")
         self._outer_momentum = float(outer_momentum)
         self._compressor = compressor
         self._delay = delay
-        self._outer_device = torch.device(outer_state_device)
-        self._kernel_backend = validate_backend(kernel_backend)
+        self._outer_device = _available_device(outer_state_device, "outer_state_device")
+        self._backend = validate_backend(backend)
         # The streaming options; a DiLoCo round is one fragment, applied at once, replacing the local values.
         self._num_fragments = 1
         self._overlap_steps = 0
@@ -383,11 +427,34 @@ class DiLoCoStrategy(DDPStrategy):
         self._round_length = 0
         self._outer_steps = 0
         self._bytes_sent = 0
+        self._bytes_received = 0
         self._wait_seconds = 0.0
         # Whether the module holds the global parameters for evaluation (its local ones: `_local_params`).
         self._evaluating_global = False
         # (shared state, this worker's state) kept by finish_local_training for checkpoints saved after fit.
         self._state_at_train_end: Optional[tuple[dict[str, Any], dict[str, Any]]] = None
+        # Bytes of the exchanges completed since the last inner step was logged.
+        self._step_bytes_sent = 0
+        self._step_bytes_received = 0
+
+    def _check_options(self, kwargs: dict[str, Any], ddp_kwargs: Optional[dict[str, Any]]) -> None:
+        """Raise for what ``**kwargs`` caught (DDP wrapper options, with the reason; anything else is
+        unknown, with the closest valid name) and for wrapper options in ``ddp_kwargs``."""
+        wrapper_options = [name for name in kwargs if name in _DDP_WRAPPER_DEFAULTS or name in _DDP_HOOK_OPTIONS]
+        wrapper_options += [
+            name
+            for name, value in (ddp_kwargs or {}).items()
+            if name not in _DDP_WRAPPER_DEFAULTS or value != _DDP_WRAPPER_DEFAULTS[name]
+        ]
+        if wrapper_options:
+            raise TypeError(
+                f"{type(self).__name__} does not wrap the model in DistributedDataParallel, so these "
+                f"DistributedDataParallel options have no meaning here: {sorted(wrapper_options)}"
+            )
+        if kwargs:
+            parameters = inspect.signature(type(self).__init__).parameters
+            valid = [name for name in parameters if name not in ("self", "kwargs")]
+            raise unknown_options_error(type(self).__name__, kwargs, valid)
 
     # ------------------------------------------------------------------ public read-outs
 
@@ -400,6 +467,11 @@ class DiLoCoStrategy(DDPStrategy):
     def bytes_sent(self) -> int:
         """Bytes of pseudo-gradient this worker has sent in the exchanges completed so far."""
         return self._bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes of averaged pseudo-gradient this worker has received in the exchanges completed so far."""
+        return self._bytes_received
 
     @property
     def wait_seconds(self) -> float:
@@ -659,7 +731,7 @@ class DiLoCoStrategy(DDPStrategy):
 
     def _start_round(self) -> None:
         """Begin a round of inner steps at the current step; its length comes from ``inner_steps`` now."""
-        if isinstance(self._inner_steps, QSR):
+        if self._inner_steps_takes_lr:
             length = self._inner_steps(self._inner_step, lr=self.optimizers[0].param_groups[0]["lr"])
         else:
             length = self._inner_steps(self._inner_step)
@@ -686,9 +758,16 @@ class DiLoCoStrategy(DDPStrategy):
         if step == self._round_start + self._round_length:
             self._start_round()
         module = self.lightning_module
-        module.log("diloco/outer_step", float(self._outer_steps), on_step=True, on_epoch=False)
-        module.log("comm/bytes_sent", float(self._bytes_sent), on_step=True, on_epoch=False)
-        module.log("comm/wait_seconds", self._wait_seconds, on_step=True, on_epoch=False)
+        for name, value in (
+            ("diloco/outer_step", self._outer_steps),
+            ("comm/bytes_sent", self._step_bytes_sent),
+            ("comm/bytes_received", self._step_bytes_received),
+            ("comm/bytes_sent_total", self._bytes_sent),
+            ("comm/bytes_received_total", self._bytes_received),
+            ("comm/wait_seconds", self._wait_seconds),
+        ):
+            module.log(name, float(value), on_step=True, on_epoch=False)
+        self._step_bytes_sent = self._step_bytes_received = 0
 
     # ------------------------------------------------------------------ one sync
 
@@ -721,18 +800,20 @@ class DiLoCoStrategy(DDPStrategy):
         fragment.pending = _PendingSync(apply_at_step, exchange)
 
     def _start_exchange(self, fragment: _Fragment, pseudo_gradient: Tensor) -> torch.futures.Future:
-        """Start averaging ``pseudo_gradient`` over the workers; the future resolves to (average, bytes sent)."""
+        """Start averaging ``pseudo_gradient`` over the workers; the future resolves to
+        (average, bytes sent, bytes received)."""
         if self._compressor is None:
-            sent = pseudo_gradient.numel() * pseudo_gradient.element_size()
+            size = pseudo_gradient.numel() * pseudo_gradient.element_size()  # in and out: one fp32 tensor
             work = dist.all_reduce(pseudo_gradient, group=self._group, async_op=True)
-            return work.get_future().then(lambda done: (done.value()[0].div_(self.world_size), sent))
+            return work.get_future().then(lambda done: (done.value()[0].div_(self.world_size), size, size))
         future = torch.futures.Future()
         step = self._inner_step
 
         def reduce() -> None:
             try:
                 average = self._compressor.reduce(pseudo_gradient, fragment.layout, self._exchange, step)
-                future.set_result((average, self._exchange.take_stats().bytes_sent))
+                stats = self._exchange.take_stats()
+                future.set_result((average, stats.bytes_sent, stats.bytes_received))
             except Exception as error:  # raised again in the training thread, by wait()
                 future.set_exception(error)
 
@@ -744,11 +825,14 @@ class DiLoCoStrategy(DDPStrategy):
         if pending.exchange is not None:
             started = time.perf_counter()
             try:
-                pending.average, sent = pending.exchange.wait()
+                pending.average, sent, received = pending.exchange.wait()
             except RuntimeError as error:
                 raise self._communication_error(error) from error
             self._wait_seconds += time.perf_counter() - started
             self._bytes_sent += sent
+            self._bytes_received += received
+            self._step_bytes_sent += sent
+            self._step_bytes_received += received
             pending.exchange = None
         return pending.average
 
@@ -769,7 +853,7 @@ class DiLoCoStrategy(DDPStrategy):
                 lr=scalar(self._outer_lr(self._inner_step), self._outer_device),
                 momentum=scalar(self._outer_momentum, self._outer_device),
                 nesterov=_BUILT_IN_OUTER_OPTIMIZERS[self._outer_optimizer_spec],
-                backend=self._kernel_backend,
+                backend=self._backend,
             )
         else:
             # Only this fragment has gradients: torch optimizers skip (and keep the state of) the rest.
@@ -789,7 +873,7 @@ class DiLoCoStrategy(DDPStrategy):
             local_params,
             [g.to(device) for g in self._pieces(self._global_params, fragment)],
             decay=scalar(mixing_alpha, device),
-            backend=self._kernel_backend,
+            backend=self._backend,
         )
         fragment.in_sync = mixing_alpha == 0.0
 
@@ -818,6 +902,7 @@ class DiLoCoStrategy(DDPStrategy):
             "round_length": self._round_length,
             "outer_steps": self._outer_steps,
             "bytes_sent": self._bytes_sent,
+            "bytes_received": self._bytes_received,
             "global_params": self._global_params,
             "outer_optimizer": outer_optimizer_state,
             "fragments": [
@@ -856,6 +941,7 @@ class DiLoCoStrategy(DDPStrategy):
         self._round_length = state["round_length"]
         self._outer_steps = state["outer_steps"]
         self._bytes_sent = state["bytes_sent"]
+        self._bytes_received = state.get("bytes_received", 0)
         for current, saved in zip(self._global_params, state["global_params"]):
             current.copy_(saved)
         if self._outer_optimizer is None:
@@ -950,9 +1036,18 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
         outer_momentum: float = 0.9,
         compressor: Union[str, Compressor, None] = None,
         outer_state_device: Union[str, torch.device] = "cpu",
-        kernel_backend: str = "auto",
+        backend: str = "auto",
+        *,
+        accelerator: Optional[Accelerator] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+        process_group_backend: Optional[str] = None,
         timeout: Union[float, timedelta, None] = default_pg_timeout,
-        **ddp_kwargs: Any,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        ddp_kwargs: Optional[dict[str, Any]] = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
             inner_steps=inner_steps,
@@ -962,9 +1057,17 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
             compressor=compressor,
             delay=0,  # overlap_steps is the overlap here
             outer_state_device=outer_state_device,
-            kernel_backend=kernel_backend,
+            backend=backend,
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
             timeout=timeout,
-            **ddp_kwargs,
+            start_method=start_method,
+            ddp_kwargs=ddp_kwargs,
+            **kwargs,
         )
         if not (isinstance(num_fragments, int) and not isinstance(num_fragments, bool) and num_fragments >= 1):
             raise ValueError(f"num_fragments must be an integer >= 1, got {num_fragments!r}")

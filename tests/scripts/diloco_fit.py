@@ -137,17 +137,17 @@ class RecordingStreamingDiLoCo(Recording, StreamingDiLoCoStrategy):
 SCENARIOS = {
     "ddp_identity": (
         lambda: RecordingDiLoCo(
-            inner_steps=1, outer_optimizer="sgd", outer_lr=1.0, outer_momentum=0.0, kernel_backend="reference"
+            inner_steps=1, outer_optimizer="sgd", outer_lr=1.0, outer_momentum=0.0, backend="reference"
         ),
         "SGD",
         5,
     ),
-    "diloco": (lambda: RecordingDiLoCo(inner_steps=3, kernel_backend="reference"), "SGD", 10),
-    "delayed": (lambda: RecordingDiLoCo(inner_steps=3, delay=1, kernel_backend="reference"), "SGD", 10),
-    "diloco_fp16": (lambda: RecordingDiLoCo(inner_steps=3, compressor="fp16", kernel_backend="reference"), "SGD", 10),
+    "diloco": (lambda: RecordingDiLoCo(inner_steps=3, backend="reference"), "SGD", 10),
+    "delayed": (lambda: RecordingDiLoCo(inner_steps=3, delay=1, backend="reference"), "SGD", 10),
+    "diloco_fp16": (lambda: RecordingDiLoCo(inner_steps=3, compressor="fp16", backend="reference"), "SGD", 10),
     "streaming": (
         lambda: RecordingStreamingDiLoCo(
-            inner_steps=4, num_fragments=2, overlap_steps=1, mixing_alpha=0.5, kernel_backend="reference"
+            inner_steps=4, num_fragments=2, overlap_steps=1, mixing_alpha=0.5, backend="reference"
         ),
         "SGD",
         10,
@@ -159,7 +159,7 @@ SCENARIOS = {
             overlap_steps=1,
             mixing_alpha=0.5,
             fragment_assignment="balanced",
-            kernel_backend="reference",
+            backend="reference",
         ),
         "SGD",
         10,
@@ -168,7 +168,7 @@ SCENARIOS = {
 # Checkpointed every 4 steps (the first: inside the second inner phase, with an update in flight),
 # then resumed from the first checkpoint.
 CHECKPOINTED = {
-    "delayed_adamw": lambda: RecordingDiLoCo(inner_steps=3, delay=1, kernel_backend="reference"),
+    "delayed_adamw": lambda: RecordingDiLoCo(inner_steps=3, delay=1, backend="reference"),
     # int8 pseudo-gradients with error feedback: each worker's residuals are in the checkpoint too
     "streaming_int8_adamw": lambda: RecordingStreamingDiLoCo(
         inner_steps=6,
@@ -176,7 +176,7 @@ CHECKPOINTED = {
         overlap_steps=1,
         mixing_alpha=0.5,
         compressor=Int8Compressor(block_size=64, backend="reference"),
-        kernel_backend="reference",
+        backend="reference",
     ),
 }
 
@@ -184,32 +184,32 @@ CHECKPOINTED = {
 # Stopped at step 12 (or 10), saved by hand after fit, resumed to 15: against 15 steps straight. Each:
 # (strategy, callbacks, the step it stops at).
 AFTER_FIT = {
-    "after_fit": (lambda: RecordingDiLoCo(inner_steps=5, kernel_backend="reference"), lambda: [], 12),
+    "after_fit": (lambda: RecordingDiLoCo(inner_steps=5, backend="reference"), lambda: [], 12),
     "after_fit_ema": (
-        lambda: RecordingDiLoCo(inner_steps=5, kernel_backend="reference"),
+        lambda: RecordingDiLoCo(inner_steps=5, backend="reference"),
         lambda: [EMA(decay=0.5, backend="reference")],
         12,
     ),
     # stopped right after an outer step whose EMA update is due only at step 6
     "after_fit_ema_every_3": (
-        lambda: RecordingDiLoCo(inner_steps=5, kernel_backend="reference"),
-        lambda: [EMA(decay=0.5, update_every=3, backend="reference")],
+        lambda: RecordingDiLoCo(inner_steps=5, backend="reference"),
+        lambda: [EMA(decay=0.5, every_n_steps=3, backend="reference")],
         5,
     ),
     "after_fit_lawa": (
-        lambda: RecordingDiLoCo(inner_steps=5, kernel_backend="reference"),
-        lambda: [LAWA(k=2, every=2)],
+        lambda: RecordingDiLoCo(inner_steps=5, backend="reference"),
+        lambda: [LAWA(k=2, every_n_steps=2)],
         12,
     ),
     "after_fit_grokfast": (
-        lambda: RecordingDiLoCo(inner_steps=5, kernel_backend="reference"),
+        lambda: RecordingDiLoCo(inner_steps=5, backend="reference"),
         lambda: [Grokfast(backend="reference")],
         12,
     ),
     # stopped with an overlapped all-reduce in flight (fragment 0 syncs at step 10, is applied at 11)
     "after_fit_streaming_ema_grokfast": (
         lambda: RecordingStreamingDiLoCo(
-            inner_steps=4, num_fragments=2, overlap_steps=1, mixing_alpha=0.5, kernel_backend="reference"
+            inner_steps=4, num_fragments=2, overlap_steps=1, mixing_alpha=0.5, backend="reference"
         ),
         lambda: [EMA(decay=0.5, backend="reference"), Grokfast(backend="reference")],
         10,
@@ -312,7 +312,7 @@ if __name__ == "__main__":
             resumed = fit(CHECKPOINTED[name](), "AdamW", 12, ckpt_path=ckpt_dir / "epoch=0-step=4.ckpt")
             save(out_dir, f"{name}_resumed", *resumed)
         elif name == "accumulate_bf16_callbacks":  # 2 micro-batches a step, bf16 autocast, EMA and Grokfast
-            strategy = RecordingDiLoCo(inner_steps=3, kernel_backend="reference")
+            strategy = RecordingDiLoCo(inner_steps=3, backend="reference")
             # The EMA follows the global parameters; the model is left with DiLoCo's at the end.
             ema = EMA(decay=0.9, keep_average_on_train_end=False, backend="reference")
             callbacks = [ema, Grokfast(backend="reference")]
@@ -328,19 +328,19 @@ if __name__ == "__main__":
             resumed = fit(make_strategy(), "AdamW", 15, make_callbacks(), ckpt_path=checkpoint)
             save(out_dir, f"{name}_resumed", *resumed)
         elif name == "delayed_stops_at_sync":  # delay=1, fit ends right after the first sync
-            strategy = RecordingDiLoCo(inner_steps=3, delay=1, kernel_backend="reference")
+            strategy = RecordingDiLoCo(inner_steps=3, delay=1, backend="reference")
             save(out_dir, name, *fit(strategy, "SGD", 3))
         elif name == "ema_ends_at_sync":  # the last step is a sync step
-            strategy = RecordingDiLoCo(inner_steps=3, kernel_backend="reference")
+            strategy = RecordingDiLoCo(inner_steps=3, backend="reference")
             save(out_dir, name, *fit(strategy, "SGD", 6, [EMA(decay=0.5, backend="reference")]))
         elif name == "switch_ema":  # epochs of 4 steps, syncs every 3: the switches fall inside inner phases
-            strategy = RecordingDiLoCo(inner_steps=3, kernel_backend="reference")
+            strategy = RecordingDiLoCo(inner_steps=3, backend="reference")
             recorder = SwitchRecorder()
             callbacks = [EMA(decay=0.5, switch_every_epoch=True, backend="reference"), recorder]
             run = fit(strategy, "SGD", 10, callbacks, limit_train_batches=4)
             save(out_dir, name, *run, before_switch=recorder.before, after_switch=recorder.after)
         elif name in ("validation", "validation_ema"):  # validation at step 4, inside the second inner phase
-            strategy = RecordingDiLoCo(inner_steps=3, kernel_backend="reference")
+            strategy = RecordingDiLoCo(inner_steps=3, backend="reference")
             seen = SeenInValidation(out_dir / f"{name}.ckpt")
             callbacks = [seen] + ([EMA(decay=0.5, backend="reference")] if name == "validation_ema" else [])
             model = Validated("SGD")
@@ -360,7 +360,7 @@ if __name__ == "__main__":
             trainer.fit(model)
             save(out_dir, name, trainer, model, seen_in_validation=seen.seen)
         elif name == "worker_stops":  # the last scenario: rank 0 hangs in the second inner phase, then dies
-            strategy = DiLoCoStrategy(inner_steps=2, kernel_backend="reference", timeout=2)
+            strategy = DiLoCoStrategy(inner_steps=2, backend="reference", timeout=2)
             fit(strategy, "SGD", 8, callbacks=[StopAnsweringAtStep(rank=0, step=3, seconds=8)])
         else:
             raise ValueError(f"unknown scenario {name!r}")
