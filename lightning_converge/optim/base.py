@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections import OrderedDict
 from typing import Any, Callable, ClassVar, Optional
 
@@ -135,7 +136,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         and its parameters distinct (a fused step would update a repeated one twice)."""
         index = len(self.param_groups)
         self._check_hyperparameters(param_group, where=f"parameter group {index}: ")
-        super().add_param_group(param_group)
+        with warnings.catch_warnings():  # torch.optim's warning of repeated parameters: an error here
+            warnings.filterwarnings("ignore", message="optimizer contains a parameter group with duplicate parameters")
+            super().add_param_group(param_group)
         params = self.param_groups[-1]["params"]
         if len(params) != len(set(params)):
             del self.param_groups[-1]
@@ -203,8 +206,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")  # pickled before the backend was kept
         for index, group in enumerate(self.param_groups):
-            for name, default in self.defaults.items():
-                group.setdefault(name, default)
+            for name in self.hyperparameters.keys() & self.defaults.keys():  # not torch's own additions
+                group.setdefault(name, self.defaults[name])
             self._check_hyperparameters(group, where=f"parameter group {index}: ")
             for p in group["params"]:
                 param_state = self.state.get(p)
