@@ -170,24 +170,29 @@ def test_load_state_dict_pre_hook_result_is_what_loads(cls):
     params = make_params()
     source = make(cls, params)
     run(source, params, steps=1)
-    target = make(cls, clone_params(params))
+    target_params = clone_params(params)
+    target = make(cls, target_params)
+    name = cls.state_names[0]
     seen = []
 
-    def replace_lr(optimizer, state_dict):
+    def replace_lr_and_state(optimizer, state_dict):
         seen.append("first")
         state_dict = copy.deepcopy(state_dict)
         state_dict["param_groups"][0]["lr"] = 0.125
+        state_dict["state"][0][name].fill_(0.5)
         return state_dict
 
     def check_replaced(optimizer, state_dict):
         seen.append(state_dict["param_groups"][0]["lr"])
 
     target.register_load_state_dict_pre_hook(check_replaced)
-    target.register_load_state_dict_pre_hook(replace_lr, prepend=True)
+    target.register_load_state_dict_pre_hook(replace_lr_and_state, prepend=True)
     target.load_state_dict(source.state_dict())
     assert seen == ["first", 0.125]
     assert target.param_groups[0]["lr"] == 0.125
+    assert torch.equal(target.state[target_params[0]][name], torch.full_like(params[0], 0.5))
     assert source.param_groups[0]["lr"] == HYPERPARAMETERS[cls]["lr"]
+    assert not torch.equal(source.state[params[0]][name], torch.full_like(params[0], 0.5))
 
 
 @pytest.mark.parametrize("cls", RULES)
