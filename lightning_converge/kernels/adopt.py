@@ -53,7 +53,7 @@ def adopt(
         g_ = g.to(p_.dtype)
         if not decouple:
             g_ = g_ + weight_decay * p_
-        normed = torch.clamp(g_ / torch.clamp(v.sqrt(), min=eps), -bound.to(p_.dtype), bound.to(p_.dtype))
+        normed = torch.clamp(g_ / torch.clamp(v.sqrt(), min=eps), -bound, bound)
         m_new = torch.where(first, m, m.lerp(normed, 1 - beta1))
         update = m_new
         if cautious:

@@ -161,6 +161,12 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One update of every parameter that has a gradient: a kernel call per group.
+
+        ``closure`` (optional) re-evaluates the model and returns the loss; it runs
+        first, with gradients enabled, and its loss is returned. State is created on
+        a parameter's first step (see :meth:`init_state`).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
