@@ -288,6 +288,7 @@ def test_torch_options_we_do_not_implement_are_refused_on_load(option, value):
     ours = make(AdamW, clone_params(params))
     with pytest.raises(ValueError, match=f"parameter group 0: {option}={value}.*not implemented"):
         ours.load_state_dict(theirs.state_dict())
+    assert option not in ours.param_groups[0] and not ours.state  # refused before anything changed
 
 
 # --- complex parameters -----------------------------------------------------------------------

@@ -208,13 +208,12 @@ class FusedOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickling, and the last stage of :meth:`load_state_dict`: groups saved by
         torch.optim (or by an older version) take this class's defaults for the keys
-        they lack, a step saved as a number becomes a tensor, and every group is checked."""
+        they lack, and a step saved as a number becomes a tensor."""
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")  # pickled before the backend was kept
-        for index, group in enumerate(self.param_groups):
+        for group in self.param_groups:
             for name in self.hyperparameters.keys() & self.defaults.keys():  # not torch's own additions
                 group.setdefault(name, self.defaults[name])
-            self._check_hyperparameters(group, where=f"parameter group {index}: ")
             for p in group["params"]:
                 param_state = self.state.get(p)
                 if param_state and "step" in param_state:
@@ -228,16 +227,19 @@ class FusedOptimizer(torch.optim.Optimizer):
 
         torch.optim casts loaded state to the parameter's dtype, which would round a
         bf16 parameter's fp32 moments to bf16. So the pre-hooks run first, as in
-        torch (a dict one of them returns is what loads); torch.optim loads it; the
-        state is put back in its own precision from that dict; then the post-hooks
-        run, and what they change stays. Unlike torch.optim, the loaded state is a
-        copy: stepping never changes the dict it came from.
+        torch (a dict one of them returns is what loads); its groups are checked
+        (before anything changes); torch.optim loads it; the state is put back in its
+        own precision from that dict; then the post-hooks run, and what they change
+        stays. Unlike torch.optim, the loaded state is a copy: stepping never changes
+        the dict it came from.
         """
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        for index, group in enumerate(state_dict["param_groups"]):
+            self._check_hyperparameters(group, where=f"parameter group {index}: ")
         pre_hooks, post_hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
         self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = OrderedDict(), OrderedDict()
         try:
