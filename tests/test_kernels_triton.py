@@ -22,6 +22,7 @@ import torch
 pytest.importorskip("triton")
 
 from lightning_converge.kernels import Kernel, adamw, adan, ademamix, adopt, lion, resolve_backend  # noqa: E402
+from lightning_converge.kernels.dispatch import math_dtype  # noqa: E402
 
 SHAPES = [(7,), (33, 5), (129,)]
 START_STEPS = [1.0, 9.0, 1000.0]
@@ -77,18 +78,21 @@ def _cases():
 
 def _initial_state(name: str, grad: torch.Tensor, fresh: bool, generator: torch.Generator) -> torch.Tensor:
     """A fresh tensor's state is the optimizers' initial state (zeros; Adan's previous
-    gradient is the first gradient); a tensor further along has random state."""
+    gradient is the first gradient); a tensor further along has random state. State is
+    fp32, or fp64 for fp64 tensors, as the optimizers keep it."""
+    dtype = math_dtype(grad)
     if fresh:
-        return grad.float() if name == "prev_grads" else torch.zeros(grad.shape)
+        return grad.to(dtype) if name == "prev_grads" else torch.zeros(grad.shape, dtype=dtype)
     if "sqs" in name:  # second moments are non-negative
-        return torch.rand(grad.shape, generator=generator)
-    return torch.randn(grad.shape, generator=generator)
+        return torch.rand(grad.shape, generator=generator, dtype=dtype)
+    return torch.randn(grad.shape, generator=generator, dtype=dtype)
 
 
 def _make_inputs(rule: Rule, dtype: torch.dtype, generator: torch.Generator) -> list[list[torch.Tensor]]:
     """The kernel's positional arguments: params, grads, each state list, then steps."""
-    params = [torch.randn(shape, generator=generator).to(dtype) for shape in SHAPES]
-    grads = [torch.randn(shape, generator=generator).to(dtype) for shape in SHAPES]
+    draw = torch.float64 if dtype == torch.float64 else torch.float32  # fp64 values fp32 cannot hold
+    params = [torch.randn(shape, generator=generator, dtype=draw).to(dtype) for shape in SHAPES]
+    grads = [torch.randn(shape, generator=generator, dtype=draw).to(dtype) for shape in SHAPES]
     states = [
         [_initial_state(name, g, step == 1, generator) for g, step in zip(grads, START_STEPS)]
         for name in rule.state_names
@@ -98,7 +102,9 @@ def _make_inputs(rule: Rule, dtype: torch.dtype, generator: torch.Generator) -> 
 
 
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    if actual.dtype == torch.bfloat16:
+    if actual.dtype == torch.float64:
+        torch.testing.assert_close(actual, expected, rtol=1e-13, atol=1e-15, msg=lambda m: f"{what}: {m}")
+    elif actual.dtype == torch.bfloat16:
         # Within one bf16 ulp: the interpreter truncates fp32 -> bf16 where torch
         # (and triton on a GPU) rounds to nearest.
         torch.testing.assert_close(actual, expected, rtol=2**-7, atol=1e-6, msg=lambda m: f"{what}: {m}")
@@ -109,7 +115,7 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> No
 # ADOPT's clip (step - 1) ** clip_exponent is exp(log(0) * e) = 0 at step 1: right, but numpy warns.
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1], ids=["no_decay", "decay"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
 @pytest.mark.parametrize("rule_name, options", list(_cases()))
 def test_triton_matches_reference(rule_name, options, dtype, weight_decay):
     rule = RULES[rule_name]
@@ -118,8 +124,9 @@ def test_triton_matches_reference(rule_name, options, dtype, weight_decay):
     arg_names = ["params", "grads", *rule.state_names, *(["steps"] if rule.reads_step else [])]
     for step_index in range(STEPS_PER_CASE):
         # A new lr every step: hyperparameters are read inside the kernel, never baked in.
+        # float64, as the optimizers pass them.
         hyperparameters = {
-            name: torch.tensor(value)
+            name: torch.tensor(value, dtype=torch.float64)
             for name, value in dict(rule.hyperparameters, lr=1e-2 * (step_index + 1), weight_decay=weight_decay).items()
         }
         expected = [[t.clone() for t in tensors] for tensors in inputs]
@@ -131,7 +138,7 @@ def test_triton_matches_reference(rule_name, options, dtype, weight_decay):
                 _assert_close(actual, wanted, f"step {step_index + 1}, {name}[{index}]")
 
         grads = inputs[1]
-        grads[:] = [torch.randn(g.shape, generator=generator).to(dtype) for g in grads]
+        grads[:] = [torch.randn(g.shape, generator=generator, dtype=math_dtype(g)).to(dtype) for g in grads]
         if rule.reads_step:
             torch._foreach_add_(inputs[-1], 1.0)
 

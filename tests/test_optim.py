@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from lightning_converge.kernels.dispatch import triton_available
 from lightning_converge.optim import ADOPT, AdEMAMix, Adan, AdamW, Lion
 
 # ---------------------------------------------------------------------------
@@ -121,14 +122,19 @@ VARIANTS = {Adan: dict(no_prox=True), ADOPT: dict(decouple=True, clip_exponent=N
 SHAPES = [(7, 13), (33,), (3, 5, 2)]
 
 
+def _random(shape, gen, dtype):
+    # float64 values drawn as float64, so most are not representable in fp32.
+    return torch.randn(shape, generator=gen, dtype=torch.float64 if dtype == torch.float64 else None).to(dtype)
+
+
 def _params(dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=gen).to(dtype).requires_grad_() for shape in SHAPES]
+    return [_random(shape, gen, dtype).requires_grad_() for shape in SHAPES]
 
 
 def _grads(step, dtype=torch.float32):
     gen = torch.Generator().manual_seed(1000 + step)
-    return [torch.randn(shape, generator=gen).to(dtype) for shape in SHAPES]
+    return [_random(shape, gen, dtype) for shape in SHAPES]
 
 
 def _run(optimizer, params, steps, start=0):
@@ -335,3 +341,119 @@ def test_environment_variable_overrides_auto(monkeypatch):
     monkeypatch.setenv("LIGHTNING_CONVERGE_BACKEND", "fast")
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_backend("auto", cpu)
+
+
+# ---------------------------------------------------------------------------
+# Precision: float64 parameters get float64 math and state; the scalars derived from
+# hyperparameters (1 - beta, bias corrections) are formed in float64 before rounding.
+
+# The triton backend runs under TRITON_INTERPRET=1 (conftest).
+PRECISION_BACKENDS = [
+    "reference",
+    "compiled",
+    pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="triton is not installed")),
+]
+
+
+# ADOPT's clip (step - 1) ** clip_exponent is exp(log(0) * e) = 0 at step 1: right, but numpy warns.
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+@pytest.mark.parametrize("backend", PRECISION_BACKENDS)
+@pytest.mark.parametrize("cautious", [False, True])
+@pytest.mark.parametrize("cls", list(RULES), ids=lambda c: c.__name__)
+def test_float64_rule_follows_its_equations_in_float64(cls, cautious, backend):
+    equations, hparams = RULES[cls]
+    params = _params(torch.float64)
+    expected = [p.detach().clone() for p in params]
+    states = [{} for _ in params]
+    optimizer = cls(params, cautious=cautious, backend=backend, **hparams)
+    _run(optimizer, params, steps=6)
+    for t in range(1, 7):
+        for i, g in enumerate(_grads(t - 1, torch.float64)):
+            expected[i] = equations(expected[i], g, states[i], t, cautious=cautious, **hparams)
+    assert all(v.dtype == torch.float64 for s in optimizer.state.values() for k, v in s.items() if k != "step")
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("backend", PRECISION_BACKENDS)
+def test_float64_adamw_equals_torch_adamw(backend):
+    params = _params(torch.float64)
+    torch_params = [p.detach().clone().requires_grad_() for p in params]
+    ours = AdamW(params, lr=1e-2, weight_decay=0.1, backend=backend)
+    theirs = torch.optim.AdamW(torch_params, lr=1e-2, weight_decay=0.1)
+    for t in range(20):
+        for p, q, g in zip(params, torch_params, _grads(t, torch.float64)):
+            p.grad, q.grad = g, g.clone()
+        ours.step()
+        theirs.step()
+    for p, q in zip(params, torch_params):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+@pytest.mark.parametrize("backend", PRECISION_BACKENDS)
+@pytest.mark.parametrize("cls", list(RULES), ids=lambda c: c.__name__)
+def test_float64_parameters_do_not_move_at_lr_zero(cls, backend):
+    """Values that fp32 cannot hold stay exactly as they are when nothing should move them."""
+    params = _params(torch.float64)
+    before = [p.detach().clone() for p in params]
+    _run(cls(params, backend=backend, **{**RULES[cls][1], "lr": 0.0}), params, steps=2)
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)
+
+
+@pytest.mark.parametrize("backend", PRECISION_BACKENDS)
+def test_adamw_with_beta2_0_9999_matches_torch_adamw_over_many_steps(backend):
+    """fp32 0.9999 is 0.99989998: a kernel that formed 1 - beta2 from it would be 1.7e-4 off."""
+    params = _params()
+    torch_params = [p.detach().clone().requires_grad_() for p in params]
+    hyper = dict(lr=1e-3, betas=(0.9, 0.9999), weight_decay=0.01)
+    ours = AdamW(params, backend=backend, **hyper)
+    theirs = torch.optim.AdamW(torch_params, **hyper)
+    for t in range(100):
+        for p, q, g in zip(params, torch_params, _grads(t)):
+            p.grad, q.grad = g, g.clone()
+        ours.step()
+        theirs.step()
+    for p, q in zip(params, torch_params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        for name in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(ours.state[p][name], theirs.state[q][name], rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", PRECISION_BACKENDS)
+def test_ademamix_with_beta3_0_99999_follows_the_float64_equations(backend):
+    """fp32 0.99999 is 0.99998999: 1 - beta3 formed from it would be 1.4e-3 off."""
+    hyper = dict(lr=1e-2, betas=(0.9, 0.999, 0.99999), alpha=5.0, alpha_warmup=None, beta3_warmup=None, eps=1e-8,
+                 weight_decay=0.0)
+    params = _params()
+    optimizer = AdEMAMix(params, backend=backend, **hyper)
+    _run(optimizer, params, steps=20)
+    expected = [p.detach().double() for p in _params()]
+    states = [{} for _ in params]
+    for t in range(1, 21):
+        for i, g in enumerate(_grads(t - 1)):
+            expected[i] = ademamix_equations(expected[i], g.double(), states[i], t, cautious=False, **hyper)
+    for p, e, s in zip(params, expected, states):
+        torch.testing.assert_close(optimizer.state[p]["exp_avg_slow"].double(), s["m2"], rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(p.detach().double(), e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", list(RULES), ids=lambda c: c.__name__)
+def test_changing_hyperparameters_never_recompile(cls):
+    """lr, betas (and AdEMAMix's alpha) change every step; the compiled graph stays the one."""
+    from torch._dynamo.utils import counters
+
+    hparams = RULES[cls][1]
+    params = _params()
+    optimizer = cls(params, backend="compiled", **hparams)
+    _run(optimizer, params, steps=1)
+    graphs = counters["stats"]["unique_graphs"]
+    for t in range(1, 6):
+        group = optimizer.param_groups[0]
+        group["lr"] = hparams["lr"] / (t + 1)
+        group["betas"] = tuple(beta - 0.001 * t for beta in hparams["betas"])
+        if "alpha" in group:
+            group["alpha"] = hparams["alpha"] + t
+        _run(optimizer, params, steps=1, start=t)
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -9,14 +9,16 @@ import torch
 from torch import Tensor
 
 from lightning_converge.kernels.cautious import cautious_mask
-from lightning_converge.kernels.dispatch import kernel
+from lightning_converge.kernels.adamw import stacked_steps
+from lightning_converge.kernels.dispatch import kernel, math_dtype
 
 
 def adan_bias_corrections(
     steps: list[Tensor], beta1: Tensor, beta2: Tensor, beta3: Tensor
 ) -> dict[str, tuple[Tensor, ...]]:
-    """Per tensor: ``1 - beta1**step``, ``1 - beta2**step`` and ``sqrt(1 - beta3**step)``."""
-    step = torch.stack(steps)
+    """Per tensor, in float64: ``1 - beta1**step``, ``1 - beta2**step`` and ``sqrt(1 - beta3**step)``."""
+    step = stacked_steps(steps)
+    beta1, beta2, beta3 = (beta.to(torch.float64) for beta in (beta1, beta2, beta3))
     return dict(
         bias_correction1=(1 - beta1**step).unbind(),
         bias_correction2=(1 - beta2**step).unbind(),
@@ -63,21 +65,21 @@ def adan(
         bias_correction2,
         bias_correction3_sqrt,
     ):
-        g32 = g.float()
-        diff = g32 - prev
-        m.lerp_(g32, 1 - beta1)
+        g_ = g.to(math_dtype(p))
+        diff = g_ - prev
+        m.lerp_(g_, 1 - beta1)
         d.lerp_(diff, 1 - beta2)
-        nesterov = g32 + beta2 * diff
+        nesterov = g_ + beta2 * diff
         n.mul_(beta3).add_(nesterov * nesterov * (1 - beta3))
         denom = n.sqrt() / bc3_sqrt + eps
         update = (m / bc1 + beta2 * d / bc2) / denom
         if cautious:
-            update = update * cautious_mask(update, g32)
+            update = update * cautious_mask(update, g_)
         if no_prox:
-            p.copy_(p.float() * (1 - lr * weight_decay) - lr * update)
+            p.copy_(p.to(g_.dtype) * (1 - lr * weight_decay) - lr * update)
         else:
-            p.copy_((p.float() - lr * update) / (1 + lr * weight_decay))
-        prev.copy_(g32)
+            p.copy_((p.to(g_.dtype) - lr * update) / (1 + lr * weight_decay))
+        prev.copy_(g_)
 
 
 adan.register_triton(lambda: importlib.import_module("lightning_converge.kernels.triton.adan").adan)

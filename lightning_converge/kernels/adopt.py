@@ -10,12 +10,13 @@ import torch
 from torch import Tensor
 
 from lightning_converge.kernels.cautious import cautious_mask
-from lightning_converge.kernels.dispatch import kernel
+from lightning_converge.kernels.adamw import stacked_steps
+from lightning_converge.kernels.dispatch import kernel, math_dtype
 
 
 def adopt_clip_bounds(steps: list[Tensor], clip_exponent: float | None = 0.25) -> dict[str, tuple[Tensor, ...]]:
-    """Per tensor: the clipping bound ``(step-1)**clip_exponent`` (infinite without clipping)."""
-    step = torch.stack(steps)
+    """Per tensor, in float64: the clipping bound ``(step-1)**clip_exponent`` (infinite without clipping)."""
+    step = stacked_steps(steps)
     bound = (step - 1) ** clip_exponent if clip_exponent is not None else torch.full_like(step, math.inf)
     return dict(clip_bound=bound.unbind())
 
@@ -48,20 +49,19 @@ def adopt(
     """
     for p, g, m, v, step, bound in zip(params, grads, exp_avgs, exp_avg_sqs, steps, clip_bound):
         first = step == 1
-        p32 = p.float()
-        g32 = g.float()
+        p_ = p.to(math_dtype(p))
+        g_ = g.to(p_.dtype)
         if not decouple:
-            g32 = g32 + weight_decay * p32
-        normed = torch.clamp(g32 / torch.clamp(v.sqrt(), min=eps), -bound, bound)
+            g_ = g_ + weight_decay * p_
+        normed = torch.clamp(g_ / torch.clamp(v.sqrt(), min=eps), -bound, bound)
         m_new = torch.where(first, m, m.lerp(normed, 1 - beta1))
         update = m_new
         if cautious:
-            update = update * cautious_mask(update, g32)
-        if decouple:
-            p32 = p32 * (1 - lr * weight_decay)
-        p.copy_(torch.where(first, p.float(), p32 - lr * update))
+            update = update * cautious_mask(update, g_)
+        p_new = p_ * (1 - lr * weight_decay) if decouple else p_
+        p.copy_(torch.where(first, p_, p_new - lr * update))
         m.copy_(m_new)
-        v.copy_(torch.where(first, g32 * g32, v * beta2 + g32 * g32 * (1 - beta2)))
+        v.copy_(torch.where(first, g_ * g_, v * beta2 + g_ * g_ * (1 - beta2)))
 
 
 adopt.register_triton(lambda: importlib.import_module("lightning_converge.kernels.triton.adopt").adopt)

@@ -18,4 +18,4 @@ def cautious_mask(update: Tensor, grad: Tensor, direction: Tensor | None = None)
     """
     count = ((update if direction is None else direction) * grad > 0).sum()
     mask = (update * grad > 0).to(update.dtype)
-    return mask * (mask.numel() / (count + 1))
+    return mask * (mask.numel() / (count + 1).to(update.dtype))

@@ -178,8 +178,20 @@ def kernel(
     return Kernel(body, step_factors)
 
 
-def scalar(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A 0-d float32 tensor on ``device``: how changing hyperparameters enter kernels."""
+def scalar(value: float | torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A 0-d tensor on ``device``: how changing hyperparameters enter kernels.
+
+    The optimizers ask for float64: the scalars the kernels derive from a
+    hyperparameter (``1 - beta2``, bias corrections) are then formed before
+    anything is rounded to the parameters' precision. In fp32, 0.9999 is
+    0.99989998, so ``1 - beta2`` would be off by 1.7e-4 relative.
+    """
     if isinstance(value, torch.Tensor):
-        return value.detach().to(device=device, dtype=torch.float32)
-    return torch.tensor(value, dtype=torch.float32, device=device)
+        return value.detach().to(device=device, dtype=dtype)
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+def math_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype a kernel computes in for ``tensor``: float64 for float64 tensors, else
+    float32 (bf16 and fp16 values are computed in fp32 and rounded when stored)."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32

@@ -7,7 +7,7 @@ import importlib
 from torch import Tensor
 
 from lightning_converge.kernels.cautious import cautious_mask
-from lightning_converge.kernels.dispatch import kernel
+from lightning_converge.kernels.dispatch import kernel, math_dtype
 
 
 @kernel
@@ -24,12 +24,12 @@ def lion(
 ) -> None:
     """One Lion step, in place: ``p -= lr * sign(b1*m + (1-b1)*g)``, then ``m = b2*m + (1-b2)*g``."""
     for p, g, m in zip(params, grads, exp_avgs):
-        g32 = g.float()
-        update = m.lerp(g32, 1 - beta1).sign()
+        g_ = g.to(math_dtype(p))
+        update = m.lerp(g_, 1 - beta1).sign()
         if cautious:
-            update = update * cautious_mask(update, g32)
-        p.copy_(p.float() * (1 - lr * weight_decay) - lr * update)
-        m.lerp_(g32, 1 - beta2)
+            update = update * cautious_mask(update, g_)
+        p.copy_(p.to(g_.dtype) * (1 - lr * weight_decay) - lr * update)
+        m.lerp_(g_, 1 - beta2)
 
 
 lion.register_triton(lambda: importlib.import_module("lightning_converge.kernels.triton.lion").lion)

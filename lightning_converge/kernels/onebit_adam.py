@@ -30,6 +30,7 @@ def onebit_adam_update(
     bias correction is that step's. ``steps`` count this step. Math in fp32.
     """
     for p, m, v, step, variance_step in zip(params, exp_avgs, exp_avg_sqs, steps, variance_steps):
-        denom = v.sqrt() / torch.sqrt(1 - beta2**variance_step) + eps
-        update = m / (1 - beta1**step) / denom
+        # Bias corrections in float64, as AdamW's kernel forms them.
+        denom = v.sqrt() / torch.sqrt(1 - beta2.double() ** variance_step.double()) + eps
+        update = m / (1 - beta1.double() ** step.double()) / denom
         p.copy_(p.float() * (1 - lr * weight_decay) - lr * update)

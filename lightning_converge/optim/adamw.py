@@ -3,7 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_converge.kernels import adamw
-from lightning_converge.optim.base import FusedOptimizer, check_betas, check_lr, check_non_negative
+from lightning_converge.optim.base import FusedOptimizer, beta_tuple, flag, non_negative, only
 
 
 class AdamW(FusedOptimizer):
@@ -19,6 +19,17 @@ class AdamW(FusedOptimizer):
 
     kernel = adamw
     state_names = ("exp_avg", "exp_avg_sq")
+    hyperparameters = dict(
+        lr=non_negative,
+        betas=beta_tuple(2),
+        eps=non_negative,
+        weight_decay=non_negative,
+        cautious=flag,
+        # Options of torch.optim.AdamW, whose state dicts load here, that this update does not have.
+        amsgrad=only(False, "torch.optim.AdamW"),
+        maximize=only(False, "torch.optim.AdamW"),
+        decoupled_weight_decay=only(True, "torch.optim.AdamW"),
+    )
 
     def __init__(
         self,
@@ -30,11 +41,7 @@ class AdamW(FusedOptimizer):
         cautious: bool = False,
         backend: str = "auto",
     ) -> None:
-        check_lr(lr)
-        check_betas(betas, 2)
-        check_non_negative("eps", eps)
-        check_non_negative("weight_decay", weight_decay)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, cautious=cautious)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, cautious=cautious)
         super().__init__(params, defaults, backend)
 
     def kernel_args(self, group: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:

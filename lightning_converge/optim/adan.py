@@ -5,7 +5,7 @@ from typing import Any
 from torch import Tensor
 
 from lightning_converge.kernels import adan
-from lightning_converge.optim.base import FusedOptimizer, check_betas, check_lr, check_non_negative
+from lightning_converge.optim.base import FusedOptimizer, beta_tuple, flag, non_negative
 
 
 class Adan(FusedOptimizer):
@@ -19,6 +19,9 @@ class Adan(FusedOptimizer):
 
     kernel = adan
     state_names = ("exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")
+    hyperparameters = dict(
+        lr=non_negative, betas=beta_tuple(3), eps=non_negative, weight_decay=non_negative, no_prox=flag, cautious=flag
+    )
 
     def __init__(
         self,
@@ -31,12 +34,8 @@ class Adan(FusedOptimizer):
         cautious: bool = False,
         backend: str = "auto",
     ) -> None:
-        check_lr(lr)
-        check_betas(betas, 3)
-        check_non_negative("eps", eps)
-        check_non_negative("weight_decay", weight_decay)
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, no_prox=no_prox, cautious=cautious
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, no_prox=no_prox, cautious=cautious
         )
         super().__init__(params, defaults, backend)
 

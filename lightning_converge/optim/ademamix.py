@@ -3,7 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_converge.kernels import ademamix
-from lightning_converge.optim.base import FusedOptimizer, check_betas, check_lr, check_non_negative
+from lightning_converge.optim.base import FusedOptimizer, beta_tuple, flag, non_negative, optional_step_count
 
 
 class AdEMAMix(FusedOptimizer):
@@ -18,6 +18,16 @@ class AdEMAMix(FusedOptimizer):
 
     kernel = ademamix
     state_names = ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq")
+    hyperparameters = dict(
+        lr=non_negative,
+        betas=beta_tuple(3),
+        alpha=non_negative,
+        alpha_warmup=optional_step_count,
+        beta3_warmup=optional_step_count,
+        eps=non_negative,
+        weight_decay=non_negative,
+        cautious=flag,
+    )
 
     def __init__(
         self,
@@ -32,17 +42,9 @@ class AdEMAMix(FusedOptimizer):
         cautious: bool = False,
         backend: str = "auto",
     ) -> None:
-        check_lr(lr)
-        check_betas(betas, 3)
-        check_non_negative("alpha", alpha)
-        check_non_negative("eps", eps)
-        check_non_negative("weight_decay", weight_decay)
-        for name, value in (("alpha_warmup", alpha_warmup), ("beta3_warmup", beta3_warmup)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
         defaults = dict(
             lr=lr,
-            betas=tuple(betas),
+            betas=betas,
             alpha=alpha,
             alpha_warmup=alpha_warmup,
             beta3_warmup=beta3_warmup,

@@ -3,7 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_converge.kernels import adopt
-from lightning_converge.optim.base import FusedOptimizer, check_betas, check_lr, check_non_negative
+from lightning_converge.optim.base import FusedOptimizer, beta_tuple, flag, non_negative, optional_non_negative
 
 
 class ADOPT(FusedOptimizer):
@@ -18,6 +18,15 @@ class ADOPT(FusedOptimizer):
 
     kernel = adopt
     state_names = ("exp_avg", "exp_avg_sq")
+    hyperparameters = dict(
+        lr=non_negative,
+        betas=beta_tuple(2),
+        eps=non_negative,
+        weight_decay=non_negative,
+        decouple=flag,
+        clip_exponent=optional_non_negative,
+        cautious=flag,
+    )
 
     def __init__(
         self,
@@ -31,15 +40,9 @@ class ADOPT(FusedOptimizer):
         cautious: bool = False,
         backend: str = "auto",
     ) -> None:
-        check_lr(lr)
-        check_betas(betas, 2)
-        check_non_negative("eps", eps)
-        check_non_negative("weight_decay", weight_decay)
-        if clip_exponent is not None:
-            check_non_negative("clip_exponent", clip_exponent)
         defaults = dict(
             lr=lr,
-            betas=tuple(betas),
+            betas=betas,
             eps=eps,
             weight_decay=weight_decay,
             decouple=decouple,

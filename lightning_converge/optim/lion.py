@@ -3,7 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_converge.kernels import lion
-from lightning_converge.optim.base import FusedOptimizer, check_betas, check_lr, check_non_negative
+from lightning_converge.optim.base import FusedOptimizer, beta_tuple, flag, non_negative
 
 
 class Lion(FusedOptimizer):
@@ -16,6 +16,7 @@ class Lion(FusedOptimizer):
     kernel = lion
     state_names = ("exp_avg",)
     kernel_reads_step = False
+    hyperparameters = dict(lr=non_negative, betas=beta_tuple(2), weight_decay=non_negative, cautious=flag)
 
     def __init__(
         self,
@@ -26,10 +27,7 @@ class Lion(FusedOptimizer):
         cautious: bool = False,
         backend: str = "auto",
     ) -> None:
-        check_lr(lr)
-        check_betas(betas, 2)
-        check_non_negative("weight_decay", weight_decay)
-        defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, cautious=cautious)
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, cautious=cautious)
         super().__init__(params, defaults, backend)
 
     def kernel_args(self, group: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from lightning_converge.kernels.triton.common import (
+    bias_correction,
     block_offsets,
     cautious_masked,
     count_agreeing,
     launch_per_tensor,
     lerp,
-    load_f32,
-    scalar_pow,
+    load_math,
     store,
 )
 
@@ -38,14 +39,16 @@ def _adamw_kernel(
 ):
     offsets, mask = block_offsets(numel, BLOCK)
     step = tl.load(step_ptr)
+    # float64 scalars: every derived one is formed first, then rounded to the math dtype.
     beta1 = tl.load(beta1_ptr)
     beta2 = tl.load(beta2_ptr)
 
-    grad = load_f32(grad_ptr, offsets, mask)
-    exp_avg = lerp(load_f32(exp_avg_ptr, offsets, mask), grad, 1 - beta1)
-    exp_avg_sq = load_f32(exp_avg_sq_ptr, offsets, mask) * beta2 + grad * grad * (1 - beta2)
-    denom = tl.sqrt(exp_avg_sq) / tl.sqrt(1 - scalar_pow(beta2, step)) + tl.load(eps_ptr)
-    update = exp_avg / (1 - scalar_pow(beta1, step)) / denom
+    grad = load_math(grad_ptr, offsets, mask)
+    dtype = grad.dtype
+    exp_avg = lerp(load_math(exp_avg_ptr, offsets, mask), grad, (1 - beta1).to(dtype))
+    exp_avg_sq = load_math(exp_avg_sq_ptr, offsets, mask) * beta2.to(dtype) + grad * grad * (1 - beta2).to(dtype)
+    denom = tl.sqrt(exp_avg_sq) / tl.sqrt(bias_correction(beta2, step)).to(dtype) + tl.load(eps_ptr).to(dtype)
+    update = exp_avg / bias_correction(beta1, step).to(dtype) / denom
 
     if COUNT_PASS:
         count_agreeing(update, grad, mask, count_ptr)
@@ -53,8 +56,9 @@ def _adamw_kernel(
         if CAUTIOUS:
             update = cautious_masked(update, grad, count_ptr, numel)
         lr = tl.load(lr_ptr)
-        param = load_f32(param_ptr, offsets, mask)
-        store(param_ptr, offsets, param * (1 - lr * tl.load(weight_decay_ptr)) - lr * update, mask)
+        param = load_math(param_ptr, offsets, mask)
+        decay = (1 - lr * tl.load(weight_decay_ptr)).to(dtype)
+        store(param_ptr, offsets, param * decay - lr.to(dtype) * update, mask)
         store(exp_avg_ptr, offsets, exp_avg, mask)
         store(exp_avg_sq_ptr, offsets, exp_avg_sq, mask)
 
@@ -82,4 +86,5 @@ def adamw(
         steps,
         [lr, beta1, beta2, eps, weight_decay],
         cautious=cautious,
+        hyperparameter_dtype=torch.float64,
     )

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from lightning_converge.kernels.triton.common import (
+    bias_correction,
     block_offsets,
     cautious_masked,
     count_agreeing,
     launch_per_tensor,
     lerp,
-    load_f32,
-    scalar_pow,
+    load_math,
     store,
 )
 
@@ -42,18 +43,21 @@ def _adan_kernel(
 ):
     offsets, mask = block_offsets(numel, BLOCK)
     step = tl.load(step_ptr)
+    # float64 scalars: every derived one is formed first, then rounded to the math dtype.
     beta1 = tl.load(beta1_ptr)
     beta2 = tl.load(beta2_ptr)
     beta3 = tl.load(beta3_ptr)
 
-    grad = load_f32(grad_ptr, offsets, mask)
-    diff = grad - load_f32(prev_grad_ptr, offsets, mask)
-    exp_avg = lerp(load_f32(exp_avg_ptr, offsets, mask), grad, 1 - beta1)
-    exp_avg_diff = lerp(load_f32(exp_avg_diff_ptr, offsets, mask), diff, 1 - beta2)
-    nesterov = grad + beta2 * diff
-    exp_avg_sq = load_f32(exp_avg_sq_ptr, offsets, mask) * beta3 + nesterov * nesterov * (1 - beta3)
-    denom = tl.sqrt(exp_avg_sq) / tl.sqrt(1 - scalar_pow(beta3, step)) + tl.load(eps_ptr)
-    update = (exp_avg / (1 - scalar_pow(beta1, step)) + beta2 * exp_avg_diff / (1 - scalar_pow(beta2, step))) / denom
+    grad = load_math(grad_ptr, offsets, mask)
+    dtype = grad.dtype
+    diff = grad - load_math(prev_grad_ptr, offsets, mask)
+    exp_avg = lerp(load_math(exp_avg_ptr, offsets, mask), grad, (1 - beta1).to(dtype))
+    exp_avg_diff = lerp(load_math(exp_avg_diff_ptr, offsets, mask), diff, (1 - beta2).to(dtype))
+    nesterov = grad + beta2.to(dtype) * diff
+    exp_avg_sq = load_math(exp_avg_sq_ptr, offsets, mask) * beta3.to(dtype) + nesterov * nesterov * (1 - beta3).to(dtype)
+    denom = tl.sqrt(exp_avg_sq) / tl.sqrt(bias_correction(beta3, step)).to(dtype) + tl.load(eps_ptr).to(dtype)
+    corrected_diff = beta2.to(dtype) * exp_avg_diff / bias_correction(beta2, step).to(dtype)
+    update = (exp_avg / bias_correction(beta1, step).to(dtype) + corrected_diff) / denom
 
     if COUNT_PASS:
         count_agreeing(update, grad, mask, count_ptr)
@@ -62,11 +66,11 @@ def _adan_kernel(
             update = cautious_masked(update, grad, count_ptr, numel)
         lr = tl.load(lr_ptr)
         weight_decay = tl.load(weight_decay_ptr)
-        param = load_f32(param_ptr, offsets, mask)
+        param = load_math(param_ptr, offsets, mask)
         if NO_PROX:
-            param = param * (1 - lr * weight_decay) - lr * update
+            param = param * (1 - lr * weight_decay).to(dtype) - lr.to(dtype) * update
         else:
-            param = (param - lr * update) / (1 + lr * weight_decay)
+            param = (param - lr.to(dtype) * update) / (1 + lr * weight_decay).to(dtype)
         store(param_ptr, offsets, param, mask)
         store(exp_avg_ptr, offsets, exp_avg, mask)
         store(exp_avg_diff_ptr, offsets, exp_avg_diff, mask)
@@ -101,5 +105,6 @@ def adan(
         steps,
         [lr, beta1, beta2, beta3, eps, weight_decay],
         cautious=cautious,
+        hyperparameter_dtype=torch.float64,
         NO_PROX=no_prox,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -12,7 +13,7 @@ from lightning_converge.kernels.triton.common import (
     count_agreeing,
     launch_per_tensor,
     lerp,
-    load_f32,
+    load_math,
     scalar_pow,
     store,
 )
@@ -42,19 +43,21 @@ def _adopt_kernel(
     step = tl.load(step_ptr)
     # The first step only initializes the second moment: every other write keeps its old value.
     first = step == 1
+    # float64 scalars: every derived one is formed first, then rounded to the math dtype.
     weight_decay = tl.load(weight_decay_ptr)
 
-    param = load_f32(param_ptr, offsets, mask)
-    grad = load_f32(grad_ptr, offsets, mask)
+    param = load_math(param_ptr, offsets, mask)
+    dtype = param.dtype
+    grad = load_math(grad_ptr, offsets, mask)
     if not DECOUPLE:
-        grad = grad + weight_decay * param
-    exp_avg_sq = load_f32(exp_avg_sq_ptr, offsets, mask)
-    normed = grad / tl.maximum(tl.sqrt(exp_avg_sq), tl.load(eps_ptr))
+        grad = grad + weight_decay.to(dtype) * param
+    exp_avg_sq = load_math(exp_avg_sq_ptr, offsets, mask)
+    normed = grad / tl.maximum(tl.sqrt(exp_avg_sq), tl.load(eps_ptr).to(dtype))
     if CLIP_EXPONENT is not None:
-        clip = scalar_pow(step - 1, CLIP_EXPONENT)
+        clip = scalar_pow(step - 1, CLIP_EXPONENT).to(dtype)
         normed = tl.minimum(tl.maximum(normed, -clip), clip)
-    exp_avg = load_f32(exp_avg_ptr, offsets, mask)
-    exp_avg = tl.where(first, exp_avg, lerp(exp_avg, normed, 1 - tl.load(beta1_ptr)))
+    exp_avg = load_math(exp_avg_ptr, offsets, mask)
+    exp_avg = tl.where(first, exp_avg, lerp(exp_avg, normed, (1 - tl.load(beta1_ptr)).to(dtype)))
     update = exp_avg
 
     if COUNT_PASS:
@@ -66,10 +69,12 @@ def _adopt_kernel(
         beta2 = tl.load(beta2_ptr)
         decayed = param
         if DECOUPLE:
-            decayed = param * (1 - lr * weight_decay)
-        store(param_ptr, offsets, tl.where(first, param, decayed - lr * update), mask)
+            decayed = param * (1 - lr * weight_decay).to(dtype)
+        store(param_ptr, offsets, tl.where(first, param, decayed - lr.to(dtype) * update), mask)
         store(exp_avg_ptr, offsets, exp_avg, mask)
-        exp_avg_sq = tl.where(first, grad * grad, exp_avg_sq * beta2 + grad * grad * (1 - beta2))
+        exp_avg_sq = tl.where(
+            first, grad * grad, exp_avg_sq * beta2.to(dtype) + grad * grad * (1 - beta2).to(dtype)
+        )
         store(exp_avg_sq_ptr, offsets, exp_avg_sq, mask)
 
 
@@ -98,6 +103,7 @@ def adopt(
         steps,
         [lr, beta1, beta2, eps, weight_decay],
         cautious=cautious,
+        hyperparameter_dtype=torch.float64,
         DECOUPLE=decouple,
         CLIP_EXPONENT=clip_exponent,
     )

@@ -1,7 +1,9 @@
 """What every triton update rule shares: the per-tensor launcher and small ``@triton.jit`` helpers.
 
-The helpers keep the math in fp32 whatever the parameter dtype, and avoid what
-the interpreter (``TRITON_INTERPRET=1``, how the tests run on CPU) cannot do:
+The update rules compute in fp32 for fp32, bf16 and fp16 tensors and in fp64 for
+fp64 tensors (:func:`load_math`); their hyperparameters arrive as float64, so
+``1 - beta`` and the bias corrections are formed before they are rounded to that
+precision. The helpers avoid what the interpreter (``TRITON_INTERPRET=1``, how the tests run on CPU) cannot do:
 libdevice calls, inline asm, and arithmetic on bf16, which it stores as raw
 16-bit integers.
 """
@@ -31,13 +33,15 @@ def launch_per_tensor(
     hyperparameters: Sequence[Tensor],
     *,
     cautious: bool,
+    hyperparameter_dtype: torch.dtype = torch.float32,
     **options: Any,
 ) -> None:
     """Run an update-rule ``kernel`` over each parameter with its gradient, state and step.
 
     The kernel takes, in this order: pointers to the parameter, the gradient, each
     of ``states`` and (when ``steps`` is given) the step; pointers to the
-    ``hyperparameters`` (0-d tensors, read inside the kernel); the pointer to
+    ``hyperparameters`` (0-d tensors of ``hyperparameter_dtype``, read inside the
+    kernel; the optimizer rules ask for float64); the pointer to
     this tensor's cautious counter (None without ``cautious``); the number of
     elements; then the constexprs ``BLOCK``, ``CAUTIOUS``, ``COUNT_PASS`` and ``options``.
 
@@ -52,7 +56,7 @@ def launch_per_tensor(
     if not params:
         return
     device = params[0].device
-    hyperparameters = [scalar(value, device) for value in hyperparameters]
+    hyperparameters = [scalar(value, device, hyperparameter_dtype) for value in hyperparameters]
     counts = torch.zeros(len(params), dtype=torch.int32, device=device) if cautious else None
     per_tensor_steps = steps if steps is not None else [None] * len(params)
     for index, (param, grad, state, step) in enumerate(zip(params, grads, zip(*states), per_tensor_steps)):
@@ -92,6 +96,16 @@ def load_f32(ptr, offsets, mask):
 
 
 @triton.jit
+def load_math(ptr, offsets, mask):
+    """Load in the precision the update rules compute in: fp64 stays fp64, any other
+    dtype becomes fp32 (converted right after the load, for the interpreter's sake)."""
+    value = tl.load(ptr + offsets, mask=mask, other=0.0)
+    if ptr.dtype.element_ty != tl.float64:
+        value = value.to(tl.float32)
+    return value
+
+
+@triton.jit
 def store(ptr, offsets, value, mask):
     """Store an fp32 ``value`` in the pointer's dtype, cast explicitly (bf16 parameters)."""
     tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
@@ -99,14 +113,20 @@ def store(ptr, offsets, value, mask):
 
 @triton.jit
 def scalar_pow(base, exponent):
-    """``base ** exponent`` as an fp32 scalar, for base > 0 (or 0 with exponent > 0).
+    """``base ** exponent`` as an fp64 scalar, for base > 0 (or 0 with exponent > 0).
 
-    Computed as exp(log(base) * exponent) in fp64, then rounded to fp32 like
-    ``torch.pow``'s result. In fp32 (approximate exp2/log2 on GPUs) an error of
-    an ulp or two would be magnified a thousandfold by ``1 - beta2**step``,
-    which is about 1e-3 at step 1.
+    Computed as exp(log(base) * exponent) in fp64, and left in fp64 for the caller
+    to form ``1 - beta**step`` before rounding: in fp32 (approximate exp2/log2 on
+    GPUs) an error of an ulp or two would be magnified a thousandfold by
+    ``1 - beta2**step``, which is about 1e-3 at step 1.
     """
-    return tl.exp(tl.log(tl.cast(base, tl.float64)) * exponent).to(tl.float32)
+    return tl.exp(tl.log(tl.cast(base, tl.float64)) * exponent)
+
+
+@triton.jit
+def bias_correction(beta, step):
+    """``1 - beta**step`` in fp64, as the reference's step factors form it."""
+    return 1 - scalar_pow(beta, step)
 
 
 @triton.jit
@@ -118,7 +138,7 @@ def lerp(start, end, weight):
 @triton.jit
 def sign(x):
     """``torch.sign`` without libdevice: -1, 0 or 1 (0 for NaN, as torch)."""
-    return (x > 0).to(tl.float32) - (x < 0).to(tl.float32)
+    return (x > 0).to(x.dtype) - (x < 0).to(x.dtype)
 
 
 @triton.jit
@@ -135,5 +155,5 @@ def cautious_masked(update, grad, count_ptr, numel):
     The scale is ``numel / (count + 1)`` evaluated as torch evaluates ``int / tensor``
     (reciprocal, then multiply), so it matches the reference to the bit.
     """
-    scale = (1.0 / (tl.load(count_ptr).to(tl.float32) + 1.0)) * numel
+    scale = (1.0 / (tl.load(count_ptr).to(update.dtype) + 1.0)) * numel
     return update * tl.where(update * grad > 0, scale, 0.0)

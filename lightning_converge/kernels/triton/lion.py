@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -12,7 +13,7 @@ from lightning_converge.kernels.triton.common import (
     count_agreeing,
     launch_per_tensor,
     lerp,
-    load_f32,
+    load_math,
     sign,
     store,
 )
@@ -34,9 +35,11 @@ def _lion_kernel(
     COUNT_PASS: tl.constexpr,
 ):
     offsets, mask = block_offsets(numel, BLOCK)
-    grad = load_f32(grad_ptr, offsets, mask)
-    exp_avg = load_f32(exp_avg_ptr, offsets, mask)
-    update = sign(lerp(exp_avg, grad, 1 - tl.load(beta1_ptr)))
+    grad = load_math(grad_ptr, offsets, mask)
+    dtype = grad.dtype
+    exp_avg = load_math(exp_avg_ptr, offsets, mask)
+    # float64 scalars: 1 - beta is formed first, then rounded to the math dtype.
+    update = sign(lerp(exp_avg, grad, (1 - tl.load(beta1_ptr)).to(dtype)))
 
     if COUNT_PASS:
         count_agreeing(update, grad, mask, count_ptr)
@@ -44,9 +47,10 @@ def _lion_kernel(
         if CAUTIOUS:
             update = cautious_masked(update, grad, count_ptr, numel)
         lr = tl.load(lr_ptr)
-        param = load_f32(param_ptr, offsets, mask)
-        store(param_ptr, offsets, param * (1 - lr * tl.load(weight_decay_ptr)) - lr * update, mask)
-        store(exp_avg_ptr, offsets, lerp(exp_avg, grad, 1 - tl.load(beta2_ptr)), mask)
+        param = load_math(param_ptr, offsets, mask)
+        decay = (1 - lr * tl.load(weight_decay_ptr)).to(dtype)
+        store(param_ptr, offsets, param * decay - lr.to(dtype) * update, mask)
+        store(exp_avg_ptr, offsets, lerp(exp_avg, grad, (1 - tl.load(beta2_ptr)).to(dtype)), mask)
 
 
 def lion(
@@ -69,4 +73,5 @@ def lion(
         None,
         [lr, beta1, beta2, weight_decay],
         cautious=cautious,
+        hyperparameter_dtype=torch.float64,
     )
