@@ -37,14 +37,15 @@ BACKEND_ENV = "LIGHTNING_CONVERGE_BACKEND"
 # dynamo's default limit of 8 per function. Only our kernels get the higher limit.
 RECOMPILE_LIMIT = 64
 
-# The cost model of "auto", measured on a 2-core CPU with a cold compile cache
-# (benchmarks/first_fit.py): compiling a pass costs about 0.5 s per tensor in its
-# list (dynamo traces the loop unrolled, inductor emits C++ for every tensor), and
-# the reference loses to the compiled pass about 0.05 ms of Python overhead per
-# tensor per call plus about 0.17 ms per MB of arguments. Both in bytes of
-# arguments: compiling one tensor costs what the reference loses over
-# COMPILE_COST_BYTES_PER_TENSOR, and one tensor's overhead per call is worth
-# CALL_OVERHEAD_BYTES_PER_TENSOR.
+# The cost model of "auto", fitted to AdamW on a 2-core CPU with a cold compile
+# cache: compiling paid for itself after 8,700 calls on 16 tensors of 4 k values
+# and after 340 calls on 16 tensors of 512 k. Compiling costs about 0.5 s per
+# tensor in the list (dynamo traces the loop unrolled, inductor emits C++ for
+# each tensor); per call the reference loses about 0.05 ms of overhead per tensor
+# plus 0.17 ms per MB of arguments. In bytes of arguments: compiling one tensor
+# costs what the reference loses over COMPILE_COST_BYTES_PER_TENSOR, and a
+# tensor's overhead per call is worth CALL_OVERHEAD_BYTES_PER_TENSOR.
+# benchmarks/first_fit.py checks the break-even on 28 M parameters.
 COMPILE_COST_BYTES_PER_TENSOR = 3 * 2**30
 CALL_OVERHEAD_BYTES_PER_TENSOR = 2**18 + 2**16
 
@@ -226,8 +227,8 @@ class Kernel:
         reference loses in proportion to the bytes ``B`` it is given plus a fixed
         overhead per tensor, so this is
         ``ceil(n * COMPILE_COST_BYTES_PER_TENSOR / (B + n * CALL_OVERHEAD_BYTES_PER_TENSOR))``:
-        about 200 calls for AdamW on 28 M parameters in 53 tensors, about 6,000 on a
-        model of a few hundred thousand.
+        about 350 calls for AdamW on 28 M parameters in 51 tensors, about 7,800 on a
+        tiny Llama's 115 k parameters in 21 tensors.
         """
         count = len(args[0])
         per_call = _argument_bytes(args) + count * CALL_OVERHEAD_BYTES_PER_TENSOR
