@@ -24,11 +24,14 @@ What it measures
 
     Runs of different backends alternate, in an order rotated every repeat, so
     that load from other jobs on this shared machine falls on all of them alike;
-    the load average is recorded. Targets: the first fit with ``auto`` within 1.5x
+    the load average is recorded. The fits run with one torch thread
+    (``--fit-threads``): with two, whenever other jobs hold the cores, torch's
+    OpenMP threads wait on each other and a step takes 40x longer at random
+    (measured: 10 ms or 500 ms a step for the same fit), whatever the backend. Targets: the first fit with ``auto`` within 1.5x
     of ``reference``; ``auto``'s steady-state step within 1.1x of ``compiled``'s.
 
 How to run (from the repository root; needs the ``bench`` extra, which has transformers)
-    python benchmarks/first_fit.py            # 3 repeats + 28 M steady state: about 10 minutes on 2 busy cores
+    python benchmarks/first_fit.py            # 5 repeats + 28 M steady state: about 10 minutes on 2 busy cores
     python benchmarks/first_fit.py --quick    # 1 repeat, 3 M parameters: first_fit_quick.{json,png}
 
 Writes benchmarks/results/first_fit.json and first_fit.png and prints markdown tables.
@@ -62,7 +65,7 @@ TARGET_STEADY_RATIO = 1.1
 ADAMW_BYTES_PER_PARAM = 28  # read p g m v, write p m v
 
 
-def fit_once(backend: str, steps: int) -> dict:
+def fit_once(backend: str, steps: int, threads: int) -> dict:
     """One fit in this process (the worker of part 1); returns its times."""
     import logging
 
@@ -93,6 +96,7 @@ def fit_once(backend: str, steps: int) -> dict:
             self.ends.append(time.perf_counter())
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    torch.set_num_threads(threads)
     L.seed_everything(0, verbose=False)
     tokens = torch.randint(0, 256, (steps * 4, 32))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens), batch_size=4)
@@ -108,18 +112,18 @@ def fit_once(backend: str, steps: int) -> dict:
     return dict(fit_s=fit_s, late_step_ms=statistics.median(late) * 1e3)
 
 
-def run_fit_process(backend: str, cache_dir: str) -> dict:
+def run_fit_process(backend: str, cache_dir: str, threads: int) -> dict:
     """A fresh Python process that imports the pack and fits once; its wall-clock included."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "TORCHINDUCTOR_CACHE_DIR": cache_dir}
     env.pop("LIGHTNING_CONVERGE_BACKEND", None)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, __file__, "--fit-worker", backend], env=env, cwd=REPO,
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    command = [sys.executable, __file__, "--fit-worker", backend, "--fit-threads", str(threads)]
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     return dict(result, process_s=time.perf_counter() - start)
 
 
-def first_fits(repeats: int) -> dict:
+def first_fits(repeats: int, threads: int) -> dict:
     times: dict[str, list[dict]] = {label: [] for label, _, _ in FIT_RUNS}
     load = []
     for repeat in range(repeats):
@@ -129,7 +133,7 @@ def first_fits(repeats: int) -> dict:
             order = cold_runs[repeat % 3 :] + cold_runs[: repeat % 3]
             for label, backend, _ in order + FIT_RUNS[3:]:
                 cache = compiled_cache if backend == "compiled" else cold
-                times[label].append(run_fit_process(backend, cache))
+                times[label].append(run_fit_process(backend, cache, threads))
                 print(f"  repeat {repeat + 1}/{repeats} {label}: fit {times[label][-1]['fit_s']:.2f} s "
                       f"(load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
         load.append(os.getloadavg()[0])
@@ -141,7 +145,7 @@ def first_fits(repeats: int) -> dict:
     for row in rows.values():
         row["fit_ratio_vs_reference"] = row["fit_s"] / reference["fit_s"]
         row["process_ratio_vs_reference"] = row["process_s"] / reference["process_s"]
-    return dict(steps=FIT_STEPS, repeats=repeats, rows=rows, load_average_per_repeat=load)
+    return dict(steps=FIT_STEPS, repeats=repeats, threads=threads, rows=rows, load_average_per_repeat=load)
 
 
 def steady_state(n_params: float, n_tensors: int, rounds: int, steps_per_round: int) -> dict:
@@ -258,7 +262,8 @@ def plot(fits: dict, steady: dict, path: Path) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3, help="fresh-process fits per backend")
+    parser.add_argument("--repeats", type=int, default=5, help="fresh-process fits per backend")
+    parser.add_argument("--fit-threads", type=int, default=1, help="torch threads in the fits")
     parser.add_argument("--params", type=float, default=28e6, help="steady state: number of fp32 parameters")
     parser.add_argument("--tensors", type=int, default=53, help="steady state: number of tensors")
     parser.add_argument("--rounds", type=int, default=5, help="steady state: timed rounds of 2 steps each")
@@ -274,14 +279,14 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if args.fit_worker:
-        print(json.dumps(fit_once(args.fit_worker, FIT_STEPS)))
+        print(json.dumps(fit_once(args.fit_worker, FIT_STEPS, args.fit_threads)))
         return
     if args.steady_worker:
         print(json.dumps(steady_state(args.params, args.tensors, args.rounds, steps_per_round=2)))
         return
     info = machine()
     print(f"first fit: {args.repeats} repeats (load average {info['load_average'][0]:.1f})", flush=True)
-    fits = first_fits(args.repeats)
+    fits = first_fits(args.repeats, args.fit_threads)
     print("steady state", flush=True)
     steady = run_steady_state_process(args)
     info["load_average_at_end"] = os.getloadavg()
