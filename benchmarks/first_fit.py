@@ -57,9 +57,9 @@ from _common import REPO, StreamingRoofline, machine, markdown_table, result_pat
 from optimizer_step import HYPERPARAMETERS, make_parameters, model_shapes  # noqa: E402
 
 FIT_STEPS = 8
-# (label, backend, whether the inductor cache is the one the previous "compiled" run filled)
-FIT_RUNS = [("reference", "reference", False), ("auto", "auto", False),
-            ("compiled, cold cache", "compiled", False), ("compiled, warm cache", "compiled", True)]  # fmt: skip
+# (label, backend): every "compiled" run of a repeat shares one inductor cache, cold for the first.
+FIT_RUNS = [("reference", "reference"), ("auto", "auto"), ("compiled, cold cache", "compiled"),
+            ("compiled, warm cache", "compiled")]  # fmt: skip
 TARGET_FIRST_FIT_RATIO = 1.5
 TARGET_STEADY_RATIO = 1.1
 ADAMW_BYTES_PER_PARAM = 28  # read p g m v, write p m v
@@ -124,14 +124,14 @@ def run_fit_process(backend: str, cache_dir: str, threads: int) -> dict:
 
 
 def first_fits(repeats: int, threads: int) -> dict:
-    times: dict[str, list[dict]] = {label: [] for label, _, _ in FIT_RUNS}
+    times: dict[str, list[dict]] = {label: [] for label, _ in FIT_RUNS}
     load = []
     for repeat in range(repeats):
         with tempfile.TemporaryDirectory() as cold, tempfile.TemporaryDirectory() as compiled_cache:
             # Rotate the order of the cold runs; the warm run follows the cold compiled one it reuses.
             cold_runs = FIT_RUNS[:3]
             order = cold_runs[repeat % 3 :] + cold_runs[: repeat % 3]
-            for label, backend, _ in order + FIT_RUNS[3:]:
+            for label, backend in order + FIT_RUNS[3:]:
                 cache = compiled_cache if backend == "compiled" else cold
                 times[label].append(run_fit_process(backend, cache, threads))
                 print(f"  repeat {repeat + 1}/{repeats} {label}: fit {times[label][-1]['fit_s']:.2f} s "
