@@ -1,7 +1,9 @@
 """Every fused pass over parameters, gradients or optimizer state, written once.
 
 Each name below is a :class:`~lightning_converge.kernels.dispatch.Kernel`: call it
-with ``backend="auto" | "reference" | "compiled" | "triton"``.
+with ``backend="auto" | "reference" | "compiled" | "triton"``. ``"auto"`` runs triton
+on CUDA and elsewhere compiles a pass only once compiling it pays
+(:meth:`~lightning_converge.kernels.dispatch.Kernel.calls_before_compiling`).
 """
 
 from lightning_converge.kernels.adamw import adamw

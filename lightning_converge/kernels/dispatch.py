@@ -3,10 +3,16 @@
 A :class:`Kernel` holds one update rule written three ways:
 
 * ``reference``: plain torch ops over lists of tensors. It is the specification.
-* ``compiled``: ``torch.compile`` of the reference; the CPU default. Inductor fuses
-  the whole list into a few C++ loops, so one pass reads and writes each byte once.
+* ``compiled``: ``torch.compile`` of the reference. Inductor fuses the whole list
+  into a few C++ loops, so one pass reads and writes each byte once.
 * ``triton``: ``@triton.jit`` kernels; the CUDA default, testable on CPU with
   ``TRITON_INTERPRET=1``.
+
+``"auto"`` on CPU (and on CUDA for a pass without a triton version) compiles a pass
+only once compiling pays: a call runs the reference until the reference has done,
+for that list of tensors, about the work that compiling it costs; then that list
+runs compiled (see :meth:`Kernel.calls_before_compiling`). Short runs and small
+models never pay the compiler; long runs reach the compiled pass's bandwidth.
 
 Hyperparameters that change during training (lr, betas, step, decay) are passed
 as 0-d tensors so that the compiled graph never specializes on their values: a
@@ -27,11 +33,21 @@ BACKENDS = ("auto", "reference", "compiled", "triton")
 BACKEND_ENV = "LIGHTNING_CONVERGE_BACKEND"
 
 # One code object serves every optimizer and parameter group; each distinct list
-# of shapes is a separate compiled graph, so allow more than dynamo's default of 8.
-torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-torch._dynamo.config.accumulated_cache_size_limit = max(
-    torch._dynamo.config.accumulated_cache_size_limit, 512
-)
+# of shapes is a separate compiled graph, so a kernel may need more graphs than
+# dynamo's default limit of 8 per function. Only our kernels get the higher limit.
+RECOMPILE_LIMIT = 64
+
+# The cost model of "auto", fitted to AdamW on a 2-core CPU with a cold compile
+# cache: compiling paid for itself after 8,700 calls on 16 tensors of 4 k values
+# and after 340 calls on 16 tensors of 512 k. Compiling costs about 0.5 s per
+# tensor in the list (dynamo traces the loop unrolled, inductor emits C++ for
+# each tensor); per call the reference loses about 0.05 ms of overhead per tensor
+# plus 0.17 ms per MB of arguments. In bytes of arguments: compiling one tensor
+# costs what the reference loses over COMPILE_COST_BYTES_PER_TENSOR, and a
+# tensor's overhead per call is worth CALL_OVERHEAD_BYTES_PER_TENSOR.
+# benchmarks/first_fit.py checks the break-even on 28 M parameters.
+COMPILE_COST_BYTES_PER_TENSOR = 3 * 2**30
+CALL_OVERHEAD_BYTES_PER_TENSOR = 2**18 + 2**16
 
 
 def validate_backend(backend: str) -> str:
@@ -53,16 +69,23 @@ def _triton_runs_on(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def requested_backend(backend: str) -> str:
+    """The backend asked for: an explicit ``backend`` argument, else ``LIGHTNING_CONVERGE_BACKEND``, else ``"auto"``."""
+    validate_backend(backend)
+    if backend == "auto":
+        backend = validate_backend(os.environ.get(BACKEND_ENV, "auto"))
+    return backend
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Choose the concrete backend for tensors on ``device``.
 
     ``LIGHTNING_CONVERGE_BACKEND`` overrides ``"auto"`` (and only ``"auto"``: an
     explicit argument wins). ``"auto"`` means triton on CUDA when it is installed,
-    else compiled. A backend that cannot run on ``device`` raises.
+    else compiled (which, under ``"auto"``, compiles each pass once it pays:
+    see :class:`Kernel`). A backend that cannot run on ``device`` raises.
     """
-    validate_backend(backend)
-    if backend == "auto":
-        backend = validate_backend(os.environ.get(BACKEND_ENV, "auto"))
+    backend = requested_backend(backend)
     if backend == "auto":
         backend = "triton" if device.type == "cuda" and triton_available() else "compiled"
     if backend == "triton" and not _triton_runs_on(device):
@@ -83,12 +106,49 @@ def _first_device(args: Sequence[Any]) -> torch.device:
     raise ValueError("a kernel needs at least one tensor argument")
 
 
+def _signature(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple:
+    """What makes dynamo compile a separate graph: the first list's shapes, each
+    argument's dtype (or ``None``) and the static (non-tensor) options."""
+    dtypes = tuple(
+        arg.dtype if isinstance(arg, torch.Tensor)
+        else arg[0].dtype if isinstance(arg, (list, tuple)) and arg and isinstance(arg[0], torch.Tensor)
+        else None
+        for arg in args
+    )
+    options = tuple((name, value) for name, value in kwargs.items() if isinstance(value, (bool, int, float, str)))
+    return tuple(t.shape for t in args[0]), dtypes, options
+
+
+def _argument_bytes(args: Sequence[Any]) -> int:
+    """Bytes of every tensor a call is given, in lists or alone."""
+    tensors = [t for arg in args for t in (arg if isinstance(arg, (list, tuple)) else [arg])]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _compile(body: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compile(body)`` allowed :data:`RECOMPILE_LIMIT` graphs, leaving dynamo's global config alone.
+
+    Where ``torch.compile`` has no ``recompile_limit`` (older torch), dynamo's global
+    limit applies: a kernel's lists beyond it run eagerly, with dynamo's warning.
+    """
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:
+        return torch.compile(body, fullgraph=True, recompile_limit=RECOMPILE_LIMIT)
+    return torch.compile(body, fullgraph=True)
+
+
 class Kernel:
     """A fused pass with a reference, a compiled and (optionally) a triton implementation.
 
     Call it like the reference, plus ``backend=``. The triton implementation is
     registered lazily by :meth:`register_triton` (modules in ``kernels/triton/``) and has
     the reference's signature.
+
+    Under ``"auto"`` where the compiled backend is chosen, each distinct list of
+    tensors (shapes, dtypes, static options: what makes dynamo compile a separate
+    graph) runs the reference for its first :meth:`calls_before_compiling` calls, then
+    compiled. The decision depends on shapes and call counts only, so every rank of a
+    data-parallel run switches at the same step. ``backend="compiled"`` (or
+    ``LIGHTNING_CONVERGE_BACKEND=compiled``) compiles from the first call.
 
     ``step_factors`` (optional) computes per-tensor scalars from the ``steps`` list,
     such as bias corrections, once per tensor and eagerly, before the elementwise
@@ -116,6 +176,8 @@ class Kernel:
         self._compiled: Callable[..., Any] | None = None
         self._triton: Callable[..., Any] | None = None
         self._triton_loader: Callable[[], Callable[..., Any]] | None = None
+        # Per signature (see _signature): reference calls "auto" still runs before compiling.
+        self._calls_left: dict[tuple, int] = {}
 
     def _with_step_factors(self, body: Callable[..., Any]) -> Callable[..., Any]:
         if self.step_factors is None:
@@ -131,8 +193,7 @@ class Kernel:
     @property
     def compiled(self) -> Callable[..., Any]:
         if self._compiled is None:
-            compiled = torch.compile(self.body, fullgraph=True)
-            self._compiled = self._with_step_factors(compiled)
+            self._compiled = self._with_step_factors(_compile(self.body))
         return self._compiled
 
     def register_triton(self, loader: Callable[[], Callable[..., Any]]) -> None:
@@ -147,18 +208,48 @@ class Kernel:
             self._triton = self._triton_loader()
         return self._triton
 
-    def implementation(self, backend: str, device: torch.device) -> Callable[..., Any]:
+    def _backend_name(self, backend: str, device: torch.device) -> str:
         name = resolve_backend(backend, device)
         if name == "triton" and backend == "auto" and self._triton_loader is None:
             name = "compiled"  # a pass without a triton version runs compiled on CUDA too
-        if name == "reference":
-            return self.reference
-        if name == "compiled":
-            return self.compiled
-        return self.triton
+        return name
+
+    def implementation(self, backend: str, device: torch.device) -> Callable[..., Any]:
+        """The implementation ``backend`` names for ``device`` (``"auto"``: before its compile policy)."""
+        return getattr(self, self._backend_name(backend, device))
+
+    @staticmethod
+    def calls_before_compiling(*args: Any) -> int:
+        """How many calls with these arguments ``"auto"`` runs the reference before compiling.
+
+        Compiling pays once the reference has lost to the compiled pass what compiling
+        costs. Both grow with the number of tensors ``n`` in the list; per call the
+        reference loses in proportion to the bytes ``B`` it is given plus a fixed
+        overhead per tensor, so this is
+        ``ceil(n * COMPILE_COST_BYTES_PER_TENSOR / (B + n * CALL_OVERHEAD_BYTES_PER_TENSOR))``:
+        about 350 calls for AdamW on 28 M parameters in 51 tensors, about 7,800 on a
+        tiny Llama's 115 k parameters in 21 tensors.
+        """
+        count = len(args[0])
+        per_call = _argument_bytes(args) + count * CALL_OVERHEAD_BYTES_PER_TENSOR
+        return -(-count * COMPILE_COST_BYTES_PER_TENSOR // per_call)
+
+    def _compiles_now(self, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
+        """Under "auto": whether this call runs compiled (an empty list never does); counts the call."""
+        if not args[0]:
+            return False
+        key = _signature(args, kwargs)
+        left = self._calls_left.get(key)
+        if left is None:
+            left = self.calls_before_compiling(*args)
+        self._calls_left[key] = max(left - 1, 0)
+        return left == 0
 
     def __call__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> Any:
-        return self.implementation(backend, _first_device(args))(*args, **kwargs)
+        name = self._backend_name(backend, _first_device(args))
+        if name == "compiled" and requested_backend(backend) == "auto" and not self._compiles_now(args, kwargs):
+            name = "reference"
+        return getattr(self, name)(*args, **kwargs)
 
     def __repr__(self) -> str:
         return f"Kernel({self.__name__})"
