@@ -150,14 +150,15 @@ class Kernel:
     data-parallel run switches at the same step. ``backend="compiled"`` (or
     ``LIGHTNING_CONVERGE_BACKEND=compiled``) compiles from the first call.
 
-    ``step_factors`` (optional) computes per-tensor scalars from the ``steps`` list,
+    ``step_factors`` (optional) computes per-tensor scalars from step counts,
     such as bias corrections, once per tensor and eagerly, before the elementwise
     ``body`` runs; they reach the body as extra keyword arguments. Inside compiled
     code they would be recomputed for every vector of elements: inductor compiles
     with errno-preserving libm calls, so ``beta ** step`` is not hoisted out of the
-    loop (measured: 25% of an AdamW step). It takes ``steps`` and the kernel's
-    keyword arguments that it names. The triton implementation gets the plain
-    arguments and computes these scalars itself, once per program.
+    loop (measured: 25% of an AdamW step). It takes, by name, the kernel's
+    arguments it names (``steps``, ``beta1``, ...; positional or keyword). The
+    triton implementation gets the plain arguments and computes these scalars
+    itself, once per program.
     """
 
     def __init__(
@@ -170,8 +171,9 @@ class Kernel:
         self.__name__ = body.__name__
         self.__doc__ = body.__doc__
         if step_factors is not None:
-            self._steps_index = list(inspect.signature(body).parameters).index("steps")
-            self._factor_arguments = [n for n in inspect.signature(step_factors).parameters if n != "steps"]
+            positions = list(inspect.signature(body).parameters)
+            # Each argument step_factors names, with its position in the body's signature.
+            self._factor_arguments = [(n, positions.index(n)) for n in inspect.signature(step_factors).parameters]
         self.reference = self._with_step_factors(body)
         self._compiled: Callable[..., Any] | None = None
         self._triton: Callable[..., Any] | None = None
@@ -185,8 +187,12 @@ class Kernel:
 
         @functools.wraps(self.body)
         def run(*args: Any, **kwargs: Any) -> Any:
-            named = {name: kwargs[name] for name in self._factor_arguments if name in kwargs}
-            return body(*args, **kwargs, **self.step_factors(args[self._steps_index], **named))
+            named = {
+                name: kwargs[name] if name in kwargs else args[position]
+                for name, position in self._factor_arguments
+                if name in kwargs or position < len(args)
+            }
+            return body(*args, **kwargs, **self.step_factors(**named))
 
         return run
 

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
-import torch
+from typing import Sequence
+
 from torch import Tensor
 
+from lightning_converge.kernels.adamw import adam_bias_corrections
 from lightning_converge.kernels.dispatch import kernel
 
 
-@kernel
+def onebit_bias_corrections(
+    steps: list[Tensor], variance_steps: list[Tensor], beta1: Tensor, beta2: Tensor
+) -> dict[str, tuple[Tensor, ...]]:
+    """Per tensor, in float64: AdamW's first-moment correction at ``step`` and its
+    second-moment correction at the step the variance froze."""
+    return dict(
+        bias_correction1=adam_bias_corrections(steps, beta1, beta2)["bias_correction1"],
+        bias_correction2_sqrt=adam_bias_corrections(variance_steps, beta1, beta2)["bias_correction2_sqrt"],
+    )
+
+
+@kernel(step_factors=onebit_bias_corrections)
 def onebit_adam_update(
     params: list[Tensor],
     exp_avgs: list[Tensor],
@@ -21,16 +34,18 @@ def onebit_adam_update(
     beta2: Tensor,
     eps: Tensor,
     weight_decay: Tensor,
+    bias_correction1: Sequence[Tensor],
+    bias_correction2_sqrt: Sequence[Tensor],
 ) -> None:
     """Update each parameter in place from its (already averaged) momentum and frozen variance.
 
     The same step as :func:`~lightning_converge.kernels.adamw.adamw` with the moments
     left untouched: the momentum ``exp_avg`` was updated and exchanged by the
     caller, and ``exp_avg_sq`` stopped changing at step ``variance_step``, so its
-    bias correction is that step's. ``steps`` count this step. Math in fp32.
+    bias correction is that step's (both from :func:`onebit_bias_corrections`).
+    ``steps`` count this step. Math in fp32.
     """
-    for p, m, v, step, variance_step in zip(params, exp_avgs, exp_avg_sqs, steps, variance_steps):
-        # Bias corrections in float64, as AdamW's kernel forms them.
-        denom = v.sqrt() / torch.sqrt(1 - beta2.double() ** variance_step.double()) + eps
-        update = m / (1 - beta1.double() ** step.double()) / denom
+    for p, m, v, bc1, bc2_sqrt in zip(params, exp_avgs, exp_avg_sqs, bias_correction1, bias_correction2_sqrt):
+        denom = v.sqrt() / bc2_sqrt + eps
+        update = m / bc1 / denom
         p.copy_(p.float() * (1 - lr * weight_decay) - lr * update)

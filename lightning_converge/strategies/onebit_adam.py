@@ -261,7 +261,7 @@ def _adam_update(group: dict[str, Any], params: list[Tensor], states: list[dict[
         params,
         *([state[name] for state in states] for name in ("exp_avg", "exp_avg_sq", "step", "variance_step")),
         backend=backend,
-        **{name: scalar(value, device) for name, value in changing.items()},
+        **{name: scalar(value, device, torch.float64) for name, value in changing.items()},
     )
 
 
