@@ -20,7 +20,6 @@ from lightning_converge.comm import (
     Exchange,
     FlatState,
     Layout,
-    Compressor,
     FP16Compressor,
     OneBitCompressor,
     PowerSGDCompressor,

@@ -1,7 +1,6 @@
 """What the compressed data-parallel strategies share: DDP with this pack's own communication hook."""
 
 # No ``from __future__ import annotations``: DDP checks the hook's annotations as objects.
-import inspect
 from datetime import timedelta
 from typing import Any, Callable, ClassVar, Iterable, Literal, Optional
 
@@ -14,11 +13,9 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from lightning_converge.comm import CommStats, Exchange, Layout
-from lightning_converge.options import unknown_options_error
 from lightning_converge.strategies.rank_state import load_rank_states, save_rank_states
 
 
@@ -37,30 +34,6 @@ def _run_comm_hook(strategy: "CommHookDDPStrategy", bucket: dist.GradBucket) -> 
     future: torch.futures.Future[Tensor] = torch.futures.Future()
     future.set_result(averaged.to(buffer.dtype))
     return future
-
-
-# The options of the DistributedDataParallel wrapper, which these strategies take as ``ddp_kwargs``.
-DDP_WRAPPER_OPTIONS = frozenset(inspect.signature(DistributedDataParallel).parameters) - {"module"}
-
-
-def init_argument_names(cls: type) -> list[str]:
-    """The parameters of ``cls``'s constructor that have a name (not ``*args`` / ``**kwargs``)."""
-    kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    return [name for name, p in inspect.signature(cls).parameters.items() if p.kind not in kinds]
-
-
-def reject_options(owner: str, options: dict[str, Any], valid: Iterable[str]) -> None:
-    """Raise a ``TypeError`` for keyword ``options`` that ``owner`` does not take: a DDP wrapper
-    option is told to go in ``ddp_kwargs``, anything else is unknown (with the closest valid name)."""
-    wrapper = {name: value for name, value in options.items() if name in DDP_WRAPPER_OPTIONS}
-    if wrapper:
-        raise TypeError(
-            f"{owner}: {', '.join(map(repr, sorted(wrapper)))} "
-            f"{'is an option' if len(wrapper) == 1 else 'are options'} of the DistributedDataParallel wrapper; "
-            f"pass ddp_kwargs={wrapper!r}"
-        )
-    if options:
-        raise unknown_options_error(owner, options, valid)
 
 
 class CommHookDDPStrategy(DDPStrategy):

@@ -16,7 +16,8 @@ from torch.optim import Optimizer
 from lightning_converge import comm
 from lightning_converge.comm import COMPRESSORS, Compressor, Layout, ScaledReduce, compressor_options, make_compressor
 from lightning_converge.comm.base import check_int
-from lightning_converge.strategies.comm_hook import CommHookDDPStrategy, init_argument_names, reject_options
+from lightning_converge.strategies.comm_hook import CommHookDDPStrategy
+from lightning_converge.strategies.ddp_options import reject_options
 
 # Registered names -> compressor. "ddp_compressed" takes the default compressor.
 _ALIASES = {
@@ -94,7 +95,7 @@ class CompressedDDPStrategy(CommHookDDPStrategy):
         **kwargs: Any,
     ) -> None:
         self.compressor = _resolve_compressor(compressor, kwargs)
-        reject_options(type(self).__name__, kwargs, init_argument_names(type(self)))
+        reject_options(type(self), kwargs)
         check_int("start_step", start_step, 0)
         self.start_step = start_step
         self._scaled_reduce = None if self.compressor is None else ScaledReduce(self.compressor)

@@ -73,7 +73,6 @@ sent once.
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -94,14 +93,13 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from lightning_converge.comm import Compressor, Exchange, Layout, make_compressor
 from lightning_converge.kernels import diloco_outer_step, ema_update, scalar
 from lightning_converge.kernels.dispatch import validate_backend
-from lightning_converge.options import unknown_options_error
 from lightning_converge.schedules import Schedule, as_schedule, takes_lr
+from lightning_converge.strategies.ddp_options import check_unwrapped, reject_options
 from lightning_converge.strategies.rank_state import cpu_copy, load_rank_states, save_rank_states
 
 OuterOptimizerFactory = Callable[[Iterable[Tensor]], Optimizer]
@@ -189,17 +187,6 @@ def _piece_of(tensors: Sequence[Tensor], piece: Piece) -> Tensor:
     index, start, end = piece
     tensor = tensors[index]
     return tensor if end - start == tensor.numel() else tensor.view(-1)[start:end]
-# Options of the DistributedDataParallel wrapper, which does not exist here, with their defaults: in
-# ddp_kwargs a default value is accepted (it changes nothing), anything else raises.
-_DDP_WRAPPER_DEFAULTS = {
-    name: parameter.default
-    for name, parameter in inspect.signature(DistributedDataParallel.__init__).parameters.items()
-    if parameter.default is not inspect.Parameter.empty
-}
-# DDPStrategy's options for the wrapper's gradient hooks, which have no meaning here either.
-_DDP_HOOK_OPTIONS = ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period")
-
-
 def _available_device(device: Union[str, torch.device], option: str) -> torch.device:
     """``device`` as a ``torch.device``, or a ValueError naming ``option`` if it is malformed or absent here.
 
@@ -359,7 +346,8 @@ class DiLoCoStrategy(DDPStrategy):
         ddp_kwargs: Optional[dict[str, Any]] = None,
         **kwargs: Any,
     ) -> None:
-        self._check_options(kwargs, ddp_kwargs)
+        reject_options(type(self), kwargs, wraps_model=False)
+        check_unwrapped(type(self), ddp_kwargs)
         if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
             timeout = timedelta(seconds=timeout)
         super().__init__(
@@ -436,25 +424,6 @@ class DiLoCoStrategy(DDPStrategy):
         # Bytes of the exchanges completed since the last inner step was logged.
         self._step_bytes_sent = 0
         self._step_bytes_received = 0
-
-    def _check_options(self, kwargs: dict[str, Any], ddp_kwargs: Optional[dict[str, Any]]) -> None:
-        """Raise for what ``**kwargs`` caught (DDP wrapper options, with the reason; anything else is
-        unknown, with the closest valid name) and for wrapper options in ``ddp_kwargs``."""
-        wrapper_options = [name for name in kwargs if name in _DDP_WRAPPER_DEFAULTS or name in _DDP_HOOK_OPTIONS]
-        wrapper_options += [
-            name
-            for name, value in (ddp_kwargs or {}).items()
-            if name not in _DDP_WRAPPER_DEFAULTS or value != _DDP_WRAPPER_DEFAULTS[name]
-        ]
-        if wrapper_options:
-            raise TypeError(
-                f"{type(self).__name__} does not wrap the model in DistributedDataParallel, so these "
-                f"DistributedDataParallel options have no meaning here: {sorted(wrapper_options)}"
-            )
-        if kwargs:
-            parameters = inspect.signature(type(self).__init__).parameters
-            valid = [name for name in parameters if name not in ("self", "kwargs")]
-            raise unknown_options_error(type(self).__name__, kwargs, valid)
 
     # ------------------------------------------------------------------ public read-outs
 

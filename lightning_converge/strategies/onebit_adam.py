@@ -20,7 +20,8 @@ from lightning_converge.comm.base import check_int
 from lightning_converge.kernels.dispatch import scalar
 from lightning_converge.kernels.onebit_adam import onebit_adam_update
 from lightning_converge.optim import AdamW
-from lightning_converge.strategies.comm_hook import CommHookDDPStrategy, init_argument_names, reject_options
+from lightning_converge.strategies.comm_hook import CommHookDDPStrategy
+from lightning_converge.strategies.ddp_options import reject_options
 
 
 class OneBitAdamStrategy(CommHookDDPStrategy):
@@ -112,7 +113,7 @@ class OneBitAdamStrategy(CommHookDDPStrategy):
         ddp_kwargs: Optional[dict[str, Any]] = None,
         **kwargs: Any,
     ) -> None:
-        reject_options(type(self).__name__, kwargs, init_argument_names(type(self)))
+        reject_options(type(self), kwargs)
         check_int("freeze_step", freeze_step, 1)
         self.freeze_step = freeze_step
         self.compressor = OneBitCompressor(error_feedback=True, block_size=block_size)

@@ -1,0 +1,73 @@
+"""Options every strategy of the pack takes or refuses the same way.
+
+Each strategy lists its own options and :class:`~lightning.pytorch.strategies.DDPStrategy`'s
+in its signature (so LightningCLI shows them), and takes the options of the
+``DistributedDataParallel`` wrapper in one dict, ``ddp_kwargs``. Its ``**kwargs``
+exist only to turn a mistake into a clear error at construction: :func:`reject_options`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional
+
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning_converge.options import unknown_options_error
+
+# The options of the DistributedDataParallel wrapper, with their defaults.
+DDP_WRAPPER_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(DistributedDataParallel).parameters.items()
+    if parameter.default is not inspect.Parameter.empty
+}
+# DDPStrategy's options for its own gradient hooks: our strategies register theirs, or have no gradient all-reduce.
+DDP_HOOK_OPTIONS = frozenset({"ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period"})
+
+
+def init_argument_names(cls: type) -> list[str]:
+    """The named constructor arguments of ``cls``: those of each ``__init__`` along the MRO, down to the
+    first one without ``**kwargs`` (a subclass that passes ``**kwargs`` on keeps its parents' names)."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = list(inspect.signature(vars(klass)["__init__"]).parameters.values())[1:]
+        names += [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return sorted(set(names))
+
+
+def reject_options(owner: type, options: dict[str, Any], *, wraps_model: bool = True) -> None:
+    """Raise a ``TypeError`` for the keyword ``options`` that ``owner``'s ``**kwargs`` caught.
+
+    A ``DistributedDataParallel`` option is told to go in ``ddp_kwargs``, or, for a strategy that does not
+    wrap the model (``wraps_model=False``), that it has no meaning there; anything else is unknown, with the
+    closest valid name.
+    """
+    name = owner.__name__
+    wrapper = {key: value for key, value in options.items() if key in DDP_WRAPPER_DEFAULTS}
+    if not wraps_model:
+        wrapper.update({key: value for key, value in options.items() if key in DDP_HOOK_OPTIONS})
+        check_unwrapped(owner, wrapper)
+    if wrapper:
+        listed = ", ".join(map(repr, sorted(wrapper)))
+        verb = "is an option" if len(wrapper) == 1 else "are options"
+        raise TypeError(f"{name}: {listed} {verb} of the DistributedDataParallel wrapper; pass ddp_kwargs={wrapper!r}")
+    if options:
+        raise unknown_options_error(name, options, init_argument_names(owner))
+
+
+def check_unwrapped(owner: type, ddp_kwargs: Optional[dict[str, Any]]) -> None:
+    """For a strategy that does not wrap the model: raise unless every wrapper option keeps its default."""
+    meaningful = sorted(
+        key for key, value in (ddp_kwargs or {}).items()
+        if key not in DDP_WRAPPER_DEFAULTS or value != DDP_WRAPPER_DEFAULTS[key]
+    )
+    if meaningful:
+        raise TypeError(
+            f"{owner.__name__} does not wrap the model in DistributedDataParallel, so these "
+            f"DistributedDataParallel options have no meaning here: {meaningful}"
+        )
+
