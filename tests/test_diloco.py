@@ -150,6 +150,18 @@ def test_bad_arguments_raise_at_construction(cls, kwargs, error, match):
         cls(**kwargs)
 
 
+def test_a_pass_through_subclass_lists_its_parents_options_when_one_is_unknown():
+    class Subclass(DiLoCoStrategy):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    with pytest.raises(TypeError) as raised:
+        Subclass(inner_step=5)
+    valid = set(inspect.signature(DiLoCoStrategy).parameters) - {"kwargs"}
+    assert "did you mean 'inner_steps'" in str(raised.value)
+    assert all(repr(name) in str(raised.value) for name in valid)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("cls", [DiLoCoStrategy, StreamingDiLoCoStrategy])
 def test_a_cuda_outer_state_device_without_cuda_raises_at_construction(cls):

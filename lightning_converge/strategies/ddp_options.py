@@ -26,17 +26,15 @@ DDP_HOOK_OPTIONS = frozenset({"ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapp
 
 
 def init_argument_names(cls: type) -> list[str]:
-    """The named constructor arguments of ``cls``: those of each ``__init__`` along the MRO, down to the
-    first one without ``**kwargs`` (a subclass that passes ``**kwargs`` on keeps its parents' names)."""
-    names: list[str] = []
+    """The named constructor arguments of ``cls``: those of the first ``__init__`` along the MRO that names
+    any (a subclass whose ``__init__`` only passes ``*args, **kwargs`` on has its parent's)."""
     for klass in cls.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        parameters = list(inspect.signature(vars(klass)["__init__"]).parameters.values())[1:]
-        names += [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
-            break
-    return sorted(set(names))
+        if "__init__" in vars(klass):
+            parameters = list(inspect.signature(vars(klass)["__init__"]).parameters.values())[1:]
+            names = [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+            if names:
+                return sorted(names)
+    return []
 
 
 def reject_options(owner: type, options: dict[str, Any], *, wraps_model: bool = True) -> None:
