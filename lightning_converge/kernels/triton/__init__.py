@@ -6,7 +6,7 @@ rule in ``kernels/`` registers its implementation with
 loader that runs on first use. Users without triton can import everything else.
 
 Every implementation has its reference's signature and mutates the same tensors.
-It launches one program grid per tensor (see :func:`.common.launch_per_tensor`)
+It launches one program grid per group of tensors (see :func:`.common.launch_over_tensors`)
 and reads the changing hyperparameters from their 0-d tensors inside the kernel,
 so a schedule never causes a host sync or a recompile.
 """

@@ -1,44 +1,45 @@
-"""Triton AdamW: :func:`lightning_converge.kernels.adamw.adamw` in one pass per tensor."""
+"""Triton AdamW: :func:`lightning_converge.kernels.adamw.adamw` in one launch per group of tensors."""
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from lightning_converge.kernels.triton.common import (
     bias_correction,
-    block_offsets,
     cautious_masked,
     count_agreeing,
-    launch_per_tensor,
+    launch_update_rule,
     lerp,
     load_math,
+    operand,
     store,
+    tensor_block,
 )
 
 
 @triton.jit
 def _adamw_kernel(
-    param_ptr,
-    grad_ptr,
-    exp_avg_ptr,
-    exp_avg_sq_ptr,
-    step_ptr,
+    tensors,
+    blocks,
     lr_ptr,
     beta1_ptr,
     beta2_ptr,
     eps_ptr,
     weight_decay_ptr,
-    count_ptr,
-    numel,
+    counts_ptr,
     BLOCK: tl.constexpr,
+    DTYPES: tl.constexpr,
     CAUTIOUS: tl.constexpr,
     COUNT_PASS: tl.constexpr,
 ):
-    offsets, mask = block_offsets(numel, BLOCK)
-    step = tl.load(step_ptr)
+    tensor, offsets, mask, numel = tensor_block(tensors, blocks, DTYPES, BLOCK)
+    param_ptr = operand(tensors, tensor, 0, DTYPES)
+    grad_ptr = operand(tensors, tensor, 1, DTYPES)
+    exp_avg_ptr = operand(tensors, tensor, 2, DTYPES)
+    exp_avg_sq_ptr = operand(tensors, tensor, 3, DTYPES)
+    step = tl.load(operand(tensors, tensor, 4, DTYPES))
     # float64 scalars: every derived one is formed first, then rounded to the math dtype.
     beta1 = tl.load(beta1_ptr)
     beta2 = tl.load(beta2_ptr)
@@ -51,10 +52,10 @@ def _adamw_kernel(
     update = exp_avg / bias_correction(beta1, step).to(dtype) / denom
 
     if COUNT_PASS:
-        count_agreeing(update, grad, mask, count_ptr)
+        count_agreeing(update, grad, mask, counts_ptr + tensor)
     else:
         if CAUTIOUS:
-            update = cautious_masked(update, grad, count_ptr, numel)
+            update = cautious_masked(update, grad, counts_ptr + tensor, numel)
         lr = tl.load(lr_ptr)
         param = load_math(param_ptr, offsets, mask)
         decay = (1 - lr * tl.load(weight_decay_ptr)).to(dtype)
@@ -78,7 +79,7 @@ def adamw(
     cautious: bool = False,
 ) -> None:
     """One AdamW step, in place: the reference's contract, run as triton kernels."""
-    launch_per_tensor(
+    launch_update_rule(
         _adamw_kernel,
         params,
         grads,
@@ -86,5 +87,4 @@ def adamw(
         steps,
         [lr, beta1, beta2, eps, weight_decay],
         cautious=cautious,
-        hyperparameter_dtype=torch.float64,
     )

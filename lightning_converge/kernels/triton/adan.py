@@ -1,48 +1,49 @@
-"""Triton Adan: :func:`lightning_converge.kernels.adan.adan` in one pass per tensor."""
+"""Triton Adan: :func:`lightning_converge.kernels.adan.adan` in one launch per group of tensors."""
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from lightning_converge.kernels.triton.common import (
     bias_correction,
-    block_offsets,
     cautious_masked,
     count_agreeing,
-    launch_per_tensor,
+    launch_update_rule,
     lerp,
     load_math,
+    operand,
     store,
+    tensor_block,
 )
 
 
 @triton.jit
 def _adan_kernel(
-    param_ptr,
-    grad_ptr,
-    exp_avg_ptr,
-    exp_avg_diff_ptr,
-    exp_avg_sq_ptr,
-    prev_grad_ptr,
-    step_ptr,
+    tensors,
+    blocks,
     lr_ptr,
     beta1_ptr,
     beta2_ptr,
     beta3_ptr,
     eps_ptr,
     weight_decay_ptr,
-    count_ptr,
-    numel,
+    counts_ptr,
     BLOCK: tl.constexpr,
+    DTYPES: tl.constexpr,
     CAUTIOUS: tl.constexpr,
     COUNT_PASS: tl.constexpr,
     NO_PROX: tl.constexpr,
 ):
-    offsets, mask = block_offsets(numel, BLOCK)
-    step = tl.load(step_ptr)
+    tensor, offsets, mask, numel = tensor_block(tensors, blocks, DTYPES, BLOCK)
+    param_ptr = operand(tensors, tensor, 0, DTYPES)
+    grad_ptr = operand(tensors, tensor, 1, DTYPES)
+    exp_avg_ptr = operand(tensors, tensor, 2, DTYPES)
+    exp_avg_diff_ptr = operand(tensors, tensor, 3, DTYPES)
+    exp_avg_sq_ptr = operand(tensors, tensor, 4, DTYPES)
+    prev_grad_ptr = operand(tensors, tensor, 5, DTYPES)
+    step = tl.load(operand(tensors, tensor, 6, DTYPES))
     # float64 scalars: every derived one is formed first, then rounded to the math dtype.
     beta1 = tl.load(beta1_ptr)
     beta2 = tl.load(beta2_ptr)
@@ -60,10 +61,10 @@ def _adan_kernel(
     update = (exp_avg / bias_correction(beta1, step).to(dtype) + corrected_diff) / denom
 
     if COUNT_PASS:
-        count_agreeing(update, grad, mask, count_ptr)
+        count_agreeing(update, grad, mask, counts_ptr + tensor)
     else:
         if CAUTIOUS:
-            update = cautious_masked(update, grad, count_ptr, numel)
+            update = cautious_masked(update, grad, counts_ptr + tensor, numel)
         lr = tl.load(lr_ptr)
         weight_decay = tl.load(weight_decay_ptr)
         param = load_math(param_ptr, offsets, mask)
@@ -97,7 +98,7 @@ def adan(
     cautious: bool = False,
 ) -> None:
     """One Adan step, in place: the reference's contract, run as triton kernels."""
-    launch_per_tensor(
+    launch_update_rule(
         _adan_kernel,
         params,
         grads,
@@ -105,6 +106,5 @@ def adan(
         steps,
         [lr, beta1, beta2, beta3, eps, weight_decay],
         cautious=cautious,
-        hyperparameter_dtype=torch.float64,
         NO_PROX=no_prox,
     )

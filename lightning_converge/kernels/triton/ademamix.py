@@ -1,24 +1,24 @@
-"""Triton AdEMAMix: :func:`lightning_converge.kernels.ademamix.ademamix` in one pass per tensor."""
+"""Triton AdEMAMix: :func:`lightning_converge.kernels.ademamix.ademamix` in one launch per group of tensors."""
 
 from __future__ import annotations
 
 import math
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from lightning_converge.kernels.triton.common import (
     bias_correction,
-    block_offsets,
     cautious_masked,
     count_agreeing,
-    launch_per_tensor,
+    launch_update_rule,
     lerp,
     load_math,
+    operand,
     scalar_pow,
     store,
+    tensor_block,
 )
 
 LOG_HALF = tl.constexpr(math.log(0.5))
@@ -45,12 +45,8 @@ def _warmed_up_alpha_beta3(step, alpha, beta1, beta3, ALPHA_WARMUP: tl.constexpr
 
 @triton.jit
 def _ademamix_kernel(
-    param_ptr,
-    grad_ptr,
-    exp_avg_fast_ptr,
-    exp_avg_slow_ptr,
-    exp_avg_sq_ptr,
-    step_ptr,
+    tensors,
+    blocks,
     lr_ptr,
     beta1_ptr,
     beta2_ptr,
@@ -58,18 +54,23 @@ def _ademamix_kernel(
     alpha_ptr,
     eps_ptr,
     weight_decay_ptr,
-    count_ptr,
-    numel,
+    counts_ptr,
     BLOCK: tl.constexpr,
+    DTYPES: tl.constexpr,
     CAUTIOUS: tl.constexpr,
     COUNT_PASS: tl.constexpr,
     ALPHA_WARMUP: tl.constexpr,
     BETA3_WARMUP: tl.constexpr,
 ):
-    offsets, mask = block_offsets(numel, BLOCK)
+    tensor, offsets, mask, numel = tensor_block(tensors, blocks, DTYPES, BLOCK)
+    param_ptr = operand(tensors, tensor, 0, DTYPES)
+    grad_ptr = operand(tensors, tensor, 1, DTYPES)
+    exp_avg_fast_ptr = operand(tensors, tensor, 2, DTYPES)
+    exp_avg_slow_ptr = operand(tensors, tensor, 3, DTYPES)
+    exp_avg_sq_ptr = operand(tensors, tensor, 4, DTYPES)
     # float64 scalars: the warm-ups, 1 - beta and the bias corrections are formed
     # first, then rounded to the math dtype (for beta3 = 0.99999, fp32 1 - beta3 is 1.4e-3 off).
-    step = tl.load(step_ptr).to(tl.float64)
+    step = tl.load(operand(tensors, tensor, 5, DTYPES)).to(tl.float64)
     beta1 = tl.load(beta1_ptr)
     beta2 = tl.load(beta2_ptr)
     alpha, beta3 = _warmed_up_alpha_beta3(
@@ -85,10 +86,10 @@ def _ademamix_kernel(
     update = (exp_avg_fast / bias_correction(beta1, step).to(dtype) + alpha.to(dtype) * exp_avg_slow) / denom
 
     if COUNT_PASS:
-        count_agreeing(update, grad, mask, count_ptr)
+        count_agreeing(update, grad, mask, counts_ptr + tensor)
     else:
         if CAUTIOUS:
-            update = cautious_masked(update, grad, count_ptr, numel)
+            update = cautious_masked(update, grad, counts_ptr + tensor, numel)
         param = load_math(param_ptr, offsets, mask)
         # Weight decay enters the update, so it is scaled by lr only (as in apple/ml-ademamix).
         param = param - tl.load(lr_ptr).to(dtype) * (update + tl.load(weight_decay_ptr).to(dtype) * param)
@@ -118,7 +119,7 @@ def ademamix(
     cautious: bool = False,
 ) -> None:
     """One AdEMAMix step, in place: the reference's contract, run as triton kernels."""
-    launch_per_tensor(
+    launch_update_rule(
         _ademamix_kernel,
         params,
         grads,
@@ -126,7 +127,6 @@ def ademamix(
         steps,
         [lr, beta1, beta2, beta3, alpha, eps, weight_decay],
         cautious=cautious,
-        hyperparameter_dtype=torch.float64,
         ALPHA_WARMUP=alpha_warmup,
         BETA3_WARMUP=beta3_warmup,
     )

@@ -1,46 +1,47 @@
-"""Triton ADOPT: :func:`lightning_converge.kernels.adopt.adopt` in one pass per tensor."""
+"""Triton ADOPT: :func:`lightning_converge.kernels.adopt.adopt` in one launch per group of tensors."""
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from lightning_converge.kernels.triton.common import (
-    block_offsets,
     cautious_masked,
     count_agreeing,
-    launch_per_tensor,
+    launch_update_rule,
     lerp,
     load_math,
+    operand,
     scalar_pow,
     store,
+    tensor_block,
 )
 
 
 @triton.jit
 def _adopt_kernel(
-    param_ptr,
-    grad_ptr,
-    exp_avg_ptr,
-    exp_avg_sq_ptr,
-    step_ptr,
+    tensors,
+    blocks,
     lr_ptr,
     beta1_ptr,
     beta2_ptr,
     eps_ptr,
     weight_decay_ptr,
-    count_ptr,
-    numel,
+    counts_ptr,
     BLOCK: tl.constexpr,
+    DTYPES: tl.constexpr,
     CAUTIOUS: tl.constexpr,
     COUNT_PASS: tl.constexpr,
     DECOUPLE: tl.constexpr,
     CLIP_EXPONENT: tl.constexpr,
 ):
-    offsets, mask = block_offsets(numel, BLOCK)
-    step = tl.load(step_ptr)
+    tensor, offsets, mask, numel = tensor_block(tensors, blocks, DTYPES, BLOCK)
+    param_ptr = operand(tensors, tensor, 0, DTYPES)
+    grad_ptr = operand(tensors, tensor, 1, DTYPES)
+    exp_avg_ptr = operand(tensors, tensor, 2, DTYPES)
+    exp_avg_sq_ptr = operand(tensors, tensor, 3, DTYPES)
+    step = tl.load(operand(tensors, tensor, 4, DTYPES))
     # The first step only initializes the second moment: every other write keeps its old value.
     first = step == 1
     # float64 scalars: every derived one is formed first, then rounded to the math dtype.
@@ -61,10 +62,10 @@ def _adopt_kernel(
     update = exp_avg
 
     if COUNT_PASS:
-        count_agreeing(update, grad, mask, count_ptr)
+        count_agreeing(update, grad, mask, counts_ptr + tensor)
     else:
         if CAUTIOUS:
-            update = cautious_masked(update, grad, count_ptr, numel)
+            update = cautious_masked(update, grad, counts_ptr + tensor, numel)
         lr = tl.load(lr_ptr)
         beta2 = tl.load(beta2_ptr)
         decayed = param
@@ -95,7 +96,7 @@ def adopt(
     cautious: bool = False,
 ) -> None:
     """One ADOPT step, in place: the reference's contract, run as triton kernels."""
-    launch_per_tensor(
+    launch_update_rule(
         _adopt_kernel,
         params,
         grads,
@@ -103,7 +104,6 @@ def adopt(
         steps,
         [lr, beta1, beta2, eps, weight_decay],
         cautious=cautious,
-        hyperparameter_dtype=torch.float64,
         DECOUPLE=decouple,
         CLIP_EXPONENT=clip_exponent,
     )

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import triton
 from torch import Tensor
+
+from lightning_converge.kernels.triton.common import launch
 
 
 def launch_per_block(
@@ -32,4 +35,4 @@ def launch_per_block(
         if value.numel() == 0:
             continue
         grid = (triton.cdiv(value.numel(), block_size),)
-        kernel[grid](value, residual, *out, value.numel(), BLOCK=block_size, FEEDBACK=residual is not None)
+        launch(kernel, grid, value, residual, *out, value.numel(), BLOCK=block_size, FEEDBACK=residual is not None)

@@ -1,21 +1,44 @@
-"""What every triton update rule shares: the per-tensor launcher and small ``@triton.jit`` helpers.
+"""What every triton kernel shares: the one launcher, the multi-tensor tables and small ``@triton.jit`` helpers.
 
-The update rules compute in fp32 for fp32, bf16 and fp16 tensors and in fp64 for
-fp64 tensors (:func:`load_math`); their hyperparameters arrive as float64, so
-``1 - beta`` and the bias corrections are formed before they are rounded to that
-precision. The helpers avoid what the interpreter (``TRITON_INTERPRET=1``, how the tests run on CPU) cannot do:
-libdevice calls, inline asm, and arithmetic on bf16, which it stores as raw
-16-bit integers.
+**Launching.** Every triton kernel of the pack is started by :func:`launch`, so a
+hook registered with :func:`register_launch_hook` sees each launch (the tests
+count launches per optimizer step with it). The elementwise passes (update rules,
+weight EMA, Grokfast, DiLoCo's outer step) go through :func:`launch_over_tensors`,
+which runs a kernel over *all* tensors of a list at once, as torch's fused
+optimizers do (multi-tensor apply): tensors are grouped by device and dtypes, and
+each group takes one launch (two with cautious masking), however many tensors it
+holds. A kernel finds its tensors through two int64 tables:
+
+* the tensor table, one row per tensor: the address of each operand
+  (``data_ptr()``), then the tensor's number of elements;
+* the block table, one row per program: the tensor it works on and the offset of
+  its first element in that tensor.
+
+Inside the kernel :func:`tensor_block` reads this program's row and
+:func:`operand` turns an address into a typed pointer
+(``.to(tl.pointer_type(dtype))``, with the dtypes given as the constexpr tuple
+``DTYPES``); per-tensor scalars (step counts) are operands too, read with a plain
+``tl.load``. The block table depends only on the tensors' sizes and is cached.
+
+**Precision.** The update rules compute in fp32 for fp32, bf16 and fp16 tensors
+and in fp64 for fp64 tensors (:func:`load_math`); their hyperparameters arrive as
+float64, so ``1 - beta`` and the bias corrections are formed before they are
+rounded to that precision. The helpers avoid what the interpreter
+(``TRITON_INTERPRET=1``, how the tests run on CPU) cannot do: libdevice calls,
+inline asm, and arithmetic on bf16, which it stores as raw 16-bit integers.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 from lightning_converge.kernels.dispatch import scalar
 
@@ -23,62 +46,190 @@ from lightning_converge.kernels.dispatch import scalar
 # program as one vectorized numpy pass).
 BLOCK = 1024
 
+# In the ``scalars`` of :func:`launch_over_tensors`: replaced, for each launched group,
+# by an int32 table of one zeroed counter per tensor (cautious masking's counts).
+COUNTS = object()
 
-def launch_per_tensor(
+# The constexprs of each launch over a group: cautious masking counts first, then updates.
+UPDATE_PASSES = ({"CAUTIOUS": False, "COUNT_PASS": False},)
+CAUTIOUS_PASSES = ({"CAUTIOUS": True, "COUNT_PASS": True}, {"CAUTIOUS": True, "COUNT_PASS": False})
+
+_TRITON_DTYPES = {
+    torch.float64: tl.float64,
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.int64: tl.int64,
+    torch.int32: tl.int32,
+}
+
+# An OrderedDict, as torch keeps its hooks: RemovableHandle holds a weak reference to it.
+_launch_hooks: OrderedDict[int, Callable[[Any, tuple[int, ...]], None]] = OrderedDict()
+
+# Block tables by (device, sizes of the tensors): the sizes are the same every step.
+_block_tables: OrderedDict[tuple[torch.device, tuple[int, ...]], Tensor] = OrderedDict()
+_BLOCK_TABLE_CACHE_SIZE = 64
+
+
+def register_launch_hook(hook: Callable[[Any, tuple[int, ...]], None]) -> RemovableHandle:
+    """Register ``hook(kernel, grid)``, called before every triton launch of the pack.
+
+    Returns a handle whose ``remove()`` unregisters the hook, as torch's hooks do.
+    """
+    handle = RemovableHandle(_launch_hooks)
+    _launch_hooks[handle.id] = hook
+    return handle
+
+
+def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **constexprs: Any) -> None:
+    """Launch ``kernel`` over ``grid``: the one place every triton kernel of the pack is started."""
+    for hook in list(_launch_hooks.values()):
+        hook(kernel, grid)
+    kernel[grid](*args, **constexprs)
+
+
+def _to_device(table: Tensor, device: torch.device) -> Tensor:
+    """Copy a host table to ``device`` without blocking the host (pinned, asynchronous copy on CUDA)."""
+    if device.type == "cpu":
+        return table
+    return table.pin_memory().to(device, non_blocking=True)
+
+
+def _block_table(numels: Sequence[int], device: torch.device) -> Tensor:
+    """One row per program: (tensor index, offset of its first element), ``BLOCK`` elements apart."""
+    key = (device, tuple(numels))
+    table = _block_tables.get(key)
+    if table is None:
+        blocks_per_tensor = torch.tensor([triton.cdiv(numel, BLOCK) for numel in numels], dtype=torch.int64)
+        tensor = torch.repeat_interleave(torch.arange(len(numels)), blocks_per_tensor)
+        first_block = torch.cumsum(blocks_per_tensor, 0) - blocks_per_tensor
+        start = (torch.arange(len(tensor)) - first_block[tensor]) * BLOCK
+        table = _to_device(torch.stack([tensor, start], dim=1), device)
+        _block_tables[key] = table
+        if len(_block_tables) > _BLOCK_TABLE_CACHE_SIZE:
+            _block_tables.popitem(last=False)
+    else:
+        _block_tables.move_to_end(key)
+    return table
+
+
+def launch_over_tensors(
+    kernel: Any,
+    operands: Sequence[Sequence[Tensor]],
+    scalars: Sequence[Any],
+    *,
+    updated: Sequence[int],
+    per_tensor_scalars: Sequence[Sequence[Tensor]] = (),
+    passes: Sequence[dict[str, Any]] = ({},),
+    **constexprs: Any,
+) -> None:
+    """Run the elementwise ``kernel`` over every tensor of ``operands``, one launch per group and pass.
+
+    ``operands`` holds one list per operand (parameters, gradients, each state...),
+    tensor ``i`` of each having the shape of ``operands[0][i]``; the operands whose
+    indices are in ``updated`` are written in place (a non-contiguous one through a
+    contiguous copy that is written back). ``per_tensor_scalars`` holds lists of 0-d
+    tensors, one per tensor (step counts). ``scalars`` are the same for every
+    tensor (0-d hyperparameter tensors, or :data:`COUNTS`).
+
+    Tensors are grouped by device and dtypes; empty ones are skipped. For each
+    group, each dict of ``passes`` gives one launch (cautious masking: a count
+    pass, then the update pass), of the kernel called as
+    ``kernel(tensors, blocks, *scalars, BLOCK=, DTYPES=, **pass, **constexprs)``,
+    where ``tensors`` is the tensor table (the addresses of the operands, then of
+    the per-tensor scalars, then the number of elements; one row per tensor),
+    ``blocks`` the block table and ``DTYPES`` the dtypes of the table's columns.
+    """
+    rows = list(zip(*operands, *per_tensor_scalars))
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for index, row in enumerate(rows):
+        tensors, first = row[: len(operands)], row[0]
+        if any(t.shape != first.shape for t in tensors):
+            raise ValueError(
+                f"tensor {index}: every operand must have the shape {tuple(first.shape)} of the first, "
+                f"got {[tuple(t.shape) for t in tensors]}"
+            )
+        if any(t.device != first.device for t in row):
+            raise ValueError(f"tensor {index}: operands on several devices: {[str(t.device) for t in row]}")
+        if first.numel() > 0:
+            groups.setdefault((first.device, *(t.dtype for t in row)), []).append(index)
+
+    for (device, *dtypes), indices in groups.items():
+        dense_rows = [[t.contiguous() for t in rows[index]] for index in indices]
+        numels = [rows[index][0].numel() for index in indices]
+        table = torch.tensor([[t.data_ptr() for t in row] + [numel] for row, numel in zip(dense_rows, numels)])
+        blocks = _block_table(numels, device)
+        group_scalars = [
+            torch.zeros(len(indices), dtype=torch.int32, device=device) if value is COUNTS else value
+            for value in scalars
+        ]
+        args = (_to_device(table, device), blocks, *group_scalars)
+        dtype_constexpr = tuple(_TRITON_DTYPES[dtype] for dtype in dtypes)
+        for constexprs_of_pass in passes:
+            launch(
+                kernel, (len(blocks),), *args, BLOCK=BLOCK, DTYPES=dtype_constexpr, **constexprs_of_pass, **constexprs
+            )
+        for index, dense_row in zip(indices, dense_rows):
+            for position in updated:
+                if dense_row[position] is not rows[index][position]:
+                    rows[index][position].copy_(dense_row[position])
+
+
+def launch_update_rule(
     kernel: Any,
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     states: Sequence[Sequence[Tensor]],
     steps: Sequence[Tensor] | None,
-    hyperparameters: Sequence[Tensor],
+    hyperparameters: Sequence[Tensor | float],
     *,
     cautious: bool,
-    hyperparameter_dtype: torch.dtype = torch.float32,
     **options: Any,
 ) -> None:
-    """Run an update-rule ``kernel`` over each parameter with its gradient, state and step.
+    """Run an update rule's ``kernel`` over all parameters with their gradients, states and steps.
 
-    The kernel takes, in this order: pointers to the parameter, the gradient, each
-    of ``states`` and (when ``steps`` is given) the step; pointers to the
-    ``hyperparameters`` (0-d tensors of ``hyperparameter_dtype``, read inside the
-    kernel; the optimizer rules ask for float64); the pointer to
-    this tensor's cautious counter (None without ``cautious``); the number of
-    elements; then the constexprs ``BLOCK``, ``CAUTIOUS``, ``COUNT_PASS`` and ``options``.
+    The kernel takes the tables of :func:`launch_over_tensors`, whose operands are
+    the parameter, the gradient, each of ``states``, then (when ``steps`` is given)
+    the step; then the ``hyperparameters`` as float64 0-d tensors (read inside the
+    kernel, so a schedule costs neither a host sync nor a recompile); then the
+    table of cautious counters (None without ``cautious``); then the constexprs
+    ``BLOCK``, ``DTYPES``, ``CAUTIOUS``, ``COUNT_PASS`` and ``options``.
 
-    With ``cautious`` every tensor takes two launches, because the mask is scaled
-    by a count over the whole tensor: a ``COUNT_PASS`` that writes nothing and
-    only adds up where the update agrees in sign with the gradient, then the
-    update pass, which reads that count.
-
-    Parameters and states are updated in place; a non-contiguous one is updated
-    through a contiguous copy that is written back.
+    With ``cautious`` each group takes two launches, because the mask is scaled by
+    a count over each whole tensor: a ``COUNT_PASS`` that writes nothing and only
+    adds up, per tensor, where the update agrees in sign with the gradient, then
+    the update pass, which reads those counts.
     """
     if not params:
         return
     device = params[0].device
-    hyperparameters = [scalar(value, device, hyperparameter_dtype) for value in hyperparameters]
-    counts = torch.zeros(len(params), dtype=torch.int32, device=device) if cautious else None
-    per_tensor_steps = steps if steps is not None else [None] * len(params)
-    for index, (param, grad, state, step) in enumerate(zip(params, grads, zip(*states), per_tensor_steps)):
-        if any(t.shape != param.shape for t in (grad, *state)):
-            raise ValueError(
-                f"tensor {index}: gradient and state must have the parameter's shape {tuple(param.shape)}, "
-                f"got {[tuple(t.shape) for t in (grad, *state)]}"
-            )
-        if param.numel() == 0:
-            continue
-        updated = [param, *state]
-        dense = [t.contiguous() for t in updated]  # the tensors themselves when already contiguous
-        step_args = () if step is None else (scalar(step, device),)
-        count = None if counts is None else counts[index]
-        args = (dense[0], grad.contiguous(), *dense[1:], *step_args, *hyperparameters, count, param.numel())
-        grid = (triton.cdiv(param.numel(), BLOCK),)
-        if cautious:
-            kernel[grid](*args, BLOCK=BLOCK, CAUTIOUS=True, COUNT_PASS=True, **options)
-        kernel[grid](*args, BLOCK=BLOCK, CAUTIOUS=cautious, COUNT_PASS=False, **options)
-        for original, copy in zip(updated, dense):
-            if copy is not original:
-                original.copy_(copy)
+    launch_over_tensors(
+        kernel,
+        [params, grads, *states],
+        [*(scalar(value, device, torch.float64) for value in hyperparameters), COUNTS if cautious else None],
+        updated=[0, *range(2, 2 + len(states))],
+        per_tensor_scalars=[steps] if steps is not None else [],
+        passes=CAUTIOUS_PASSES if cautious else UPDATE_PASSES,
+        **options,
+    )
+
+
+@triton.jit
+def tensor_block(tensors, blocks, DTYPES: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's tensor (its row in the tensor table), its element offsets in that
+    tensor, the mask of those inside it, and the tensor's number of elements."""
+    block = tl.program_id(0).to(tl.int64)
+    tensor = tl.load(blocks + 2 * block)
+    offsets = tl.load(blocks + 2 * block + 1) + tl.arange(0, BLOCK)
+    numel = tl.load(tensors + tensor * (len(DTYPES) + 1) + len(DTYPES))
+    return tensor, offsets, offsets < numel, numel
+
+
+@triton.jit
+def operand(tensors, tensor, INDEX: tl.constexpr, DTYPES: tl.constexpr):
+    """The typed pointer to operand ``INDEX`` of ``tensor``, from its address in the tensor table."""
+    address = tl.load(tensors + tensor * (len(DTYPES) + 1) + INDEX)
+    return address.to(tl.pointer_type(DTYPES[INDEX]))
 
 
 @triton.jit

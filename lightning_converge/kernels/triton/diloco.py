@@ -6,26 +6,23 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lightning_converge.kernels.triton.common import block_offsets, launch_per_tensor, load_f32, store
+from lightning_converge.kernels.triton.common import launch_over_tensors, load_f32, operand, store, tensor_block
 
 
 @triton.jit
 def _diloco_outer_step_kernel(
-    param_ptr,
-    grad_ptr,
-    buf_ptr,
+    tensors,
+    blocks,
     lr_ptr,
     momentum_ptr,
-    count_ptr,
-    numel,
     BLOCK: tl.constexpr,
-    CAUTIOUS: tl.constexpr,
-    COUNT_PASS: tl.constexpr,
+    DTYPES: tl.constexpr,
     NESTEROV: tl.constexpr,
 ):
-    # CAUTIOUS, COUNT_PASS and count_ptr belong to the shared launcher's calling
-    # convention; the outer step has no cautious variant, so they are never set.
-    offsets, mask = block_offsets(numel, BLOCK)
+    tensor, offsets, mask, _ = tensor_block(tensors, blocks, DTYPES, BLOCK)
+    param_ptr = operand(tensors, tensor, 0, DTYPES)
+    grad_ptr = operand(tensors, tensor, 1, DTYPES)
+    buf_ptr = operand(tensors, tensor, 2, DTYPES)
     grad = load_f32(grad_ptr, offsets, mask)
     momentum = tl.load(momentum_ptr)
     buf = momentum * load_f32(buf_ptr, offsets, mask) + grad
@@ -47,14 +44,11 @@ def diloco_outer_step(
     momentum: Tensor,
     nesterov: bool = True,
 ) -> None:
-    """One outer SGD step, in place: the reference's contract, one launch per tensor."""
-    launch_per_tensor(
+    """One outer SGD step, in place: the reference's contract, one launch per group of tensors."""
+    launch_over_tensors(
         _diloco_outer_step_kernel,
-        global_params,
-        pseudo_grads,
-        [momentum_buffers],
-        None,
+        [global_params, pseudo_grads, momentum_buffers],
         [lr, momentum],
-        cautious=False,
+        updated=[0, 2],
         NESTEROV=nesterov,
     )

@@ -6,12 +6,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lightning_converge.kernels.triton.common import BLOCK, block_offsets, load_f32, store
+from lightning_converge.kernels.triton.common import launch_over_tensors, load_f32, operand, store, tensor_block
 
 
 @triton.jit
-def _grokfast_ema_kernel(grad_ptr, slow_ptr, alpha_ptr, lamb_ptr, numel, BLOCK: tl.constexpr):
-    offsets, mask = block_offsets(numel, BLOCK)
+def _grokfast_ema_kernel(tensors, blocks, alpha_ptr, lamb_ptr, BLOCK: tl.constexpr, DTYPES: tl.constexpr):
+    tensor, offsets, mask, _ = tensor_block(tensors, blocks, DTYPES, BLOCK)
+    grad_ptr = operand(tensors, tensor, 0, DTYPES)
+    slow_ptr = operand(tensors, tensor, 1, DTYPES)
     alpha = tl.load(alpha_ptr)
     lamb = tl.load(lamb_ptr)
     grad = load_f32(grad_ptr, offsets, mask)
@@ -21,20 +23,10 @@ def _grokfast_ema_kernel(grad_ptr, slow_ptr, alpha_ptr, lamb_ptr, numel, BLOCK: 
 
 
 def grokfast_ema(grads: list[Tensor], slows: list[Tensor], *, alpha: Tensor, lamb: Tensor) -> None:
-    """Same contract as the reference: both lists updated in place, one launch per tensor.
+    """Same contract as the reference: both lists updated in place, one launch per group
+    of tensors (see :func:`.common.launch_over_tensors`).
 
     ``alpha`` and ``lamb`` are 0-d tensors on the gradients' device, read inside the
     kernel so that a schedule costs neither a host sync nor a recompile.
     """
-    for grad, slow in zip(grads, slows):
-        if grad.shape != slow.shape:
-            raise ValueError(f"gradient and slow state shapes differ: {tuple(grad.shape)} vs {tuple(slow.shape)}")
-        if grad.numel() == 0:
-            continue
-        # The kernel walks flat memory: update non-contiguous tensors through contiguous copies.
-        dense_grad, dense_slow = grad.contiguous(), slow.contiguous()
-        grid = (triton.cdiv(grad.numel(), BLOCK),)
-        _grokfast_ema_kernel[grid](dense_grad, dense_slow, alpha, lamb, grad.numel(), BLOCK=BLOCK)
-        for original, dense in ((grad, dense_grad), (slow, dense_slow)):
-            if dense is not original:
-                original.copy_(dense)
+    launch_over_tensors(_grokfast_ema_kernel, [grads, slows], [alpha, lamb], updated=[0, 1])

@@ -1,40 +1,42 @@
-"""Triton Lion: :func:`lightning_converge.kernels.lion.lion` in one pass per tensor."""
+"""Triton Lion: :func:`lightning_converge.kernels.lion.lion` in one launch per group of tensors."""
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from lightning_converge.kernels.triton.common import (
-    block_offsets,
     cautious_masked,
     count_agreeing,
-    launch_per_tensor,
+    launch_update_rule,
     lerp,
     load_math,
+    operand,
     sign,
     store,
+    tensor_block,
 )
 
 
 @triton.jit
 def _lion_kernel(
-    param_ptr,
-    grad_ptr,
-    exp_avg_ptr,
+    tensors,
+    blocks,
     lr_ptr,
     beta1_ptr,
     beta2_ptr,
     weight_decay_ptr,
-    count_ptr,
-    numel,
+    counts_ptr,
     BLOCK: tl.constexpr,
+    DTYPES: tl.constexpr,
     CAUTIOUS: tl.constexpr,
     COUNT_PASS: tl.constexpr,
 ):
-    offsets, mask = block_offsets(numel, BLOCK)
+    tensor, offsets, mask, numel = tensor_block(tensors, blocks, DTYPES, BLOCK)
+    param_ptr = operand(tensors, tensor, 0, DTYPES)
+    grad_ptr = operand(tensors, tensor, 1, DTYPES)
+    exp_avg_ptr = operand(tensors, tensor, 2, DTYPES)
     grad = load_math(grad_ptr, offsets, mask)
     dtype = grad.dtype
     exp_avg = load_math(exp_avg_ptr, offsets, mask)
@@ -42,10 +44,10 @@ def _lion_kernel(
     update = sign(lerp(exp_avg, grad, (1 - tl.load(beta1_ptr)).to(dtype)))
 
     if COUNT_PASS:
-        count_agreeing(update, grad, mask, count_ptr)
+        count_agreeing(update, grad, mask, counts_ptr + tensor)
     else:
         if CAUTIOUS:
-            update = cautious_masked(update, grad, count_ptr, numel)
+            update = cautious_masked(update, grad, counts_ptr + tensor, numel)
         lr = tl.load(lr_ptr)
         param = load_math(param_ptr, offsets, mask)
         decay = (1 - lr * tl.load(weight_decay_ptr)).to(dtype)
@@ -65,7 +67,7 @@ def lion(
     cautious: bool = False,
 ) -> None:
     """One Lion step, in place: the reference's contract, run as triton kernels."""
-    launch_per_tensor(
+    launch_update_rule(
         _lion_kernel,
         params,
         grads,
@@ -73,5 +75,4 @@ def lion(
         None,
         [lr, beta1, beta2, weight_decay],
         cautious=cautious,
-        hyperparameter_dtype=torch.float64,
     )
