@@ -117,3 +117,13 @@ def test_one_launch_matches_the_reference_across_blocks_and_dtype_groups():
                 torch.testing.assert_close(actual, wanted, rtol=2**-7, atol=1e-6, msg=f"tensor {index}")
             else:
                 torch.testing.assert_close(actual, wanted, rtol=1e-6, atol=1e-6, msg=f"tensor {index}")
+
+
+def test_unsupported_dtype_is_a_clear_error():
+    with pytest.raises(TypeError, match="triton kernels take tensors of .*got torch.int8"):
+        ema_update(
+            [torch.zeros(3, dtype=torch.int8)],
+            [torch.ones(3, dtype=torch.int8)],
+            decay=torch.tensor(0.5),
+            backend="triton",
+        )

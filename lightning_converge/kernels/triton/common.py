@@ -88,6 +88,12 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **constexprs: Any) ->
     kernel[grid](*args, **constexprs)
 
 
+def _triton_dtype(dtype: torch.dtype) -> Any:
+    if dtype not in _TRITON_DTYPES:
+        raise TypeError(f"the triton kernels take tensors of {sorted(map(str, _TRITON_DTYPES))}, got {dtype}")
+    return _TRITON_DTYPES[dtype]
+
+
 def _to_device(table: Tensor, device: torch.device) -> Tensor:
     """Copy a host table to ``device`` without blocking the host (pinned, asynchronous copy on CUDA)."""
     if device.type == "cpu":
@@ -164,7 +170,7 @@ def launch_over_tensors(
             for value in scalars
         ]
         args = (_to_device(table, device), blocks, *group_scalars)
-        dtype_constexpr = tuple(_TRITON_DTYPES[dtype] for dtype in dtypes)
+        dtype_constexpr = tuple(_triton_dtype(dtype) for dtype in dtypes)
         for constexprs_of_pass in passes:
             launch(
                 kernel, (len(blocks),), *args, BLOCK=BLOCK, DTYPES=dtype_constexpr, **constexprs_of_pass, **constexprs
