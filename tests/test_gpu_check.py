@@ -111,3 +111,56 @@ def test_bad_arguments_are_refused():
     result = run_script("--dry-run", "--rounds", "0")
     assert result.returncode == 2
     assert "--rounds must be >= 1, got 0" in result.stderr
+
+
+def test_the_timed_sections_run_end_to_end_on_tiny_sizes(monkeypatch):
+    """What only a GPU run reaches, on CPU: the optimizer and callback sections on 50 k
+    parameters in 15 tensors (two of our rules, under the Triton interpreter, which is slow),
+    their targets and tables. CPU has no host syncs to count or GPU kernels to profile:
+    those say "not available"."""
+    pytest.importorskip("triton")
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import gpu_check
+
+    monkeypatch.setattr(gpu_check, "RULES", ("AdamW", "Lion"))
+
+    args = gpu_check.parse_args(["--skip-compiled", "--rounds", "1", "--steps-per-round", "1"])
+    cpu = torch.device("cpu")
+    report = dict(
+        kernel_device="cpu",
+        kernels=[],
+        optimizers=gpu_check.measure_optimizers(args, cpu, parameter_sets=[(2e4, 15)], copy_mb=1),
+        callbacks=gpu_check.measure_callbacks(args, cpu, parameter_set=(2e4, 15), steps=8),
+    )
+    report["targets"] = gpu_check.targets(report)
+
+    sets = report["optimizers"]["sets"]
+    assert [measured["tensors"] for measured in sets] == [15]
+    for measured in sets:
+        rows = measured["rows"]
+        assert set(rows) == {"torch AdamW fused", *(f"ours {rule} triton" for rule in gpu_check.RULES)}
+        fused = rows["torch AdamW fused"]["median_ms"]
+        for row in rows.values():
+            assert row["ratio_vs_torch_fused"] == pytest.approx(row["median_ms"] / fused)
+            assert row["host_syncs"] is None and row["launches"]["kernels"] is None
+    callbacks = report["callbacks"]["rows"]
+    assert {"no callback", "ours EMA", "ours Grokfast", "Lightning EMAWeightAveraging"} <= callbacks.keys()
+    assert all(row["hook_ms"] > 0 for name, row in callbacks.items() if name != "no callback")
+
+    # Each target is decided by its measured value against its threshold.
+    by_name = {target["target"]: target for target in report["targets"]}
+    adamw = sets[-1]["rows"]["ours AdamW triton"]
+    assert by_name["ours AdamW triton <= 1.1x torch fused AdamW at 15 tensors"]["met"] == (
+        adamw["ratio_vs_torch_fused"] <= 1.1
+    )
+    assert by_name["ours AdamW compiled <= 1.1x torch fused AdamW at 15 tensors"]["met"] is None  # skipped
+    megaparams = f"{sets[-1]['params'] / 1e6:.0f} M"
+    for rule in gpu_check.RULES:
+        fraction = sets[-1]["rows"][f"ours {rule} triton"]["bandwidth_fraction"]
+        target = by_name[f"ours {rule} triton >= 80% of copy bandwidth at {megaparams} parameters"]
+        assert target["met"] == (fraction >= 0.8)
+    assert all(t["met"] is None for t in report["targets"] if t["target"].startswith("zero host syncs"))
+
+    table = gpu_check.markdown(report)
+    for name in [*sets[0]["rows"], *callbacks]:
+        assert f"| {name} |" in table
