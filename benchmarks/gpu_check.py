@@ -63,8 +63,9 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -103,9 +104,11 @@ SYNC_WARNING = "synchronizing CUDA operation"
 
 def exported_kernels() -> dict[str, Any]:
     """Every :class:`Kernel` that :mod:`lightning_converge.kernels` exports, by name."""
-    import lightning_converge.kernels as kernels
+    from lightning_converge import kernels
 
-    return {name: getattr(kernels, name) for name in kernels.__all__ if isinstance(getattr(kernels, name), kernels.Kernel)}
+    return {
+        name: getattr(kernels, name) for name in kernels.__all__ if isinstance(getattr(kernels, name), kernels.Kernel)
+    }
 
 
 def _annotation(parameter: inspect.Parameter) -> str:
@@ -161,7 +164,10 @@ def build_inputs(kernel: Any, dtype, shapes, device, seed: int) -> tuple[list, d
         elif name in INT_OUTPUTS:
             out_dtype, per_element = INT_OUTPUTS[name]
             args.append(
-                [torch.zeros(-(-shape[0] // per_element), dtype=getattr(torch, out_dtype), device=device) for shape in shapes]
+                [
+                    torch.zeros(-(-shape[0] // per_element), dtype=getattr(torch, out_dtype), device=device)
+                    for shape in shapes
+                ]
             )
         elif name == "scales":
             args.append([torch.zeros(-(-shape[0] // block_size), device=device) for shape in shapes])
@@ -236,8 +242,10 @@ def check_kernels(device, shapes) -> list[dict]:
                         expected_out = kernel.reference(*expected, **kwargs, **options)
                         actual_out = triton_impl(*args, **kwargs, **options)
                     max_abs, units = compare([*args, actual_out], [*expected, expected_out])
-                    row.update(status="pass" if units <= 1.0 else "FAIL", max_abs_diff=max_abs, error_in_tolerances=units)
-                except Exception as error:  # a row, not a crash: the other kernels still get checked
+                    row.update(
+                        status="pass" if units <= 1.0 else "FAIL", max_abs_diff=max_abs, error_in_tolerances=units
+                    )
+                except Exception as error:  # noqa: BLE001 -- a row, not a crash: the other kernels still get checked
                     row.update(status="error", detail=f"{type(error).__name__}: {error}"[:300])
                 rows.append(row)
     return rows
@@ -289,7 +297,7 @@ def count_launches(run: Callable[[], Any], device) -> dict:
             run()
             torch.cuda.synchronize()
         device_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    except Exception as error:  # no CUPTI, a profiler that cannot start: say so
+    except Exception as error:  # noqa: BLE001 -- no CUPTI, a profiler that cannot start: say so
         return dict(kernels=None, detail=f"not available: {type(error).__name__}: {error}"[:200])
     copies = [e for e in device_events if e.name.startswith(("Memcpy", "Memset"))]
     return dict(kernels=len(device_events) - len(copies), memcpy_memset=len(copies))
@@ -312,20 +320,27 @@ def optimizer_contenders(params, skip_compiled: bool) -> dict[str, tuple[str, Ca
     """Name -> (rule, step function). All share ``params`` (each keeps its own state):
     the values move, which timing does not mind."""
     import torch
-
-    import lightning_converge.optim as ours
     from optimizer_step import HYPERPARAMETERS
 
-    contenders = {"torch AdamW fused": ("AdamW", torch.optim.AdamW(params, **HYPERPARAMETERS["AdamW"], fused=True).step)}
+    import lightning_converge.optim as ours
+
+    contenders = {
+        "torch AdamW fused": ("AdamW", torch.optim.AdamW(params, **HYPERPARAMETERS["AdamW"], fused=True).step)
+    }
     for rule in RULES:
         optimizer = getattr(ours, rule)(params, **HYPERPARAMETERS[rule], backend="triton")
         contenders[f"ours {rule} triton"] = (rule, optimizer.step)
     if not skip_compiled:
-        contenders["ours AdamW compiled"] = ("AdamW", ours.AdamW(params, **HYPERPARAMETERS["AdamW"], backend="compiled").step)
+        contenders["ours AdamW compiled"] = (
+            "AdamW",
+            ours.AdamW(params, **HYPERPARAMETERS["AdamW"], backend="compiled").step,
+        )
     return contenders
 
 
-def time_rounds(steps: dict[str, Callable[[], Any]], rounds: int, per_round: int, seed: int, device) -> dict[str, float]:
+def time_rounds(
+    steps: dict[str, Callable[[], Any]], rounds: int, per_round: int, seed: int, device
+) -> dict[str, float]:
     """Median seconds per call of each function: ``per_round`` calls between two device
     synchronizations, functions in a new random order every round."""
     samples = {name: [] for name in steps}
@@ -347,7 +362,6 @@ def measure_optimizers(args, device, parameter_sets=PARAMETER_SETS, copy_mb: int
     """Sections 2-4 on each of ``parameter_sets`` ((parameters, tensors) pairs): step times,
     GB/s, launches and host syncs per step; the copy bandwidth over tensors of ``copy_mb``."""
     import torch
-
     from optimizer_step import BYTES_PER_PARAM, model_shapes
 
     numel = copy_mb * 2**20 // 4
@@ -367,6 +381,7 @@ def measure_optimizers(args, device, parameter_sets=PARAMETER_SETS, copy_mb: int
             step()
             synchronize(device)
             first_step_s[name] = time.perf_counter() - start
+            print(f"  {count / 1e6:.0f} M parameters, {name}: first step {first_step_s[name]:.1f} s", flush=True)
             for _ in range(2):
                 step()
         steps = {name: step for name, (_, step) in contenders.items()}
@@ -405,7 +420,9 @@ def timed_callback(cls: type, hook: str, sync_check_step: int, warmup: int, devi
     at every step from ``warmup`` on, except at ``sync_check_step``, where its host syncs are counted."""
 
     def wrapped(self, trainer, *args):
-        run = lambda: getattr(super(subclass, self), hook)(trainer, *args)  # noqa: E731
+        def run():
+            return getattr(super(subclass, self), hook)(trainer, *args)
+
         if trainer.global_step == sync_check_step and self.host_syncs is None:
             self.host_syncs = count_host_syncs(run, device)
             return
@@ -431,11 +448,11 @@ def measure_callbacks(args, device, parameter_set=PARAMETER_SETS[0], steps: int 
 
     import lightning as L
     import torch
+    from optimizer_step import model_shapes
     from torch.utils.data import DataLoader, TensorDataset
 
     import lightning_converge.optim as ours
     from lightning_converge.callbacks import EMA, Grokfast
-    from optimizer_step import model_shapes
 
     shapes = model_shapes(*parameter_set)
     count = sum(math.prod(shape) for shape in shapes)
@@ -572,8 +589,8 @@ def markdown(report: dict) -> str:
     if "skipped" in optimizers:
         lines += ["", f"Optimizer steps, launches, host syncs: skipped ({optimizers['skipped']})"]
     for measured in optimizers.get("sets", []):
-        lines += ["", f"Optimizer step, {measured['params'] / 1e6:.0f} M fp32 parameters in {measured['tensors']} tensors "
-                      f"(copy bandwidth {measured['roofline_gb_per_s']:.0f} GB/s)"]  # fmt: skip
+        lines += ["", (f"Optimizer step, {measured['params'] / 1e6:.0f} M fp32 parameters in {measured['tensors']} "
+                       f"tensors (copy bandwidth {measured['roofline_gb_per_s']:.0f} GB/s)")]  # fmt: skip
         lines += table(
             ["implementation", "ms/step", "GB/s", "% of copy bw", "x torch fused", "GPU kernels", "memcpy/memset",
              "host syncs", "first step s"],
@@ -586,7 +603,10 @@ def markdown(report: dict) -> str:
     if "skipped" in callbacks:
         lines += ["", f"Callbacks: skipped ({callbacks['skipped']})"]
     else:
-        lines += ["", f"Callbacks in a Trainer, {callbacks['params'] / 1e6:.0f} M parameters in {callbacks['tensors']} tensors"]
+        lines += [
+            "",
+            f"Callbacks in a Trainer, {callbacks['params'] / 1e6:.0f} M parameters in {callbacks['tensors']} tensors",
+        ]
         lines += table(
             ["callback", "step ms", "hook", "hook ms", "GB/s in the hook", "host syncs in the hook"],
             [[name, f"{r['step_ms']:.2f}", r.get("hook", ""), f"{r['hook_ms']:.2f}" if "hook_ms" in r else "",
@@ -598,7 +618,10 @@ def markdown(report: dict) -> str:
     lines += [""]
     lines += table(
         ["target", "measured", "met"],
-        [[t["target"], t["measured"], {True: "yes", False: "NO", None: "not checked"}[t["met"]]] for t in report["targets"]],
+        [
+            [t["target"], t["measured"], {True: "yes", False: "NO", None: "not checked"}[t["met"]]]
+            for t in report["targets"]
+        ],
     )
     return "\n".join(lines)
 
@@ -675,7 +698,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name} ...", flush=True)
         try:
             report[name] = measure()
-        except Exception as error:  # keep the other sections' results
+        except Exception as error:  # noqa: BLE001 -- keep the other sections' results
             report[name] = dict(skipped=f"failed: {type(error).__name__}: {error}"[:300])
             traceback.print_exc()
         write()
