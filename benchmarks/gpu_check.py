@@ -492,6 +492,9 @@ def measure_callbacks(args, device, parameter_set=PARAMETER_SETS[0], steps: int 
             if trainer.global_step > warmup:
                 self.seconds.append(time.perf_counter() - self.start)
 
+    # Name -> (class, timed hook, arguments, bytes its update must move per fp32 parameter: an EMA reads
+    # the average and the weight and writes the average, 12; Grokfast reads gradient and slow gradient
+    # and writes both, 16; a finiteness check or a logged norm in the hook is on top of that).
     candidates: dict[str, tuple[Any, str, dict, int]] = {
         "ours EMA": (EMA, "on_train_batch_end", dict(decay=0.999), 12),
         "ours Grokfast": (Grokfast, "on_before_optimizer_step", dict(alpha=0.98, lamb=2.0), 16),
