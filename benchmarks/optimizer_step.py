@@ -67,8 +67,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmark the checkout, installed or not
 
-import pytorch_optimizer  # noqa: E402
-
 import lightning_converge.optim as ours  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -166,6 +164,8 @@ def make_parameters(shapes: list[tuple[int, ...]], seed: int) -> list[torch.nn.P
 
 
 def optimizer_contenders(shapes: list[tuple[int, ...]], seed: int) -> list[Contender]:
+    import pytorch_optimizer  # here, not at the top: gpu_check.py imports this module's shapes without it
+
     n_params = sum(math.prod(shape) for shape in shapes)
 
     def contender(name: str, family: str, rule: str, build: Callable[[list], torch.optim.Optimizer]) -> Contender:
