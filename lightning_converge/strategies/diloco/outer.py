@@ -88,6 +88,7 @@ class OuterState:
             and momentum.
         device: where the global parameters and the outer optimizer's state live.
         backend: backend of the fused outer-step kernel.
+        steps: outer steps already taken.
     """
 
     def __init__(
@@ -98,11 +99,12 @@ class OuterState:
         outer_momentum: float,
         device: torch.device,
         backend: str,
+        steps: int = 0,
     ) -> None:
         self.device = device
         self.params = [p.detach().to(device, torch.float32, copy=True) for p in params]
         # Outer updates applied so far.
-        self.steps = 0
+        self.steps = steps
         self._lr = outer_lr
         self._momentum = outer_momentum
         self._backend = backend

@@ -61,7 +61,8 @@ class RoundSchedule:
         return length
 
     def start_round(self, lr: Optional[float]) -> None:
-        """Begin a round at the current step; its length is ``inner_steps`` now (given ``lr`` if it takes it)."""
+        """Begin a round at the current step; its length is ``inner_steps`` now (given ``lr`` if it takes it:
+        the inner optimizer's learning rate)."""
         if self.inner_steps_takes_lr:
             length = self.inner_steps(self.inner_step, lr=lr)
         else:

@@ -141,7 +141,8 @@ class DiLoCoStrategy(DDPStrategy):
     :meth:`finish_local_training` before writing their average into the model;
     Switch EMA switches the global parameters (:meth:`move_global_parameters`).
 
-    **Checkpoints** hold, besides what ``"ddp"`` saves, ``checkpoint["diloco"]``:
+    **Checkpoints** hold (in full: :mod:`~lightning_converge.strategies.diloco.state`),
+    besides what ``"ddp"`` saves, ``checkpoint["diloco"]``:
     the global parameters, the outer optimizer's state, the position in the
     schedule and the averaged pseudo-gradients still to be applied (the strategy
     waits for in-flight all-reduces when saving); and in
@@ -198,12 +199,13 @@ class DiLoCoStrategy(DDPStrategy):
         check_outer_options(outer_optimizer, outer_lr, outer_momentum)
         if delay not in (0, 1) or isinstance(delay, bool):
             raise ValueError(f"delay must be 0 or 1 (outer steps by which the outer update lags), got {delay!r}")
+        compressor = as_compressor(compressor)
         # A DiLoCo round is one fragment, applied at once, replacing the local values (Streaming sets its own).
         self._schedule = RoundSchedule(as_schedule(inner_steps, "inner_steps"))
         self._outer_optimizer_spec = outer_optimizer
         self._outer_lr = as_schedule(outer_lr, "outer_lr")
         self._outer_momentum = float(outer_momentum)
-        self._exchange = PseudoGradientExchange(as_compressor(compressor), owner=type(self).__name__)
+        self._exchange = PseudoGradientExchange(compressor, owner=type(self).__name__)
         self._delay = delay
         self._outer_device = available_device(outer_state_device, "outer_state_device")
         self._backend = validate_backend(backend)
@@ -269,7 +271,13 @@ class DiLoCoStrategy(DDPStrategy):
         self._local_params = [p.detach() for p in params]
         self._fragments = build_fragments(names, params, self._schedule.num_fragments, self._fragment_assignment)
         self._outer = OuterState(
-            params, self._outer_optimizer_spec, self._outer_lr, self._outer_momentum, self._outer_device, self._backend
+            params,
+            self._outer_optimizer_spec,
+            self._outer_lr,
+            self._outer_momentum,
+            self._outer_device,
+            self._backend,
+            steps=self.outer_steps,  # a later fit with this strategy goes on counting
         )
 
     def setup(self, trainer: Any) -> None:
@@ -442,8 +450,9 @@ class DiLoCoStrategy(DDPStrategy):
     # ------------------------------------------------------------------ the schedule
 
     def _start_round(self) -> None:
-        """Begin a round of inner steps at the current step (a schedule may read the inner lr)."""
-        self._schedule.start_round(lr=self.optimizers[0].param_groups[0]["lr"])
+        """Begin a round of inner steps at the current step (a schedule that takes ``lr`` reads the inner lr)."""
+        lr = self.optimizers[0].param_groups[0]["lr"] if self._schedule.inner_steps_takes_lr else None
+        self._schedule.start_round(lr)
 
     @torch.no_grad()
     def _after_inner_step(self) -> None:
