@@ -310,7 +310,7 @@ def test_a_registered_compressor_is_usable_by_name_in_every_strategy():
     try:
         assert type(make_compressor("halfcast")) is HalfCast
         assert type(CompressedDDPStrategy("halfcast").compressor) is HalfCast
-        assert type(DiLoCoStrategy(compressor="halfcast")._compressor) is HalfCast
+        assert type(DiLoCoStrategy(compressor="halfcast")._exchange.compressor) is HalfCast
         with pytest.raises(ValueError, match="taken by HalfCast; pass override=True"):
             register_compressor("halfcast", FP16Compressor)
         with pytest.raises(TypeError, match="subclass of lightning_converge.comm.Compressor"):

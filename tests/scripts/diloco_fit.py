@@ -115,12 +115,12 @@ class Recording:
         self.globals_after_update = []
 
     def _start_sync(self, fragment, apply_at_step):
-        self.events.append((self._inner_step, fragment.index, "start"))
+        self.events.append((self._schedule.inner_step, fragment.index, "start"))
         super()._start_sync(fragment, apply_at_step)
 
     def _apply_outer_update(self, fragment, mixing_alpha=None):
         super()._apply_outer_update(fragment, mixing_alpha)
-        self.events.append((self._inner_step, fragment.index, "apply"))
+        self.events.append((self._schedule.inner_step, fragment.index, "apply"))
         self.globals_after_update.append([g.clone() for g in self.global_parameters])
 
 

@@ -1,0 +1,160 @@
+"""The exchange of pseudo-gradients between the workers, and the syncs in flight.
+
+:class:`PseudoGradientExchange` averages a flat fp32 pseudo-gradient over the
+workers on a process group of its own (so Lightning's collectives never queue
+behind an overlapped all-reduce): an asynchronous fp32 all-reduce, or, with a
+``compressor``, the compressor's collectives, which block, on a thread of their
+own so they overlap with the inner steps. Either way the caller gets a future at
+once (:meth:`~PseudoGradientExchange.start`) and waits for it when the average
+is due (:meth:`~PseudoGradientExchange.resolve`), which times the wait and
+counts the bytes. A :class:`PendingSync` is one such average on its way.
+
+Bytes follow the convention of :class:`lightning_converge.comm.Exchange`: the
+sizes of the tensors handed to the collective and returned by it, compressed
+when a ``compressor`` is set (an fp32 all-reduce of N numbers sends 4 N bytes
+and receives 4 N), not the ring algorithm's ``2 (n - 1) / n`` multiple on the wire.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_converge.comm import Compressor, Exchange, Layout, make_compressor
+
+
+def as_compressor(compressor: Union[str, Compressor, None]) -> Optional[Compressor]:
+    """The ``compressor`` option as a :class:`~lightning_converge.comm.Compressor` (None: fp32), or a TypeError."""
+    if isinstance(compressor, str):
+        return make_compressor(compressor)
+    if not (compressor is None or isinstance(compressor, Compressor)):
+        raise TypeError(f"compressor must be None, a compressor's name or a Compressor, got {compressor!r}")
+    return compressor
+
+
+@dataclass
+class PendingSync:
+    """One fragment's pseudo-gradient on its way through the all-reduce, not yet applied.
+
+    ``apply_at_step`` is the inner step after which the average is applied, or
+    None for "when the fragment next syncs" (``delay=1``). ``exchange`` resolves
+    to the average over the workers (flat fp32, on the parameters' device) and
+    the bytes this worker sent; once it has, or for an average restored from a
+    checkpoint, it is None and ``average`` holds the result.
+    """
+
+    apply_at_step: Optional[int]
+    exchange: Optional[torch.futures.Future] = None
+    average: Optional[Tensor] = None
+
+
+class PseudoGradientExchange:
+    """Averages pseudo-gradients over the workers and counts what that costs: bytes and waiting.
+
+    Built with the strategy; :meth:`open` gives it its process group when fitting starts, :meth:`close`
+    takes it away when the stage ends. The counters live on across both, as the strategy's read-outs.
+
+    Args:
+        compressor: how pseudo-gradients travel (None: fp32), see :func:`as_compressor`.
+        owner: the name failures are reported under (the strategy's class name).
+    """
+
+    def __init__(self, compressor: Optional[Compressor], owner: str) -> None:
+        self.compressor = compressor
+        self._owner = owner
+        self._group: Optional[dist.ProcessGroup] = None
+        self._timeout: Optional[timedelta] = None
+        # With a compressor: its byte-counting collectives, and the thread they run on (they block).
+        self._collectives: Optional[Exchange] = None
+        self._thread: Optional[ThreadPoolExecutor] = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.wait_seconds = 0.0
+        # Bytes of the exchanges completed since the last take_step_bytes().
+        self._step_bytes_sent = 0
+        self._step_bytes_received = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self._group is not None
+
+    def open(self, timeout: Optional[timedelta]) -> None:
+        """Open the exchange's own process group (collective: every rank calls it) with ``timeout``."""
+        self._timeout = timeout
+        self._group = dist.new_group(backend=dist.get_backend(), timeout=timeout)
+        if self.compressor is not None:
+            self._collectives = Exchange(self._group)
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diloco-exchange")
+
+    def close(self) -> None:
+        """Close the process group; an exchange still in flight is abandoned."""
+        if self._thread is not None:
+            self._thread.shutdown(wait=False, cancel_futures=True)
+            self._thread = None
+        if self._group is not None:
+            dist.destroy_process_group(self._group)
+            self._group = None
+
+    def start(self, pseudo_gradient: Tensor, layout: Layout, step: int) -> torch.futures.Future:
+        """Start averaging ``pseudo_gradient`` (flat fp32, laid out as ``layout``) over the workers, after
+        inner step ``step``; the future resolves to (average, bytes sent, bytes received)."""
+        try:
+            return self._start(pseudo_gradient, layout, step)
+        except RuntimeError as error:
+            raise self._failure(error, step) from error
+
+    def _start(self, pseudo_gradient: Tensor, layout: Layout, step: int) -> torch.futures.Future:
+        if self.compressor is None:
+            size = pseudo_gradient.numel() * pseudo_gradient.element_size()  # in and out: one fp32 tensor
+            world_size = dist.get_world_size(self._group)
+            work = dist.all_reduce(pseudo_gradient, group=self._group, async_op=True)
+            return work.get_future().then(lambda done: (done.value()[0].div_(world_size), size, size))
+        future = torch.futures.Future()
+
+        def reduce() -> None:
+            try:
+                average = self.compressor.reduce(pseudo_gradient, layout, self._collectives, step)
+                stats = self._collectives.take_stats()
+                future.set_result((average, stats.bytes_sent, stats.bytes_received))
+            except Exception as error:  # raised again in the training thread, by wait()
+                future.set_exception(error)
+
+        self._thread.submit(reduce)
+        return future
+
+    def resolve(self, pending: PendingSync, step: int) -> Tensor:
+        """Wait for the pending exchange (timed), count its bytes, and return the averaged pseudo-gradient;
+        ``step`` is the inner step training is at, for the error a failed exchange raises."""
+        if pending.exchange is not None:
+            started = time.perf_counter()
+            try:
+                pending.average, sent, received = pending.exchange.wait()
+            except RuntimeError as error:
+                raise self._failure(error, step) from error
+            self.wait_seconds += time.perf_counter() - started
+            self.bytes_sent += sent
+            self.bytes_received += received
+            self._step_bytes_sent += sent
+            self._step_bytes_received += received
+            pending.exchange = None
+        return pending.average
+
+    def take_step_bytes(self) -> tuple[int, int]:
+        """The bytes sent and received in the exchanges completed since the last call."""
+        step_bytes = (self._step_bytes_sent, self._step_bytes_received)
+        self._step_bytes_sent = self._step_bytes_received = 0
+        return step_bytes
+
+    def _failure(self, error: BaseException, step: int) -> RuntimeError:
+        return RuntimeError(
+            f"{self._owner}: the exchange of pseudo-gradients failed on rank {dist.get_rank()} after inner "
+            f"step {step}. Another worker has probably died or stopped responding "
+            f"(process-group timeout: {self._timeout}). Cause: {error}"
+        )
