@@ -324,3 +324,57 @@ def test_auto_on_cuda_with_triton_picks_it_silently(monkeypatch):
         assert resolve_backend("auto", torch.device("cuda", 0)) == "triton"
         assert resolve_backend("triton", torch.device("cuda", 0)) == "triton"
     assert not caught
+
+
+# ---------------------------------------------------------------------------
+# Overlap in compressed DDP: a plain average is the future of an asynchronous all-reduce.
+
+
+class _Bucket:
+    """What the comm hook uses of a ``dist.GradBucket``."""
+
+    def __init__(self, parameters: list[torch.Tensor]) -> None:
+        self._parameters = parameters
+        self._buffer = torch.cat([p.grad.reshape(-1) for p in parameters])
+
+    def buffer(self) -> torch.Tensor:
+        return self._buffer
+
+    def parameters(self) -> list[torch.Tensor]:
+        return self._parameters
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_plain_average_hook_returns_the_future_of_an_async_all_reduce(one_rank_group, monkeypatch):
+    import torch.distributed as dist
+
+    from lightning_converge.strategies import comm_hook
+    from lightning_converge.strategies.compressed_ddp import CompressedDDPStrategy
+
+    calls = []
+    all_reduce = dist.all_reduce
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("async_op", False))
+        return all_reduce(*args, **kwargs)
+
+    monkeypatch.setattr(comm_hook.dist, "all_reduce", recording)
+    monkeypatch.setattr(CompressedDDPStrategy, "optimizer_steps_done", property(lambda self: 0))
+    strategy = CompressedDDPStrategy(compressor="none")
+    params = _params_with_grads(3)
+    bucket = _Bucket(params)
+    expected = bucket.buffer().clone()  # one rank: the average is the gradients themselves
+    future = comm_hook._run_comm_hook(strategy, bucket)
+    assert calls == [True]
+    torch.testing.assert_close(future.wait(), expected, rtol=0, atol=0)
+    stats = strategy.exchange.take_stats()
+    nbytes = expected.numel() * expected.element_size()
+    assert (stats.bytes_sent, stats.bytes_received, stats.uncompressed_bytes) == (nbytes, nbytes, nbytes)
