@@ -315,6 +315,9 @@ def scalar(value: float | torch.Tensor, device: torch.device, dtype: torch.dtype
     hyperparameter (``1 - beta2``, bias corrections) are then formed before
     anything is rounded to the parameters' precision. In fp32, 0.9999 is
     0.99989998, so ``1 - beta2`` would be off by 1.7e-4 relative.
+
+    Each call builds a new tensor (on CUDA, from a Python number, a blocking copy):
+    what runs every step takes its scalars from :class:`ScalarSlots` instead.
     """
     if isinstance(value, torch.Tensor):
         return value.detach().to(device=device, dtype=dtype)
