@@ -378,3 +378,30 @@ def test_plain_average_hook_returns_the_future_of_an_async_all_reduce(one_rank_g
     stats = strategy.exchange.take_stats()
     nbytes = expected.numel() * expected.element_size()
     assert (stats.bytes_sent, stats.bytes_received, stats.uncompressed_bytes) == (nbytes, nbytes, nbytes)
+
+
+@pytest.mark.parametrize("backend", ["compiled", "triton"])
+def test_grokfast_kernel_leaves_the_slow_of_non_finite_elements_alone_on_every_backend(backend):
+    """The guard the device-side skip relies on, against the reference; and alpha 1, lamb 0 change nothing."""
+    from lightning_converge.kernels import grokfast_ema
+
+    generator = torch.Generator().manual_seed(4)
+    grads = [torch.randn(37, generator=generator), torch.randn(3, 5, generator=generator).bfloat16()]
+    grads[0][[2, 30]] = torch.tensor([float("inf"), float("nan")])
+    grads[1][1, 1] = float("-inf")
+    slows = [torch.randn(g.shape, generator=generator) for g in grads]
+    for alpha, lamb in [(0.9, 2.0), (1.0, 0.0)]:
+        expected_grads, expected_slows = [g.clone() for g in grads], [s.clone() for s in slows]
+        grokfast_ema(expected_grads, expected_slows, alpha=torch.tensor(alpha), lamb=torch.tensor(lamb),
+                     backend="reference")
+        got_grads, got_slows = [g.clone() for g in grads], [s.clone() for s in slows]
+        grokfast_ema(got_grads, got_slows, alpha=torch.tensor(alpha), lamb=torch.tensor(lamb), backend=backend)
+        for got, expected, slow in zip(got_slows, expected_slows, slows):
+            assert torch.isfinite(expected).all()
+            torch.testing.assert_close(got, expected)
+            if alpha == 1.0:
+                assert torch.equal(expected, slow)
+        for got, expected, grad in zip(got_grads, expected_grads, grads):
+            torch.testing.assert_close(got, expected, equal_nan=True)
+            if lamb == 0.0:
+                torch.testing.assert_close(expected, grad, rtol=0, atol=0, equal_nan=True)
