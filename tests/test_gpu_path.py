@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lightning_converge.callbacks import EMA, Grokfast
 from lightning_converge.kernels import dispatch
 from lightning_converge.kernels.dispatch import Kernel, resolve_backend
-from lightning_converge.optim import ADOPT, AdamW, AdEMAMix, Adan, Lion
+from lightning_converge.optim import ADOPT, AdamW, Adan, AdEMAMix, Lion
 
 # aten calls that turn a host value into a tensor (torch.tensor, torch.scalar_tensor) or a
 # tensor into a host value (item, bool, float): on CUDA each one waits for the device.
