@@ -181,9 +181,9 @@ def test_dispatch_reaches_the_triton_implementation():
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    """Without it, "triton" on CPU falls back to "auto"'s choice (warnings: tests/test_gpu_path.py)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        resolve_backend("triton", CPU)
+    assert resolve_backend("triton", CPU) == "compiled"
 
 
 def test_package_imports_without_triton():

@@ -320,14 +320,19 @@ def test_bad_arguments_raise_before_any_step(cls, kwargs, match):
         cls([torch.zeros(2, requires_grad=True)], **kwargs)
 
 
-def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+def test_triton_backend_on_cpu_without_interpreter_falls_back_to_auto(monkeypatch):
+    """backend="triton" on CPU tensors runs what "auto" runs there, with a warning (tests/test_gpu_path.py)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    params = _params()
-    optimizer = AdamW(params, backend="triton")
-    for p, g in zip(params, _grads(0)):
-        p.grad = g
-    with pytest.raises(RuntimeError, match="cannot run on cpu"):
+    monkeypatch.setattr(AdamW.kernel, "_fallback_warned", False)  # it warns once per kernel and process
+    params, reference_params = _params(), _params()
+    optimizer, reference = AdamW(params, backend="triton"), AdamW(reference_params, backend="reference")
+    for p, q, g in zip(params, reference_params, _grads(0)):
+        p.grad, q.grad = g.clone(), g.clone()
+    with pytest.warns(UserWarning, match="cannot run on cpu"):
         optimizer.step()
+    reference.step()
+    for p, q in zip(params, reference_params):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
 def test_environment_variable_overrides_auto(monkeypatch):

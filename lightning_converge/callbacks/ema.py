@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from lightning_converge.callbacks.averaging import AveragingCallback, accumulation_dtype, is_count
-from lightning_converge.kernels.dispatch import scalar
+from lightning_converge.kernels.dispatch import ScalarSlots
 from lightning_converge.kernels.ema import ema_update
 from lightning_converge.schedules import ScheduleLike, as_schedule
 
@@ -106,6 +106,7 @@ class EMA(AveragingCallback):
         self.switch_every_epoch = switch_every_epoch
         self._averages: dict[str, Tensor] = {}
         self._num_updates = 0
+        self._scalars = ScalarSlots()  # the decay on the averages' device, refilled at each update
 
     def _reset(self) -> None:
         self._averages = {}
@@ -153,7 +154,8 @@ class EMA(AveragingCallback):
         decay = 0.0 if copying else self._scheduled_decay()
         averages = self._average()
         currents = [followed.detach().to(average.device) for followed, average in zip(self._followed, averages)]
-        ema_update(averages, currents, decay=scalar(decay, averages[0].device), backend=self.backend)
+        decay_slot = self._scalars("decay", decay, averages[0].device)
+        ema_update(averages, currents, decay=decay_slot, backend=self.backend)
         if not copying:
             self._num_updates += 1
         pl_module.log("ema/decay", decay)

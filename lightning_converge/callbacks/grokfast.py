@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_converge.kernels.dispatch import scalar, validate_backend
+from lightning_converge.kernels.dispatch import ScalarSlots, validate_backend
 from lightning_converge.kernels.finite import all_finite
 from lightning_converge.kernels.grokfast import grokfast_ema
 from lightning_converge.schedules import ScheduleLike, as_schedule
@@ -42,7 +42,13 @@ class Grokfast(pl.Callback):
     Only parameters of the optimizer being stepped that have a gradient this step
     are filtered; the others keep their state untouched. A step whose gradients are
     not all finite (an fp16 overflow: the grad scaler will skip that step) changes
-    neither the gradients nor the filter. The filter keeps copies of gradients,
+    neither the gradients nor the filter. The EMA filter decides that on the
+    device, without a host synchronization: the finiteness flag turns the step's
+    ``alpha`` and ``lamb`` into 1 and 0 (which change nothing) and the kernel leaves
+    the slow of inf/NaN elements alone; the flag is read back only at steps where a
+    parameter gets its first gradient (its slow starts as its first finite
+    gradient). The MA filter reads the flag back once per step (its ring position
+    is a host-side count). The filter keeps copies of gradients,
     never references to the live ``.grad`` tensors, which are zeroed in place or freed.
 
     State, by parameter name, in :meth:`state_dict` (tensors and plain values only),
@@ -90,6 +96,7 @@ class Grokfast(pl.Callback):
         self._window_sum: dict[str, Tensor] = {}
         self._pushed: dict[str, int] = {}
         self._names_by_id: dict[int, str] = {}
+        self._scalars = ScalarSlots()  # alpha and lamb on the gradients' device, refilled each step
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Fires once, after the strategy moved the model and any checkpoint was restored:
@@ -112,23 +119,35 @@ class Grokfast(pl.Callback):
                 if p.grad is not None and id(p) in self._names_by_id:
                     names.append(self._names_by_id[id(p)])
                     grads.append(p.grad)
-        if not grads or not all_finite(grads, backend=self.backend):
+        if not grads:
             return
+        finite = all_finite(grads, backend=self.backend)  # a 0-d bool tensor on the gradients' device
         step = trainer.global_step
         lamb = _check_lamb(self.lamb(step))
         if self.filter == "ema":
-            slows = self._filter_ema(names, grads, _check_alpha(self.alpha(step)), lamb)
-        else:
+            if any(name not in self._slow for name in names) and not finite:
+                # Read back only while a parameter is new: its slow starts as its first finite gradient.
+                return
+            slows = self._filter_ema(names, grads, _check_alpha(self.alpha(step)), lamb, finite)
+        elif finite:  # reads the flag back: the ring's position counts finite steps on the host
             slows = self._filter_ma(names, grads, lamb)
+        else:
+            return
         pl_module.log("grokfast/slow_norm", torch.linalg.vector_norm(torch.stack(torch._foreach_norm(slows))))
 
-    def _filter_ema(self, names: Sequence[str], grads: list[Tensor], alpha: float, lamb: float) -> list[Tensor]:
+    def _filter_ema(
+        self, names: Sequence[str], grads: list[Tensor], alpha: float, lamb: float, finite: Tensor
+    ) -> list[Tensor]:
         for name, grad in zip(names, grads):
             if name not in self._slow:
                 self._slow[name] = grad.detach().to(torch.float32, copy=True)
         slows = [self._slow[name] for name in names]
         device = grads[0].device
-        grokfast_ema(grads, slows, alpha=scalar(alpha, device), lamb=scalar(lamb, device), backend=self.backend)
+        # Skipping a non-finite step on the device: alpha 1 keeps every slow, lamb 0 every gradient.
+        not_finite = finite.logical_not()
+        alpha_slot = self._scalars("alpha", alpha, device).masked_fill_(not_finite, 1.0)
+        lamb_slot = self._scalars("lamb", lamb, device).masked_fill_(not_finite, 0.0)
+        grokfast_ema(grads, slows, alpha=alpha_slot, lamb=lamb_slot, backend=self.backend)
         return slows
 
     def _filter_ma(self, names: Sequence[str], grads: list[Tensor], lamb: float) -> list[Tensor]:

@@ -25,6 +25,7 @@ import functools
 import importlib.util
 import inspect
 import os
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -83,18 +84,27 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     ``LIGHTNING_CONVERGE_BACKEND`` overrides ``"auto"`` (and only ``"auto"``: an
     explicit argument wins). ``"auto"`` means triton on CUDA when it is installed,
     else compiled (which, under ``"auto"``, compiles each pass once it pays:
-    see :class:`Kernel`). A backend that cannot run on ``device`` raises.
+    see :class:`Kernel`); on CUDA without triton it says so, once per process.
+    ``"triton"`` where triton cannot run (tensors not on CUDA, unless
+    ``TRITON_INTERPRET=1`` on CPU; triton not installed) falls back to what
+    ``"auto"`` runs there, compiled: :class:`Kernel` warns once per kernel.
     """
+    global _said_triton_is_missing
     backend = requested_backend(backend)
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" and triton_available() else "compiled"
-    if backend == "triton" and not _triton_runs_on(device):
-        raise RuntimeError(
-            f"backend='triton' cannot run on {device.type} tensors here: it needs CUDA, "
-            "or TRITON_INTERPRET=1 on CPU, and the triton package. "
-            "Use backend='compiled' or 'reference'."
+    if backend == "auto" and device.type == "cuda" and not triton_available() and not _said_triton_is_missing:
+        _said_triton_is_missing = True
+        warnings.warn(
+            "lightning_converge: triton is not installed, so backend='auto' runs the compiled "
+            "kernels on CUDA, not the triton ones; install triton for them.",
+            stacklevel=3,
         )
+    if backend == "auto" or (backend == "triton" and not _triton_runs_on(device)):
+        backend = "triton" if device.type == "cuda" and triton_available() else "compiled"
     return backend
+
+
+# Whether "auto" has said that triton is missing on CUDA (once per process).
+_said_triton_is_missing = False
 
 
 def _first_device(args: Sequence[Any]) -> torch.device:
@@ -180,6 +190,7 @@ class Kernel:
         self._triton_loader: Callable[[], Callable[..., Any]] | None = None
         # Per signature (see _signature): reference calls "auto" still runs before compiling.
         self._calls_left: dict[tuple, int] = {}
+        self._fallback_warned = False  # whether backend="triton" has said it falls back (once per kernel)
 
     def _with_step_factors(self, body: Callable[..., Any]) -> Callable[..., Any]:
         if self.step_factors is None:
@@ -214,15 +225,37 @@ class Kernel:
             self._triton = self._triton_loader()
         return self._triton
 
-    def _backend_name(self, backend: str, device: torch.device) -> str:
-        name = resolve_backend(backend, device)
-        if name == "triton" and backend == "auto" and self._triton_loader is None:
-            name = "compiled"  # a pass without a triton version runs compiled on CUDA too
-        return name
+    def _choice(self, backend: str, device: torch.device) -> tuple[str, bool]:
+        """The implementation that runs for ``device``, and whether "auto"'s compile policy applies to it.
+
+        ``"triton"`` that cannot run here (a kernel without a triton version, tensors
+        not on CUDA) falls back to what ``"auto"`` runs, with one warning per kernel.
+        """
+        requested = requested_backend(backend)
+        name = resolve_backend(requested, device)
+        if requested == "triton" and name != "triton":
+            self._warn_fallback(
+                f"cannot run on {device.type} tensors here (it needs CUDA, or TRITON_INTERPRET=1 on CPU, "
+                "and the triton package)"
+            )
+        if name == "triton" and self._triton_loader is None:
+            if requested == "triton":
+                self._warn_fallback("has no triton version")
+            name = "compiled"
+        return name, name == "compiled" and requested != "compiled"
+
+    def _warn_fallback(self, reason: str) -> None:
+        if not self._fallback_warned:
+            self._fallback_warned = True
+            warnings.warn(
+                f"kernel {self.__name__!r}: backend='triton' {reason}; it runs what backend='auto' "
+                "runs instead (the reference, compiled once compiling pays). This is said once per kernel.",
+                stacklevel=4,
+            )
 
     def implementation(self, backend: str, device: torch.device) -> Callable[..., Any]:
         """The implementation ``backend`` names for ``device`` (``"auto"``: before its compile policy)."""
-        return getattr(self, self._backend_name(backend, device))
+        return getattr(self, self._choice(backend, device)[0])
 
     @staticmethod
     def calls_before_compiling(*args: Any) -> int:
@@ -252,8 +285,8 @@ class Kernel:
         return left == 0
 
     def __call__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> Any:
-        name = self._backend_name(backend, _first_device(args))
-        if name == "compiled" and requested_backend(backend) == "auto" and not self._compiles_now(args, kwargs):
+        name, compile_policy = self._choice(backend, _first_device(args))
+        if compile_policy and not self._compiles_now(args, kwargs):
             name = "reference"
         return getattr(self, name)(*args, **kwargs)
 
@@ -282,10 +315,46 @@ def scalar(value: float | torch.Tensor, device: torch.device, dtype: torch.dtype
     hyperparameter (``1 - beta2``, bias corrections) are then formed before
     anything is rounded to the parameters' precision. In fp32, 0.9999 is
     0.99989998, so ``1 - beta2`` would be off by 1.7e-4 relative.
+
+    Each call builds a new tensor (on CUDA, from a Python number, a blocking copy):
+    what runs every step takes its scalars from :class:`ScalarSlots` instead.
     """
     if isinstance(value, torch.Tensor):
         return value.detach().to(device=device, dtype=dtype)
     return torch.tensor(value, dtype=dtype, device=device)
+
+
+class ScalarSlots:
+    """Persistent 0-d tensors through which changing hyperparameters enter repeated kernel calls.
+
+    :func:`scalar` builds a new tensor from a Python number at every call; on CUDA
+    each one is a blocking host-to-device copy, several per parameter group and
+    step. A slot is allocated once per key (and device and dtype) and refilled in
+    place at every call: ``fill_`` with a Python number is a kernel launch that
+    carries the number as an argument, with no host synchronization. A tensor
+    value is copied in (keep it on the slot's device to stay free of syncs).
+
+    Every owner (an optimizer per parameter group, a callback) keeps its own slots
+    and leaves them out of its ``state_dict`` and pickles: they are a cache, not
+    state. A value handed to a kernel must not be kept past the call, since the
+    next call overwrites it.
+    """
+
+    def __init__(self) -> None:
+        self._slots: dict[Any, torch.Tensor] = {}
+
+    def __call__(
+        self, key: Any, value: float | torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """The slot of ``key`` on ``device`` in ``dtype``, now holding ``value``."""
+        slot = self._slots.get(key)
+        if slot is None or slot.device != device or slot.dtype != dtype:
+            slot = self._slots[key] = torch.empty((), dtype=dtype, device=device)
+        if isinstance(value, torch.Tensor):
+            slot.copy_(value.detach().reshape(()))
+        else:
+            slot.fill_(value)
+        return slot
 
 
 def math_dtype(tensor: torch.Tensor) -> torch.dtype:

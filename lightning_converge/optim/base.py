@@ -14,7 +14,7 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 from torch import Tensor
 
-from lightning_converge.kernels.dispatch import Kernel, scalar, validate_backend
+from lightning_converge.kernels.dispatch import Kernel, ScalarSlots, validate_backend
 
 # A hyperparameter's check: given its name and value, what is wrong with it (the
 # whole sentence, naming the argument and the allowed values), or None.
@@ -107,7 +107,11 @@ class FusedOptimizer(torch.optim.Optimizer):
     updated as pairs of real numbers (``torch.view_as_real``), as torch.optim does;
     their state is complex. Hyperparameters reach the kernels as float64 0-d
     tensors, so ``1 - beta``, bias corrections and warm-ups are formed before any
-    rounding and a schedule never recompiles.
+    rounding and a schedule never recompiles. Those tensors persist, per group, on
+    the parameters' device, and are refilled in place at each step
+    (:class:`~lightning_converge.kernels.dispatch.ScalarSlots`): a step neither
+    allocates them anew nor waits for a host-to-device copy. They are a cache,
+    absent from ``state_dict`` and pickles.
     """
 
     kernel: ClassVar[Kernel]
@@ -119,6 +123,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Any, defaults: dict[str, Any], backend: str = "auto") -> None:
         self.backend = validate_backend(backend)
         self._check_hyperparameters(defaults, where="")
+        self._scalars = ScalarSlots()  # keyed by (group index, hyperparameter name)
         super().__init__(params, defaults)
 
     def _check_hyperparameters(self, group: dict[str, Any], where: str) -> None:
@@ -171,7 +176,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
@@ -186,7 +191,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             torch._foreach_add_(steps, 1.0)
             changing, static = self.kernel_args(group)
             device = params[0].device
-            scalars = {name: scalar(value, device, torch.float64) for name, value in changing.items()}
+            scalars = {
+                name: self._scalars((index, name), value, device, torch.float64) for name, value in changing.items()
+            }
             buffers = [[real_view(self.state[p][name]) for p in params] for name in self.state_names]
             if self.kernel_reads_step:
                 buffers.append(steps)
@@ -211,6 +218,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         they lack, and a step saved as a number becomes a tensor."""
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")  # pickled before the backend was kept
+        self._scalars = ScalarSlots()  # a cache, never pickled: refilled at the next step
         for group in self.param_groups:
             for name in self.hyperparameters.keys() & self.defaults.keys():  # not torch's own additions
                 group.setdefault(name, self.defaults[name])

@@ -17,7 +17,9 @@ def _grokfast_ema_kernel(tensors, blocks, alpha_ptr, lamb_ptr, BLOCK: tl.constex
     alpha = tl.load(alpha_ptr)
     lamb = tl.load(lamb_ptr)
     grad = load_f32(grad_ptr, offsets, mask)
-    slow = alpha * load_f32(slow_ptr, offsets, mask) + (1 - alpha) * grad
+    old_slow = load_f32(slow_ptr, offsets, mask)
+    # An inf/NaN gradient element leaves its slow alone, as in the reference.
+    slow = tl.where(grad - grad == 0, alpha * old_slow + (1 - alpha) * grad, old_slow)
     store(slow_ptr, offsets, slow, mask)
     store(grad_ptr, offsets, grad + lamb * slow, mask)
 
