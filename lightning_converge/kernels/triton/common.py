@@ -66,9 +66,11 @@ _TRITON_DTYPES = {
 # An OrderedDict, as torch keeps its hooks: RemovableHandle holds a weak reference to it.
 _launch_hooks: OrderedDict[int, Callable[[Any, tuple[int, ...]], None]] = OrderedDict()
 
-# Block tables by (device, sizes of the tensors): the sizes are the same every step.
+# Block tables by (device, sizes of the tensors), tensor tables by (device, addresses and sizes):
+# both are the same from step to step.
 _block_tables: OrderedDict[tuple[torch.device, tuple[int, ...]], Tensor] = OrderedDict()
-_BLOCK_TABLE_CACHE_SIZE = 64
+_tensor_tables: OrderedDict[tuple[torch.device, tuple[tuple[int, ...], ...]], Tensor] = OrderedDict()
+_TABLE_CACHE_SIZE = 64
 
 
 def register_launch_hook(hook: Callable[[Any, tuple[int, ...]], None]) -> RemovableHandle:
@@ -112,10 +114,25 @@ def _block_table(numels: Sequence[int], device: torch.device) -> Tensor:
         start = (torch.arange(len(tensor)) - first_block[tensor]) * BLOCK
         table = _to_device(torch.stack([tensor, start], dim=1), device)
         _block_tables[key] = table
-        if len(_block_tables) > _BLOCK_TABLE_CACHE_SIZE:
+        if len(_block_tables) > _TABLE_CACHE_SIZE:
             _block_tables.popitem(last=False)
     else:
         _block_tables.move_to_end(key)
+    return table
+
+
+def _tensor_table(rows: tuple[tuple[int, ...], ...], device: torch.device) -> Tensor:
+    """The tensor table on ``device``, cached by its contents: parameters and states keep their
+    addresses from step to step (gradients mostly too, through the caching allocator), so a step
+    usually builds and copies no table; a new one is an asynchronous pinned copy, no host sync."""
+    key = (device, rows)
+    table = _tensor_tables.get(key)
+    if table is None:
+        table = _tensor_tables[key] = _to_device(torch.tensor(rows, dtype=torch.int64), device)
+        if len(_tensor_tables) > _TABLE_CACHE_SIZE:
+            _tensor_tables.popitem(last=False)
+    else:
+        _tensor_tables.move_to_end(key)
     return table
 
 
@@ -163,13 +180,15 @@ def launch_over_tensors(
     for (device, *dtypes), indices in groups.items():
         dense_rows = [[t.contiguous() for t in rows[index]] for index in indices]
         numels = [rows[index][0].numel() for index in indices]
-        table = torch.tensor([[t.data_ptr() for t in row] + [numel] for row, numel in zip(dense_rows, numels)])
+        table = _tensor_table(
+            tuple(tuple(t.data_ptr() for t in row) + (numel,) for row, numel in zip(dense_rows, numels)), device
+        )
         blocks = _block_table(numels, device)
         group_scalars = [
             torch.zeros(len(indices), dtype=torch.int32, device=device) if value is COUNTS else value
             for value in scalars
         ]
-        args = (_to_device(table, device), blocks, *group_scalars)
+        args = (table, blocks, *group_scalars)
         dtype_constexpr = tuple(_triton_dtype(dtype) for dtype in dtypes)
         for constexprs_of_pass in passes:
             launch(
