@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 
 from lightning_converge.comm import Layout, OneBitCompressor
 from lightning_converge.comm.base import check_int
-from lightning_converge.kernels.dispatch import scalar
+from lightning_converge.kernels.dispatch import ScalarSlots
 from lightning_converge.kernels.onebit_adam import onebit_adam_update
 from lightning_converge.optim import AdamW
 from lightning_converge.strategies.comm_hook import CommHookDDPStrategy
@@ -117,6 +117,7 @@ class OneBitAdamStrategy(CommHookDDPStrategy):
         check_int("freeze_step", freeze_step, 1)
         self.freeze_step = freeze_step
         self.compressor = OneBitCompressor(error_feedback=True, block_size=block_size)
+        self._scalars = ScalarSlots()  # the update's hyperparameters, refilled in place every step
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -221,7 +222,8 @@ class OneBitAdamStrategy(CommHookDDPStrategy):
             momentum.copy_(piece.view_as(momentum))
 
         for group, group_params in groups:
-            _adam_update(group, group_params, [optimizer.state[p] for p in group_params], optimizer.backend)
+            states = [optimizer.state[p] for p in group_params]
+            _adam_update(group, group_params, states, optimizer.backend, self._scalars)
 
     def _warm_up_step(self, optimizer: AdamW, warming: list[Tensor]) -> None:
         """Average ``warming``'s gradients in full precision and take AdamW's step on them alone."""
@@ -253,7 +255,9 @@ class OneBitAdamStrategy(CommHookDDPStrategy):
         strategy_registry.register("onebit_adam", cls, description=description, override=True)
 
 
-def _adam_update(group: dict[str, Any], params: list[Tensor], states: list[dict[str, Tensor]], backend: str) -> None:
+def _adam_update(
+    group: dict[str, Any], params: list[Tensor], states: list[dict[str, Tensor]], backend: str, slots: ScalarSlots
+) -> None:
     """The Adam step with the frozen variance for one parameter group (its moments already updated)."""
     beta1, beta2 = group["betas"]
     changing = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
@@ -262,7 +266,7 @@ def _adam_update(group: dict[str, Any], params: list[Tensor], states: list[dict[
         params,
         *([state[name] for state in states] for name in ("exp_avg", "exp_avg_sq", "step", "variance_step")),
         backend=backend,
-        **{name: scalar(value, device, torch.float64) for name, value in changing.items()},
+        **{name: slots((id(group), name), value, device, torch.float64) for name, value in changing.items()},
     )
 
 
