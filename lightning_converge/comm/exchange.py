@@ -141,6 +141,21 @@ class Exchange:
         self.all_reduce([tensor.mul_(1 / self.world_size)])
         return tensor
 
+    def average_async(self, tensor: Tensor) -> torch.futures.Future[Tensor]:
+        """:meth:`average` as the future of an asynchronous all-reduce, as torch's own DDP hooks
+        return it: on GPU the collective overlaps what follows (the rest of backward). The bytes
+        are counted when it starts."""
+        nbytes = tensor.numel() * tensor.element_size()
+        self.stats.bytes_sent += nbytes
+        self.stats.bytes_received += nbytes
+        tensor.mul_(1 / self.world_size)
+        if not dist.is_initialized():
+            future: torch.futures.Future[Tensor] = torch.futures.Future()
+            future.set_result(tensor)
+            return future
+        work = dist.all_reduce(tensor, group=self.group, async_op=True)
+        return work.get_future().then(lambda done: done.value()[0])
+
     def all_gather(self, tensors: Sequence[Tensor]) -> list[list[Tensor]]:
         """Every rank's ``tensors``, indexed ``[rank][i]``; one collective for the whole payload.
 

@@ -22,7 +22,7 @@ from lightning_converge.strategies.rank_state import load_rank_states, save_rank
 def _run_comm_hook(strategy: "CommHookDDPStrategy", bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
     """The DDP communication hook: one bucket's gradients -> a future of their average.
 
-    A plain average (:meth:`CommHookDDPStrategy.average_async`) is the future of an
+    A plain average (:meth:`~lightning_converge.comm.Exchange.average_async`) is the future of an
     asynchronous all-reduce, as in torch's own ``allreduce_hook``: on GPU it
     overlaps the rest of backward. A compressor's collectives run synchronously
     inside the hook (they decode and feed error feedback between collectives) and
@@ -118,31 +118,12 @@ class CommHookDDPStrategy(DDPStrategy):
 
     def reduce_bucket(self, buffer: Tensor, layout: Layout) -> "Tensor | torch.futures.Future[Tensor]":
         """The gradients of one DDP bucket -> what every rank uses as their average, or a future of it
-        (:meth:`average_async`).
+        (``self.exchange.average_async``).
 
         ``buffer`` is this rank's flat bucket (it may be overwritten), holding the
         gradients of the parameters in ``layout``.
         """
         raise NotImplementedError
-
-    def average_async(self, buffer: Tensor) -> torch.futures.Future[Tensor]:
-        """The plain average of a bucket, as the future of an asynchronous all-reduce.
-
-        The same arithmetic as DDP's reducer and as ``self.exchange.average`` (scale by
-        ``1 / world_size``, then sum across ranks), so a plain-average step is
-        bit-identical to DDP; the same bytes are counted, when the all-reduce is
-        launched. Without a process group the buffer is the average.
-        """
-        world_size = self.exchange.world_size
-        nbytes = buffer.numel() * buffer.element_size()
-        self.exchange.stats.bytes_sent += nbytes
-        self.exchange.stats.bytes_received += nbytes
-        if not dist.is_initialized():
-            future: torch.futures.Future[Tensor] = torch.futures.Future()
-            future.set_result(buffer)
-            return future
-        work = dist.all_reduce(buffer.mul_(1 / world_size), group=self.exchange.group, async_op=True)
-        return work.get_future().then(lambda done: done.value()[0])
 
     def comm_state_dict(self) -> dict[str, Any]:
         """This rank's communication state (tensors and plain values only); subclasses add theirs."""

@@ -115,7 +115,7 @@ class CompressedDDPStrategy(CommHookDDPStrategy):
     def reduce_bucket(self, buffer: Tensor, layout: Layout) -> "Tensor | torch.futures.Future[Tensor]":
         step = self.optimizer_steps_done - self.start_step
         if self.compressor is None or step < 0:
-            return self.average_async(buffer)  # overlaps backward, as DDP's own all-reduce
+            return self.exchange.average_async(buffer)  # overlaps backward, as DDP's own all-reduce
         scaler = getattr(self.precision_plugin, "scaler", None)
         if scaler is None:
             return self.compressor.reduce(buffer.float(), layout, self.exchange, step)

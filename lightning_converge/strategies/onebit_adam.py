@@ -143,8 +143,8 @@ class OneBitAdamStrategy(CommHookDDPStrategy):
                 f"{type(self).__name__} does not support a gradient scaler (precision='16-mixed'); use 'bf16-mixed'"
             )
 
-    def reduce_bucket(self, buffer: Tensor, layout: Layout) -> Tensor:
-        return buffer if self.compressing else self.exchange.average(buffer)
+    def reduce_bucket(self, buffer: Tensor, layout: Layout) -> "Tensor | torch.futures.Future[Tensor]":
+        return buffer if self.compressing else self.exchange.average_async(buffer)
 
     def optimizer_step(
         self,
