@@ -101,6 +101,7 @@ def save(out_dir, name, trainer, model, **extra):
         {
             "params": [p.detach().clone() for p in model.parameters()],
             "rounds": strategy.rounds,
+            "sent": strategy.pseudo_gradients_sent,
             "bytes_sent": strategy.bytes_sent,
             "bytes_received": strategy.bytes_received,
             "logged": {k: float(v) for k, v in trainer.callback_metrics.items()},

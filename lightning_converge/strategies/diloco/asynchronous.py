@@ -24,7 +24,11 @@ checkpoint is saved (Lightning's barrier; each worker's state is gathered), and
 at the end of ``fit``: every worker sends its last pseudo-gradient, and, when all
 are applied, every worker takes the final global parameters (the same on every
 rank). Each worker runs ``max_steps`` inner steps of its own, so a fast worker
-finishes early and waits there.
+finishes early and waits there. (Lightning broadcasts rank 0's SIGTERM flag
+before every training batch, which would make the workers meet at every step:
+the strategy turns that broadcast off, and each worker stops on its own SIGTERM
+after the batch it is in. ``ModelCheckpoint(train_time_interval=...)``
+broadcasts at every step too: use ``every_n_train_steps``.)
 
 **Checkpoints** hold ``checkpoint["async_diloco"]``: the server's state (global
 parameters, outer optimizer, Delayed Nesterov's buffer, counters and each
@@ -211,7 +215,8 @@ class AsyncDiLoCoStrategy(DDPStrategy):
         self._steps_in_round = 0
         self._round_started: Optional[float] = None
         self._version = 0  # the server's version this worker last pulled
-        self.rounds = 0
+        self.rounds = 0  # this worker's pseudo-gradients applied (the server's count)
+        self.pseudo_gradients_sent = 0  # and sent (this worker's count; more if some were dropped)
         self.staleness = 0
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -273,13 +278,20 @@ class AsyncDiLoCoStrategy(DDPStrategy):
 
     def setup(self, trainer: Any) -> None:
         """Fires once per ``fit``/``validate``/... before the loops run: DDP's setup, then, when fitting,
-        the check that there is one inner optimizer."""
+        the check that there is one inner optimizer, and Lightning's per-batch SIGTERM broadcast is
+        turned off (it would make the workers meet at every step)."""
         super().setup(trainer)
-        if trainer.state.fn == TrainerFn.FITTING and len(self.optimizers) != 1:
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        if len(self.optimizers) != 1:
             raise ValueError(
                 f"{type(self).__name__} supports one inner optimizer, configure_optimizers returned "
                 f"{len(self.optimizers)}"
             )
+        # Lightning broadcasts rank 0's SIGTERM flag before every training batch: a collective that would
+        # make every worker wait for the slowest at every step. Each worker still stops on its own
+        # SIGTERM: the epoch loop checks its flag after every batch.
+        trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
 
     def on_train_start(self) -> None:
         """Fires when training starts, after a resumed state is restored: rank 0 starts serving."""
@@ -397,8 +409,8 @@ class AsyncDiLoCoStrategy(DDPStrategy):
             self.optimizers[0].load_state_dict(worker["optimizer"])
             _optimizer_to_device(self.optimizers[0], self.root_device)
             self._origin = [t.to(self._outer_device) for t in worker["origin"]]
-            for name in ("_round_length", "_steps_in_round", "_version", "rounds", "staleness", "bytes_sent",
-                         "bytes_received", "wait_seconds"):
+            for name in ("_round_length", "_steps_in_round", "_version", "rounds", "pseudo_gradients_sent",
+                         "staleness", "bytes_sent", "bytes_received", "wait_seconds"):
                 setattr(self, name, worker[name.lstrip("_")])
         else:
             self._origin = [t.to(self._outer_device, torch.float32, copy=True) for t in server_state["global_params"]]
@@ -429,6 +441,7 @@ class AsyncDiLoCoStrategy(DDPStrategy):
         if progressed and self._round_started is not None:
             speed = self._steps_in_round / max(started - self._round_started, 1e-9)
         grad = pseudo_gradient(self._origin, self._local_params).cpu() if progressed else None
+        self.pseudo_gradients_sent += progressed
         numel = sum(p.numel() for p in self._params)
         if self._server is not None:
             if self._server_thread is not None:
@@ -515,6 +528,7 @@ class AsyncDiLoCoStrategy(DDPStrategy):
             "steps_in_round": self._steps_in_round,
             "version": self._version,
             "rounds": self.rounds,
+            "pseudo_gradients_sent": self.pseudo_gradients_sent,
             "staleness": self.staleness,
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
