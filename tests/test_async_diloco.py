@@ -397,6 +397,20 @@ def test_resuming_by_two_workers_continues_the_global_state_and_each_workers_rou
 
 
 @pytest.mark.distributed
+def test_validation_evaluates_the_global_parameters_on_every_worker_and_a_checkpoint_saves_them(runs):
+    out, results = runs
+    _succeeded(results, "resumed")
+    seen = [_load(out, "resumed_2", rank)["seen_in_validation"] for rank in range(2)]
+    checkpoint = torch.load(out / "validation.ckpt", weights_only=True)
+    for evaluated0, evaluated1, server_global, saved in zip(
+        seen[0]["evaluated"], seen[1]["evaluated"], seen[0]["global"], checkpoint["state_dict"].values()
+    ):
+        assert torch.equal(evaluated0, evaluated1)  # the same model on every worker
+        assert torch.equal(evaluated0, server_global)  # the server's current global parameters
+        assert torch.equal(saved, server_global)
+
+
+@pytest.mark.distributed
 @pytest.mark.usefixtures("single_process_group")
 def test_resuming_by_one_worker_continues_the_global_state(runs):
     out, _ = runs
