@@ -41,8 +41,17 @@ SHAPES = [(7,), (3, 5), (4,)]
 def _server(outer_optimizer, lr=0.7, momentum=0.9, period=2, penalty=0.0, max_staleness=None, params=None):
     params = params or [torch.randn(s, generator=torch.Generator().manual_seed(0)) for s in SHAPES]
     return AsyncOuterServer(
-        params, outer_optimizer, Constant(lr), momentum, period, penalty, max_staleness,
-        inner_steps=4, dynamic=False, device=torch.device("cpu"), backend="reference",
+        params,
+        outer_optimizer,
+        Constant(lr),
+        momentum,
+        period,
+        penalty,
+        max_staleness,
+        inner_steps=4,
+        dynamic=False,
+        device=torch.device("cpu"),
+        backend="reference",
     )
 
 
@@ -182,8 +191,17 @@ def test_dynamic_local_updates_give_each_worker_inner_steps_for_its_speed(speeds
 
 def test_the_server_sets_each_workers_inner_steps_from_the_speeds_it_was_sent():
     server = AsyncOuterServer(
-        [torch.zeros(3)], "sgd", Constant(1.0), 0.0, 1, 0.0, None, inner_steps=8, dynamic=True,
-        device=torch.device("cpu"), backend="reference",
+        [torch.zeros(3)],
+        "sgd",
+        Constant(1.0),
+        0.0,
+        1,
+        0.0,
+        None,
+        inner_steps=8,
+        dynamic=True,
+        device=torch.device("cpu"),
+        backend="reference",
     )
     for worker in range(3):
         server.pull(worker)
@@ -424,8 +442,17 @@ def test_resuming_by_one_worker_continues_the_global_state(runs):
     assert strategy.server.version == saved["version"] + 2  # steps 5 to 8: 2 rounds of 2
     assert strategy.server.workers[0].rounds == 2
     expected = AsyncOuterServer(
-        [torch.zeros_like(p) for p in saved["global_params"]], "delayed_nesterov", Constant(0.7), 0.9, 1, 0.0,
-        None, inner_steps=2, dynamic=False, device=torch.device("cpu"), backend="reference",
+        [torch.zeros_like(p) for p in saved["global_params"]],
+        "delayed_nesterov",
+        Constant(0.7),
+        0.9,
+        1,
+        0.0,
+        None,
+        inner_steps=2,
+        dynamic=False,
+        device=torch.device("cpu"),
+        backend="reference",
     )
     expected.load_state_dict(saved, same_workers=False)
     assert not torch.equal(_flat(expected.params), _flat(strategy.server.params))  # it trained on from there

@@ -142,7 +142,12 @@ if __name__ == "__main__":
     elif name == "resumed":  # with a validation at step 6 (the model gains a validation set)
         seen = SeenInValidation(out_dir / "validation.ckpt")
         run = fit(
-            strategy(inner_steps=2), 8, [seen], ckpt_path=sys.argv[3], model=Validated("AdamW"),
-            val_check_interval=6, check_val_every_n_epoch=None,
+            strategy(inner_steps=2),
+            8,
+            [seen],
+            ckpt_path=sys.argv[3],
+            model=Validated("AdamW"),
+            val_check_interval=6,
+            check_val_every_n_epoch=None,
         )
         save(out_dir, f"{name}_{world_size}", *run, seen_in_validation=seen.seen)
