@@ -246,6 +246,37 @@ def test_registered_by_name():
     assert isinstance(trainer.strategy, AsyncDiLoCoStrategy)
 
 
+ASYNC_DILOCO_YAML = """
+trainer:
+  accelerator: cpu
+  devices: 1
+  strategy:
+    class_path: lightning_converge.strategies.AsyncDiLoCoStrategy
+    init_args:
+      inner_steps: 16
+      outer_optimizer: delayed_nesterov
+      delayed_nesterov_period: 4
+      dynamic_inner_steps: true
+      staleness_penalty: 0.5
+      max_staleness: 8
+      timeout: 60
+"""
+
+
+def test_a_lightningcli_yaml_builds_the_strategy_with_its_options(tmp_path, monkeypatch):
+    from lightning_converge.cli import ConvergeCLI
+
+    monkeypatch.chdir(ROOT)
+    strategy_config = tmp_path / "strategy.yaml"
+    strategy_config.write_text(ASYNC_DILOCO_YAML)
+    configs = ["--config", str(ROOT / "configs" / "demo.yaml"), "--config", str(strategy_config)]
+    strategy = ConvergeCLI(args=configs, run=False, parser_kwargs={"parser_mode": "omegaconf"}).trainer.strategy
+    assert type(strategy) is AsyncDiLoCoStrategy and strategy.inner_steps == 16
+    assert (strategy._delayed_nesterov_period, strategy._dynamic) == (4, True)
+    assert (strategy._staleness_penalty, strategy._max_staleness) == (0.5, 8)
+    assert strategy._timeout.total_seconds() == 60
+
+
 # ---------------------------------------------------------------------------------------- one worker
 
 
@@ -261,7 +292,7 @@ def single_process_group():
     os.environ.update(environment)
 
 
-def _fit_one_worker(model, strategy, max_steps=6, ckpt_path=None):
+def _fit_one_worker(model, strategy, max_steps=6, ckpt_path=None, **trainer_options):
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -271,6 +302,7 @@ def _fit_one_worker(model, strategy, max_steps=6, ckpt_path=None):
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        **trainer_options,
     )
     trainer.fit(model, ckpt_path=ckpt_path)
     return trainer
@@ -288,6 +320,18 @@ def test_one_worker_with_plain_outer_sgd_equals_training_without_the_strategy():
     assert strategy.rounds == strategy.server.version == 6
     for ours, theirs in zip(model.parameters(), plain.parameters()):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.usefixtures("single_process_group")
+def test_rounds_count_optimizer_steps_under_gradient_accumulation_and_bf16_autocast():
+    model = Regression("AdamW")
+    strategy = AsyncDiLoCoStrategy(inner_steps=3, backend="reference")
+    trainer = _fit_one_worker(model, strategy, max_steps=6, accumulate_grad_batches=2, precision="bf16-mixed")
+    assert strategy.rounds == strategy.server.version == 2  # 6 optimizer steps (12 batches), H = 3
+    assert trainer.callback_metrics["async_diloco/rounds"] == 2
+    assert trainer.callback_metrics["async_diloco/inner_steps"] == 3
+    for param, final in zip(model.parameters(), strategy.server.params):
+        assert torch.equal(param.detach(), final)
 
 
 # ---------------------------------------------------------------------------------------- two workers
