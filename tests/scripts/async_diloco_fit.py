@@ -51,6 +51,7 @@ class SlowRank(L.Callback):
             deadline = time.monotonic() + 120
             while not self.signal.exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
+            time.sleep(1.0)  # a first round clearly slower than the fast worker's, whatever the load
         time.sleep(self.seconds)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

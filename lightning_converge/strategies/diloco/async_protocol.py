@@ -145,6 +145,7 @@ class ServerThread:
         self._on_arrival = on_arrival
         self._active = set(range(1, world_size))
         self.error: Optional[BaseException] = None
+        self._aborts: list[dist.Work] = []
         self._thread = threading.Thread(target=self._run, name="async-diloco-server", daemon=True)
 
     def start(self) -> None:
@@ -198,8 +199,11 @@ class ServerThread:
     def _fail(self, missing: list[int], cause: str) -> None:
         self.error = missing_worker_error(self._owner, missing, self._timeout, cause)
         abort = torch.tensor([STATUS_ABORT, 0, 0, 0, 0, 0, missing[0]], dtype=torch.float64)
-        for rank in sorted(self._active - set(missing)):
+        # Kept, so the message outlives this call: the thread ends here, the sends complete when each is read.
+        self._aborts = [
             dist.isend(abort, dst=rank, group=self._group, tag=TAG_REPLY)
+            for rank in sorted(self._active - set(missing))
+        ]
 
 
 def _send_reply(reply: Reply, worker: int, group: dist.ProcessGroup) -> None:
