@@ -334,6 +334,48 @@ def test_rounds_count_optimizer_steps_under_gradient_accumulation_and_bf16_autoc
         assert torch.equal(param.detach(), final)
 
 
+class GlobalParametersSeen(L.Callback):
+    """The global parameters the worker pulled, each time they change (before EMA's hook, listed first)."""
+
+    def __init__(self) -> None:
+        self.seen = []
+
+    def on_train_start(self, trainer, pl_module):
+        self.seen.append([g.clone() for g in trainer.strategy.agreed_parameters()])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        current = trainer.strategy.agreed_parameters()
+        if not all(torch.equal(a, b) for a, b in zip(self.seen[-1], current)):
+            self.seen.append([g.clone() for g in current])
+
+
+@pytest.mark.usefixtures("single_process_group")
+def test_ema_averages_the_global_parameters_once_per_pull_and_the_model_ends_with_the_average():
+    from lightning_converge.callbacks import EMA
+
+    seen, ema = GlobalParametersSeen(), EMA(decay=0.5, backend="reference")
+    model = Regression("AdamW")
+    strategy = AsyncDiLoCoStrategy(inner_steps=2, backend="reference")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=strategy,
+        max_steps=6,
+        logger=False,
+        callbacks=[seen, ema],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model)
+    assert len(seen.seen) == 4  # the start, then after each of the 3 rounds
+    average = seen.seen[0]
+    for pulled in seen.seen[1:]:
+        average = [0.5 * a + 0.5 * p for a, p in zip(average, pulled)]
+    for param, expected in zip(model.parameters(), average):
+        torch.testing.assert_close(param.detach(), expected)
+
+
 # ---------------------------------------------------------------------------------------- two workers
 
 

@@ -231,6 +231,12 @@ class AsyncDiLoCoStrategy(DDPStrategy):
         return self._server
 
     @property
+    def outer_steps(self) -> int:
+        """The server's updates applied when this worker last pulled the global parameters (its view of
+        the outer step; EMA and LAWA update when it changes)."""
+        return self._version
+
+    @property
     def current_inner_steps(self) -> int:
         """H of this worker's current round (with ``dynamic_inner_steps``, set by the server)."""
         return self._round_length
@@ -337,20 +343,36 @@ class AsyncDiLoCoStrategy(DDPStrategy):
 
     def agreed_parameters(self) -> Optional[list[Tensor]]:
         """The parameters the workers agree on while each trains a local copy: the global parameters
-        this worker last pulled (rank 0: the server's current ones) until the end of ``fit``; None
-        afterwards (the model's parameters are then the final global ones on every worker)."""
+        this worker last pulled, until the end of ``fit``; None afterwards (the model's parameters are
+        then the final global ones on every worker).
+
+        EMA and LAWA average these, so under this strategy each worker's average follows the global
+        parameters as that worker saw them; the checkpoint holds rank 0's."""
         if not self._params or self._finished:
             return None
-        return self.global_parameters
+        return self._origin
 
     def on_validation_start(self) -> None:
-        """Fires before each validation (the sanity check included): the workers meet; each evaluates the
-        current global parameters, broadcast from rank 0."""
+        """Fires before each validation (the sanity check included), after the callbacks' hook: the workers
+        meet; each evaluates the current global parameters, broadcast from rank 0, unless a callback
+        evaluates with an average (EMA or LAWA with ``validate_with="average"``: then each worker's average
+        of the global parameters it has seen)."""
+        callbacks = self.lightning_module.trainer.callbacks
+        if any(getattr(callback, "evaluates_with_average", False) for callback in callbacks):
+            return
         if self._params and not self._finished and not self._evaluating_global:
             flat = self._broadcast_global(self._meet)
             for param, value in zip(self._params, self._split(flat)):
                 param.data = value.to(param.device, param.dtype, copy=True)
             self._evaluating_global = True
+
+    def move_global_parameters(self, values: Any) -> None:
+        """Switch EMA (``EMA(switch_every_epoch=True)``) would move the global parameters from every worker
+        at once; the asynchronous server has no such step: a clear error."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot switch the global parameters (Switch EMA, EMA(switch_every_epoch=True)): "
+            "use EMA without switching, or DiLoCoStrategy"
+        )
 
     def on_validation_end(self) -> None:
         """Fires after each validation: this worker's local parameters come back."""
@@ -363,12 +385,11 @@ class AsyncDiLoCoStrategy(DDPStrategy):
         """Fires when a checkpoint is assembled: the model's state with the global parameters (rank 0
         writes the checkpoint: the server's current ones)."""
         state = super().lightning_module_state_dict()
-        agreed = self.agreed_parameters()
-        if agreed is None:
+        if self.agreed_parameters() is None:
             return state
         with self._lock:
-            agreed = [g.clone() for g in agreed]
-        for (name, param), value in zip(self.lightning_module.named_parameters(), agreed):
+            current = [g.clone() for g in self.global_parameters]
+        for (name, param), value in zip(self.lightning_module.named_parameters(), current):
             if name in state:
                 state[name] = value.to(param.device, param.dtype)
         return state
@@ -413,7 +434,7 @@ class AsyncDiLoCoStrategy(DDPStrategy):
             self.lightning_module.load_state_dict(worker["model"])
             self.optimizers[0].load_state_dict(worker["optimizer"])
             _optimizer_to_device(self.optimizers[0], self.root_device)
-            self._origin = [t.to(self._outer_device) for t in worker["origin"]]
+            self._set_origin(worker["origin"])
             for name in (
                 "_round_length",
                 "_steps_in_round",
@@ -427,7 +448,7 @@ class AsyncDiLoCoStrategy(DDPStrategy):
             ):
                 setattr(self, name, worker[name.lstrip("_")])
         else:
-            self._origin = [t.to(self._outer_device, torch.float32, copy=True) for t in server_state["global_params"]]
+            self._set_origin(server_state["global_params"])
             self._version = server_state["version"]
             for param, value in zip(self._params, self._origin):
                 param.detach().copy_(value)
@@ -485,7 +506,7 @@ class AsyncDiLoCoStrategy(DDPStrategy):
         self._steps_in_round = 0
         if reply.params is not None:
             self._version = reply.version
-            self._origin = [v.to(self._outer_device, copy=True) for v in self._split(reply.params)]
+            self._set_origin(self._split(reply.params))
             for local, value in zip(self._local_params, self._origin):
                 local.copy_(value)
 
@@ -521,9 +542,16 @@ class AsyncDiLoCoStrategy(DDPStrategy):
     def _take_global_parameters(self, group: dist.ProcessGroup) -> None:
         """Collective: every worker's parameters (and round origin) become the current global ones."""
         flat = self._broadcast_global(group)
-        self._origin = [v.to(self._outer_device, copy=True) for v in self._split(flat)]
+        self._set_origin(self._split(flat))
         for local, value in zip(self._local_params, self._origin):
             local.copy_(value)
+
+    @torch.no_grad()
+    def _set_origin(self, values: Any) -> None:
+        """This worker's round now starts from ``values`` (one per parameter), copied into the persistent
+        origin tensors, which averaging callbacks follow (:meth:`agreed_parameters`)."""
+        for origin, value in zip(self._origin, values):
+            origin.copy_(value)
 
     def _split(self, flat: Tensor) -> list[Tensor]:
         """``flat`` cut into tensors shaped as the parameters."""
