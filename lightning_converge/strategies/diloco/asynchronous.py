@@ -528,7 +528,13 @@ class AsyncDiLoCoStrategy(DDPStrategy):
     # ------------------------------------------------------------------ where the workers meet
 
     def _broadcast_global(self, group: dist.ProcessGroup) -> Tensor:
-        """Collective: the current global parameters (flat fp32, CPU) from rank 0 to every worker."""
+        """Collective: the current global parameters (flat fp32, CPU) from rank 0 to every worker.
+
+        A barrier first: a worker enters it only after its round trip in flight has been answered, so
+        once all are in, no update is on its way and the parameters sent stay the server's current ones
+        until the workers part (what a checkpoint saved meanwhile holds too)."""
+        if self.world_size > 1:
+            dist.barrier(group=group)
         if self._server is not None:
             with self._lock:
                 flat = self._server.flat_params().cpu()
