@@ -83,6 +83,7 @@ from lightning_converge.strategies.ddp_options import check_unwrapped, reject_op
 from lightning_converge.strategies.diloco.async_outer import Arrival, AsyncOuterServer, check_async_options
 from lightning_converge.strategies.diloco.async_protocol import (
     SERVER_RANK,
+    AsyncDiLoCoError,
     Reply,
     ServerThread,
     round_trip,
@@ -533,15 +534,22 @@ class AsyncDiLoCoStrategy(DDPStrategy):
         A barrier first: a worker enters it only after its round trip in flight has been answered, so
         once all are in, no update is on its way and the parameters sent stay the server's current ones
         until the workers part (what a checkpoint saved meanwhile holds too)."""
-        if self.world_size > 1:
-            dist.barrier(group=group)
-        if self._server is not None:
-            with self._lock:
-                flat = self._server.flat_params().cpu()
-        else:
-            flat = torch.empty(sum(p.numel() for p in self._params), dtype=torch.float32)
-        if self.world_size > 1:
-            dist.broadcast(flat, src=SERVER_RANK, group=group)
+        try:
+            if self.world_size > 1:
+                dist.barrier(group=group)
+            if self._server is not None:
+                with self._lock:
+                    flat = self._server.flat_params().cpu()
+            else:
+                flat = torch.empty(sum(p.numel() for p in self._params), dtype=torch.float32)
+            if self.world_size > 1:
+                dist.broadcast(flat, src=SERVER_RANK, group=group)
+        except RuntimeError as error:
+            raise AsyncDiLoCoError(
+                f"{type(self).__name__}: worker {self.global_rank} waited in vain for the others to meet "
+                f"(validation or the end of fit) within the timeout ({self._timeout}): a worker has died or "
+                f"failed (its own error names the missing one). Cause: {error}"
+            ) from error
         return flat
 
     @torch.no_grad()
