@@ -329,3 +329,10 @@ def test_reconstruct_rejects_bad_requests(tmp_path) -> None:
     resumed = PostHocEMA(sigma_rels=(0.05, 0.2))
     with pytest.raises(ValueError, match="same sigma_rels"):
         resumed.load_state_dict(posthoc.state_dict())
+
+
+def test_evaluate_refuses_another_callback_that_evaluates_with_its_average(tmp_path) -> None:
+    posthoc = PostHocEMA(every_n_steps=2, validate_with="live", backend="reference")
+    model, trainer = fit(tmp_path, [posthoc, EMA(decay=0.9, keep_average_on_train_end=False)], max_epochs=1)
+    with pytest.raises(ValueError, match="validate_with='live'"):
+        posthoc.evaluate(trainer, model, [0.1], dataloaders=loaders()[1])

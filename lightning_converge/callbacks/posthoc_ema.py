@@ -364,7 +364,18 @@ class PostHocEMA(AveragingCallback):
     ) -> dict[float, Any]:
         """``trainer.validate(pl_module, **validate_kwargs)`` with the reconstruction of each ``sigma_rel``
         swapped in: ``{sigma_rel: metrics}`` (the dict of the first validation dataloader), or only the value
-        of ``metric`` when given. Pick the best with e.g. ``min(results, key=results.get)``."""
+        of ``metric`` when given. Pick the best with e.g. ``min(results, key=results.get)``. Raises
+        ``ValueError`` if another averaging callback of the trainer evaluates with its own average."""
+        others = [
+            type(cb).__name__
+            for cb in trainer.callbacks
+            if isinstance(cb, AveragingCallback) and cb is not self and cb.validate_with == "average"
+        ]
+        if others:
+            raise ValueError(
+                f"PostHocEMA.evaluate: {others} would swap their own average in over the reconstruction: "
+                "set validate_with='live' on them"
+            )
         results: dict[float, Any] = {}
         for sigma_rel in sigma_rels:
             with self.swap_in(pl_module, sigma_rel):
