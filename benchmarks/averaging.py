@@ -431,7 +431,9 @@ def overhead_table(overhead: dict) -> str:
 # -- post-hoc EMA --------------------------------------------------------------------------
 
 
-def sample_scores(model: DigitsFlowMatching, args: argparse.Namespace, data: Digits, distance: SlicedWasserstein) -> dict:
+def sample_scores(
+    model: DigitsFlowMatching, args: argparse.Namespace, data: Digits, distance: SlicedWasserstein
+) -> dict:
     """SW2 of unguided samples of ``model`` against the real training digits: all classes pooled, per-class mean."""
     labels = torch.arange(NUM_CLASSES).repeat_interleave(args.per_class)
     images = model.sample(labels, num_steps=args.sample_steps, generator=torch.Generator().manual_seed(args.seeds[0]))
@@ -448,7 +450,10 @@ def run_posthoc(args: argparse.Namespace) -> dict:
     # leaves evaluation alone, or it would swap its own average in over the reconstructions.
     fixed = EMA(decay=EMAWarmup(power=0.75, max_decay=0.999), validate_with="live", keep_average_on_train_end=False)
     posthoc = PostHocEMA(sigma_rels=POSTHOC_TRACKED, every_n_steps=args.snapshot_every)
-    trainer = quiet_trainer(max_steps=args.flow_steps, check_val_every_n_epoch=args.flow_steps, callbacks=[fixed, posthoc])
+    # No validation during fit (its epochs are 10 steps); limit_val_batches=0 would also empty `evaluate`'s.
+    trainer = quiet_trainer(
+        max_steps=args.flow_steps, check_val_every_n_epoch=args.flow_steps, callbacks=[fixed, posthoc]
+    )
     start = time.perf_counter()
     trainer.fit(model, data)
     train_seconds = time.perf_counter() - start
@@ -511,7 +516,8 @@ def posthoc_table(posthoc: dict) -> str:
     ]
     title = (f"Post-hoc EMA on the flow-matching digits ({posthoc['flow_steps']} steps, snapshots of sigma_rel "
              f"{posthoc['tracked_sigma_rels']} every {posthoc['snapshot_every']} steps, one training run): unguided "
-             f"samples, {posthoc['per_class']} per class. val_loss picks sigma_rel {posthoc['sigma_rel_picked_by_val_loss']} "
+             f"samples, {posthoc['per_class']} per class. val_loss picks sigma_rel "
+             f"{posthoc['sigma_rel_picked_by_val_loss']} "
              f"(SW2 {posthoc['sw2_picked']:.4f}); best SW2 of the sweep {posthoc['sw2_best']:.4f} at sigma_rel "
              f"{posthoc['sigma_rel_best_sw2']}; fixed EMA {posthoc['sw2_fixed_ema']:.4f}")
     return title + "\n\n" + markdown_table(
@@ -596,7 +602,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sample-steps", type=int, default=32, help="post-hoc EMA: Euler steps per sample")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1 seed, 6 epochs, 2 M parameters, 2 rounds; 400 flow steps, 20 samples per class")
+                        help="smoke run: 1 seed, 6 epochs, 2 M parameters, 2 rounds; "
+                             "400 flow steps, 20 samples per class")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.epochs, args.agreement_epochs = args.seeds[:1], 6, 2

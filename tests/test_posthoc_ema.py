@@ -161,7 +161,10 @@ def test_reconstruction_equals_a_directly_tracked_profile_within_the_fit_error(t
     every, epochs = 2, 20
     snapshots = PostHocEMA(sigma_rels=(0.05, 0.20), every_n_steps=every, validate_with="live", backend="reference")
     on_disk = PostHocEMA(
-        sigma_rels=(0.05, 0.20), every_n_steps=every, snapshot_dir=tmp_path / "snapshots", validate_with="live",
+        sigma_rels=(0.05, 0.20),
+        every_n_steps=every,
+        snapshot_dir=tmp_path / "snapshots",
+        validate_with="live",
         backend="reference",
     )
     direct = PostHocEMA(sigma_rels=(0.10, 0.15), every_n_steps=1000, validate_with="live", backend="reference")
@@ -198,6 +201,7 @@ def test_reconstruction_equals_a_directly_tracked_profile_within_the_fit_error(t
         bound = sum(e * step[name].abs() for e, step in zip(profile_error.tolist(), recorder.after_step))
         error = (reconstructed[name].double() - tensor.double()).abs()
         assert (error <= bound + rounding * largest).all(), name
+
     # ... and it is much closer to the directly tracked 0.10 than either tracked profile is.
     def distance(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
         return sum((a[n].double() - b[n].double()).norm() ** 2 for n in a).sqrt().item()
@@ -219,7 +223,9 @@ def test_resumed_run_continues_exactly(tmp_path, saved_after_fit: bool, on_disk:
 
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     first = posthoc("first")
-    _, trainer = fit(tmp_path / "first", [first] if saved_after_fit else [first, checkpoint], max_epochs=3, validate=True)
+    _, trainer = fit(
+        tmp_path / "first", [first] if saved_after_fit else [first, checkpoint], max_epochs=3, validate=True
+    )
     path = str(tmp_path / "after_fit.ckpt") if saved_after_fit else checkpoint.last_model_path
     if saved_after_fit:
         trainer.save_checkpoint(path)
@@ -281,7 +287,9 @@ def test_validation_during_fit_sees_the_first_profile_and_composes_with_ema(tmp_
 @pytest.mark.distributed
 def test_ddp_two_processes_agree_and_rank_zero_writes_the_snapshots(tmp_path) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "LIGHTNING_CONVERGE_BACKEND": "reference"}
-    subprocess.run([sys.executable, str(SCRIPTS / "posthoc_ema_fit.py"), str(tmp_path)], check=True, env=env, timeout=600)
+    subprocess.run(
+        [sys.executable, str(SCRIPTS / "posthoc_ema_fit.py"), str(tmp_path)], check=True, env=env, timeout=600
+    )
     ranks = [torch.load(path, weights_only=True) for path in sorted(tmp_path.glob("rank*.pt"))]
     assert [rank["rank"] for rank in ranks] == [0, 1]
     # Snapshot files: written by rank 0 only, read by both.

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import numpy as np
@@ -68,7 +68,9 @@ def solve_weights(t_i: Sequence[float], gamma_i: Sequence[float], t_r: float, ga
     gamma = torch.tensor(gamma_i, dtype=torch.float64)
     gram = profile_inner_products(t[:, None], gamma[:, None], t[None, :], gamma[None, :])
     target = profile_inner_products(
-        t[:, None], gamma[:, None], torch.tensor([[float(t_r)]], dtype=torch.float64),
+        t[:, None],
+        gamma[:, None],
+        torch.tensor([[float(t_r)]], dtype=torch.float64),
         torch.tensor([[float(gamma_r)]], dtype=torch.float64),
     )
     return torch.linalg.lstsq(gram, target).solution[:, 0]
@@ -287,7 +289,9 @@ class PostHocEMA(AveragingCallback):
             entry["profiles"] = profiles
         else:
             self.snapshot_dir.mkdir(parents=True, exist_ok=True)
-            torch.save({"step": self._num_updates, "sigma_rels": list(self.sigma_rels), "profiles": profiles}, entry["path"])
+            torch.save(
+                {"step": self._num_updates, "sigma_rels": list(self.sigma_rels), "profiles": profiles}, entry["path"]
+            )
         self._snapshots.append(entry)
 
     # -- after training ------------------------------------------------------------------
@@ -407,4 +411,3 @@ class PostHocEMA(AveragingCallback):
         self._snapshots = [dict(snapshot) for snapshot in state_dict["snapshots"]]
         self._followed_version = state_dict.get("outer_steps_followed")
         self._untrack()
-
