@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_converge.callbacks import EMA, PostHocEMA
 from lightning_converge.callbacks.posthoc_ema import gamma_to_sigma_rel, sigma_rel_to_gamma, solve_weights
+from test_gpu_path import _assert_steady_and_sync_free, no_host_reads
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -155,6 +156,28 @@ def test_profiles_follow_the_power_function_ema_under_gradient_accumulation(tmp_
     # The fitted model keeps its live weights (keep_average_on_train_end=False by default).
     for name, p in model.named_parameters():
         assert torch.equal(p.detach().double(), recorder.after_step[-1][name])
+
+
+def test_an_update_builds_no_host_tensors_and_reads_nothing_back(tmp_path, monkeypatch) -> None:
+    """Every profile's update between snapshots (beta_t changes every step): no tensor made from a Python
+    number, nothing read back to the host, the same aten calls every step (the checks of test_gpu_path)."""
+    posthoc = PostHocEMA(every_n_steps=1000, backend="reference")
+    per_step = []
+    hook = posthoc.on_train_batch_end
+
+    def guarded(trainer, pl_module, *args):
+        if trainer.global_step <= 1:  # the first update also collects the tracked tensors
+            return hook(trainer, pl_module, *args)
+        with monkeypatch.context() as patch:
+            patch.setattr(pl_module, "log", lambda *a, **k: None)  # Lightning's logging is not the update
+            with no_host_reads(monkeypatch) as ops:
+                hook(trainer, pl_module, *args)
+        per_step.append(ops)
+
+    monkeypatch.setattr(posthoc, "on_train_batch_end", guarded)
+    fit(tmp_path, [posthoc], max_epochs=3)
+    assert len(per_step) == 3 * STEPS_PER_EPOCH - 1
+    _assert_steady_and_sync_free(per_step)
 
 
 def test_reconstruction_equals_a_directly_tracked_profile_within_the_fit_error(tmp_path) -> None:
@@ -332,8 +355,9 @@ def test_reconstruct_rejects_bad_requests(tmp_path) -> None:
     fit(tmp_path, [posthoc], max_epochs=2)
     with pytest.raises(ValueError, match=r"\bsigma_rel must be"):
         posthoc.reconstruct(0.5)
-    with pytest.raises(ValueError, match=r"\bstep must be an integer in \[1, 4\]"):
-        posthoc.reconstruct(0.1, step=5)
+    for step in (1, 5):  # snapshots at steps 2 and 4
+        with pytest.raises(ValueError, match=r"\bstep must be an integer in \[2, 4\]"):
+            posthoc.reconstruct(0.1, step=step)
     resumed = PostHocEMA(sigma_rels=(0.05, 0.2))
     with pytest.raises(ValueError, match="same sigma_rels"):
         resumed.load_state_dict(posthoc.state_dict())

@@ -319,10 +319,12 @@ class PostHocEMA(AveragingCallback):
         sigma_rel = _checked_sigma_rel(sigma_rel, "sigma_rel")
         if not self._snapshots:
             raise RuntimeError("PostHocEMA: no snapshots yet: reconstruct after fit (or after a snapshot is taken)")
-        last = self._snapshots[-1]["step"]
+        first, last = self._snapshots[0]["step"], self._snapshots[-1]["step"]
         step = last if step is None else step
-        if not is_count(step, minimum=1) or step > last:
-            raise ValueError(f"PostHocEMA: step must be an integer in [1, {last}] (the last snapshot's), got {step!r}")
+        if not is_count(step, minimum=first) or step > last:
+            raise ValueError(
+                f"PostHocEMA: step must be an integer in [{first}, {last}] (the first and last snapshots'), got {step!r}"
+            )
         used = [snapshot for snapshot in self._snapshots if snapshot["step"] <= step]
         coefficients = solve_weights(
             [snapshot["step"] for snapshot in used for _ in self.gammas],
@@ -397,7 +399,6 @@ class PostHocEMA(AveragingCallback):
             "num_updates": self._num_updates,
             "profiles": [dict(profile) for profile in self._profiles],
             "snapshots": [dict(snapshot) for snapshot in self._snapshots],
-            "outer_steps_followed": self._followed_version,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -409,5 +410,4 @@ class PostHocEMA(AveragingCallback):
         self._num_updates = int(state_dict["num_updates"])
         self._profiles = [dict(profile) for profile in state_dict["profiles"]]
         self._snapshots = [dict(snapshot) for snapshot in state_dict["snapshots"]]
-        self._followed_version = state_dict.get("outer_steps_followed")
         self._untrack()
