@@ -368,3 +368,39 @@ def test_evaluate_refuses_another_callback_that_evaluates_with_its_average(tmp_p
     model, trainer = fit(tmp_path, [posthoc, EMA(decay=0.9, keep_average_on_train_end=False)], max_epochs=1)
     with pytest.raises(ValueError, match="validate_with='live'"):
         posthoc.evaluate(trainer, model, [0.1], dataloaders=loaders()[1])
+
+
+def test_yaml_config_builds_the_callback(tmp_path, monkeypatch) -> None:
+    from lightning_converge.cli import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # examples.digits resolves from the project root
+    monkeypatch.setattr(sys, "argv", ["lightning-converge"])
+    config = tmp_path / "posthoc.yaml"
+    config.write_text(f"""
+trainer:
+  accelerator: cpu
+  max_steps: 4
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  limit_val_batches: 1
+  default_root_dir: {tmp_path}
+  callbacks:
+    - class_path: lightning_converge.callbacks.PostHocEMA
+      init_args:
+        sigma_rels: [0.04, 0.12]
+        every_n_steps: 2
+        snapshot_dir: {tmp_path / "snapshots"}
+        snapshot_dtype: bfloat16
+model:
+  class_path: examples.digits.DigitsClassifier
+data:
+  class_path: examples.digits.Digits
+""")
+    main(["fit", "--config", str(config)])
+    snapshot = torch.load(tmp_path / "snapshots" / "step=4.pt", weights_only=True)
+    assert snapshot["sigma_rels"] == [0.04, 0.12] and sorted(p.name for p in (tmp_path / "snapshots").iterdir()) == [
+        "step=2.pt",
+        "step=4.pt",
+    ]
+    assert {tensor.dtype for profile in snapshot["profiles"] for tensor in profile.values()} == {torch.bfloat16}
