@@ -1,6 +1,7 @@
 """Post-hoc EMA (Karras et al., EDM2): the power-function EMA against its closed form, sigma_rel <-> gamma and the
 least-squares coefficients against the paper's equations and ema-pytorch, reconstruction against a directly
-tracked profile, resume, evaluation of a sweep, DDP with two processes, bad arguments."""
+tracked profile, no host sync per update, resume, evaluation of a sweep, DiLoCo, DDP with two processes, YAML,
+bad arguments."""
 
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ import torch
 import torch.nn.functional as F
 from ema_pytorch import post_hoc_ema as ema_pytorch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from test_diloco import single_process_group  # noqa: F401  (the fixture: undo a one-worker fit's process group)
+from test_gpu_path import _assert_steady_and_sync_free, no_host_reads
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_converge.callbacks import EMA, PostHocEMA
 from lightning_converge.callbacks.posthoc_ema import gamma_to_sigma_rel, sigma_rel_to_gamma, solve_weights
-from test_gpu_path import _assert_steady_and_sync_free, no_host_reads
+from lightning_converge.strategies import DiLoCoStrategy
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -305,6 +308,38 @@ def test_validation_during_fit_sees_the_first_profile_and_composes_with_ema(tmp_
     fit(tmp_path, [posthoc, ema, AtValidation()], max_epochs=1, validate=True)
     for name, tensor in profile(posthoc, 0).items():
         assert torch.equal(seen[-1][name], tensor), name
+
+
+@pytest.mark.usefixtures("single_process_group")
+def test_under_diloco_the_profiles_follow_the_global_parameters(tmp_path) -> None:
+    class GlobalRecorder(Callback):
+        """The strategy's global parameters after every optimizer step (outer steps every 3)."""
+
+        def __init__(self) -> None:
+            self.after_step: list[dict[str, Tensor]] = []
+
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+            names = [name for name, _ in pl_module.named_parameters()]
+            agreed = trainer.strategy.agreed_parameters()
+            self.after_step.append({name: p.detach().double().clone() for name, p in zip(names, agreed)})
+
+    strategy = DiLoCoStrategy(inner_steps=3, outer_lr=0.7, outer_momentum=0.9)
+    posthoc, recorder = PostHocEMA(sigma_rels=(0.05, 0.2), every_n_steps=3, backend="reference"), GlobalRecorder()
+    _, trainer = fit(tmp_path, [recorder, posthoc], max_epochs=4, strategy=strategy)
+    steps = trainer.global_step
+    assert steps == 8
+    # What the profiles followed moved only at the outer steps, after steps 3 and 6 (the worker's own
+    # parameters move at every step): the global parameters.
+    changed = [
+        tau + 1
+        for tau in range(1, steps)
+        if any(not torch.equal(recorder.after_step[tau][n], t) for n, t in recorder.after_step[tau - 1].items())
+    ]
+    assert changed == [3, 6]
+    for index, sigma_rel in enumerate((0.05, 0.2)):
+        expected = combine(profile_weights(steps, sigma_rel_to_gamma(sigma_rel), steps), recorder.after_step)
+        for name, tensor in profile(posthoc, index).items():
+            torch.testing.assert_close(tensor.double(), expected[name], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.distributed

@@ -323,7 +323,7 @@ class PostHocEMA(AveragingCallback):
         step = last if step is None else step
         if not is_count(step, minimum=first) or step > last:
             raise ValueError(
-                f"PostHocEMA: step must be an integer in [{first}, {last}] (the first and last snapshots'), got {step!r}"
+                f"PostHocEMA: step must be an integer in [{first}, {last}] (the snapshots' steps), got {step!r}"
             )
         used = [snapshot for snapshot in self._snapshots if snapshot["step"] <= step]
         coefficients = solve_weights(
