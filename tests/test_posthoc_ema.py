@@ -183,6 +183,25 @@ def test_an_update_builds_no_host_tensors_and_reads_nothing_back(tmp_path, monke
     _assert_steady_and_sync_free(per_step)
 
 
+def test_non_finite_live_weights_are_left_out_and_warned_about(tmp_path) -> None:
+    class PoisonAtSecondStep(Callback):
+        """Puts a NaN in one weight after the second optimizer step, before PostHocEMA sees it."""
+
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+            if trainer.global_step == 2 and pl_module.net[0].weight[0, 0].isfinite():
+                with torch.no_grad():
+                    pl_module.net[0].weight[0, 0] = float("nan")
+
+    posthoc = PostHocEMA(every_n_steps=1, backend="reference")
+    with pytest.warns(UserWarning, match="inf or NaN"):
+        fit(tmp_path, [PoisonAtSecondStep(), posthoc], max_epochs=2)
+    for index in range(2):
+        assert all(torch.isfinite(tensor).all() for tensor in profile(posthoc, index).values())
+        # The poisoned element kept its value after step 1 (the snapshot then) from step 2 on.
+        after_step_1 = posthoc.state_dict()["snapshots"][0]["profiles"][index]["net.0.weight"][0, 0]
+        assert profile(posthoc, index)["net.0.weight"][0, 0] == after_step_1
+
+
 def test_reconstruction_equals_a_directly_tracked_profile_within_the_fit_error(tmp_path) -> None:
     every, epochs = 2, 20
     snapshots = PostHocEMA(sigma_rels=(0.05, 0.20), every_n_steps=every, validate_with="live", backend="reference")

@@ -128,6 +128,8 @@ class PostHocEMA(AveragingCallback):
       ``global_step`` moved, updates every profile (inf/NaN live elements are left out, as in
       :class:`~lightning_converge.callbacks.ema.EMA`), logs ``posthoc_ema/beta`` of the first profile,
       and takes a snapshot when one is due.
+    - ``on_train_epoch_end`` (after the epoch's last batch and its epoch-end validation): warns if a live
+      weight is inf/NaN on any rank (one finiteness pass an epoch).
     - ``on_train_start`` (after checkpoint restore): a run resumed from a checkpoint taken after ``fit``
       drops that fit's last snapshot if it was off the ``every_n_steps`` grid (the uninterrupted run has
       none there).
@@ -256,6 +258,13 @@ class PostHocEMA(AveragingCallback):
         pl_module.log("posthoc_ema/beta", (1.0 - 1.0 / t) ** (self.gammas[0] + 1.0))
         if trainer.global_step % self.every_n_steps == 0:
             self._take_snapshot(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._track(pl_module)
+        # A whole pass over the weights: once an epoch, not in every update.
+        self._live_is_finite(
+            trainer, otherwise="the profiles left those elements out (they keep their last finite value)"
+        )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
