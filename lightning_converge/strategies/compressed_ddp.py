@@ -66,8 +66,9 @@ class CompressedDDPStrategy(CommHookDDPStrategy):
     When each hook fires: see :class:`~lightning_converge.strategies.comm_hook.CommHookDDPStrategy`.
     The communication hook compresses each bucket (fp32 math whatever the
     gradients' dtype), exchanges it and hands back the average; each rank keeps
-    its own error-feedback residuals and compressor state, saved in
-    ``checkpoint["rank_states"]`` (every rank's, key ``"compressed_ddp"``) so that
+    its own error-feedback residuals and compressor state, which it writes to its
+    own file beside the checkpoint (key ``"compressed_ddp"``, see
+    :mod:`~lightning_converge.strategies.rank_state`) so that
     a resumed run continues exactly. Gradient accumulation communicates once per optimizer step, and
     ``precision="bf16-mixed"`` compresses the fp32 gradients of the fp32 parameters.
     Under ``precision="16-mixed"`` with a gradient scaler, the hook compresses

@@ -89,7 +89,8 @@ class OneBitAdamStrategy(CommHookDDPStrategy):
     State: the momentum, frozen variance, per-parameter ``step`` and
     ``variance_step`` (when the variance froze) live in the optimizer's state,
     identical on every rank; the worker and server errors, which differ per rank,
-    are saved in ``checkpoint["rank_states"]`` (every rank's, key ``"onebit_adam"``). A resumed run
+    are written by each rank to its own file beside the checkpoint (key ``"onebit_adam"``, see
+    :mod:`~lightning_converge.strategies.rank_state`). A resumed run
     continues exactly.
     """
 
