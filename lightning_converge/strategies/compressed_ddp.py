@@ -14,8 +14,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_converge import comm
+from lightning_converge.checks import check_int
 from lightning_converge.comm import COMPRESSORS, Compressor, Layout, ScaledReduce, compressor_options, make_compressor
-from lightning_converge.comm.base import check_int
 from lightning_converge.strategies.comm_hook import CommHookDDPStrategy
 from lightning_converge.strategies.ddp_options import reject_options
 
@@ -97,8 +97,7 @@ class CompressedDDPStrategy(CommHookDDPStrategy):
     ) -> None:
         self.compressor = _resolve_compressor(compressor, kwargs)
         reject_options(type(self), kwargs)
-        check_int("start_step", start_step, 0)
-        self.start_step = start_step
+        self.start_step = check_int("start_step", start_step, 0, owner=type(self).__name__)
         self._scaled_reduce = None if self.compressor is None else ScaledReduce(self.compressor)
         self._loss_scale: tuple[int, float] = (-1, 1.0)  # (step, the scaler's scale during that step)
         super().__init__(

@@ -51,6 +51,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_converge.checks import check_choice
 from lightning_converge.comm import Compressor
 from lightning_converge.kernels import ema_update, scalar
 from lightning_converge.kernels.dispatch import validate_backend
@@ -197,8 +198,7 @@ class DiLoCoStrategy(DDPStrategy):
             start_method=start_method,
         )
         check_outer_options(outer_optimizer, outer_lr, outer_momentum)
-        if delay not in (0, 1) or isinstance(delay, bool):
-            raise ValueError(f"delay must be 0 or 1 (outer steps by which the outer update lags), got {delay!r}")
+        check_choice("delay", delay, (0, 1), owner=type(self).__name__)  # outer steps the outer update lags
         compressor = as_compressor(compressor)
         # A DiLoCo round is one fragment, applied at once, replacing the local values (Streaming sets its own).
         self._schedule = RoundSchedule(as_schedule(inner_steps, "inner_steps"))
