@@ -1,0 +1,164 @@
+"""The two-phase exchange of the blockwise compressors (int8, sign) on 2 and 4 gloo processes.
+
+Each rank reduces a few steps of its own gradients; the test then computes, in one
+process and with the quantizers written out here, what the exchange must give:
+every rank's payload decoded, cut into one chunk per rank, averaged per chunk and
+quantized again with the chunk owner's server error. It also counts the bytes the
+collectives return (by wrapping torch.distributed's functions, not from the
+Exchange's own counts): about two payloads per rank, whatever the number of ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lightning_converge.comm import Exchange, Layout, make_compressor
+
+# Odd sizes; the second layout is smaller than 4 blocks, so with 4 ranks some chunks are empty.
+LAYOUTS = {
+    "large": Layout(("w", "b", "v"), (torch.Size([33, 17]), torch.Size([17]), torch.Size([301]))),
+    "small": Layout(("w", "b"), (torch.Size([9, 11]), torch.Size([3]))),
+}
+BLOCK = 64
+STEPS = 3
+COMPRESSORS = ("int8", "sign")
+
+
+def gradient(rank: int, step: int, numel: int) -> torch.Tensor:
+    return torch.randn(numel, generator=torch.Generator().manual_seed(1000 * step + rank)) + 0.3
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, results: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    received_by_collectives = [0]
+
+    def counting(collective):
+        def run(output, *args, **kwargs):
+            received_by_collectives[0] += output.numel() * output.element_size()
+            return collective(output, *args, **kwargs)
+
+        return run
+
+    # Exchange looks the collectives up when it calls them, so wrapping them here counts what it receives.
+    dist.all_to_all_single = counting(dist.all_to_all_single)
+    dist.all_gather_into_tensor = counting(dist.all_gather_into_tensor)
+    out = {}
+    for name in COMPRESSORS:
+        for layout_name, layout in LAYOUTS.items():
+            compressor = make_compressor(name, block_size=BLOCK, backend="reference")
+            exchange = Exchange()
+            averages, received = [], []
+            for step in range(STEPS):
+                received_by_collectives[0] = 0
+                averages.append(compressor.reduce(gradient(rank, step, layout.numel), layout, exchange, step))
+                stats = exchange.take_stats()
+                received.append((stats.bytes_received, received_by_collectives[0]))
+            out[name, layout_name] = {"averages": averages, "received": received}
+    results[rank] = out
+    dist.destroy_process_group()
+
+
+def _run(world_size: int) -> list[dict]:
+    context = mp.get_context("spawn")
+    manager = context.Manager()
+    results = manager.dict()
+    mp.start_processes(_worker, args=(world_size, _free_port(), results), nprocs=world_size, start_method="spawn")
+    return [results[rank] for rank in range(world_size)]
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["2_ranks", "4_ranks"])
+def world(request):
+    return request.param, _run(request.param)
+
+
+# The quantizers, written out: (payload, decoded values) of x, blockwise.
+def int8_round_trip(x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    blocks = torch.nn.functional.pad(x, (0, -x.numel() % BLOCK)).view(-1, BLOCK)
+    scale = blocks.abs().amax(dim=1, keepdim=True) / 127
+    q = torch.round(blocks / torch.where(scale > 0, scale, 1.0))
+    return [q.view(-1)[: x.numel()].to(torch.int8), scale.view(-1)], (q * scale).view(-1)[: x.numel()]
+
+
+def sign_round_trip(x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    padded = torch.nn.functional.pad(x, (0, -x.numel() % BLOCK))
+    counts = torch.full((padded.numel() // BLOCK, 1), float(BLOCK))
+    counts[-1] = x.numel() - (counts.numel() - 1) * BLOCK  # the last block may be short
+    scale = padded.view(-1, BLOCK).abs().sum(dim=1, keepdim=True) / counts
+    signs = torch.where(padded.view(-1, BLOCK) >= 0, 1.0, -1.0)
+    packed_bytes = math.ceil(x.numel() / 8)
+    return [torch.empty(packed_bytes, dtype=torch.uint8), scale.view(-1)], (signs * scale).view(-1)[: x.numel()]
+
+
+ROUND_TRIPS = {"int8": int8_round_trip, "sign": sign_round_trip}
+
+
+def expected_averages(name: str, layout: Layout, world_size: int) -> list[torch.Tensor]:
+    """Every rank's values (+ its residual) quantized and decoded; each chunk of whole blocks averaged over
+    the ranks and quantized again (+ its owner's server error); the chunks put back together."""
+    round_trip, numel = ROUND_TRIPS[name], layout.numel
+    chunk = math.ceil(math.ceil(numel / BLOCK) / world_size) * BLOCK
+    bounds = [(min(r * chunk, numel), min((r + 1) * chunk, numel)) for r in range(world_size)]
+    residuals = [torch.zeros(numel) for _ in range(world_size)]
+    server_errors = [torch.zeros(end - start) for start, end in bounds]
+    averages = []
+    for step in range(STEPS):
+        decoded = []
+        for rank in range(world_size):
+            x = gradient(rank, step, numel) + residuals[rank]
+            decoded.append(round_trip(x)[1])
+            residuals[rank] = x - decoded[-1]
+        pieces = []
+        for owner, (start, end) in enumerate(bounds):
+            y = sum(d[start:end] for d in decoded) / world_size + server_errors[owner]
+            piece = round_trip(y)[1] if end > start else y
+            server_errors[owner] = y - piece
+            pieces.append(piece)
+        averages.append(torch.cat(pieces))
+    return averages
+
+
+def chunk_payload_bytes(name: str, numel: int, world_size: int) -> int:
+    chunk = math.ceil(math.ceil(numel / BLOCK) / world_size) * BLOCK
+    payload, _ = ROUND_TRIPS[name](torch.zeros(chunk))
+    return sum(t.numel() * t.element_size() for t in payload)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", COMPRESSORS)
+@pytest.mark.parametrize("layout_name", sorted(LAYOUTS))
+def test_two_phase_average_equals_the_chunked_average_written_out(world, name, layout_name):
+    world_size, ranks = world
+    expected = expected_averages(name, LAYOUTS[layout_name], world_size)
+    for rank in ranks:
+        for got, want in zip(rank[name, layout_name]["averages"], expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # every rank decodes the same bytes: the same average, bit for bit
+    for rank in ranks[1:]:
+        for got, first in zip(rank[name, layout_name]["averages"], ranks[0][name, layout_name]["averages"]):
+            assert torch.equal(got, first)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", COMPRESSORS)
+def test_each_rank_receives_two_chunked_payloads_whatever_the_number_of_ranks(world, name):
+    world_size, ranks = world
+    numel = LAYOUTS["large"].numel
+    # an all-to-all: its chunk from every rank; an all-gather: every rank's chunk
+    expected = 2 * world_size * chunk_payload_bytes(name, numel, world_size)
+    full_payload = sum(t.numel() * t.element_size() for t in ROUND_TRIPS[name](torch.zeros(numel))[0])
+    assert expected <= 2 * full_payload + 2 * world_size * (BLOCK + 4)  # O(numel): at most a block more per rank
+    for rank in ranks:
+        for counted, by_collectives in rank[name, "large"]["received"]:
+            assert counted == by_collectives == expected
