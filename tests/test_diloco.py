@@ -744,10 +744,12 @@ def test_bytes_sent_are_the_pseudo_gradient_sizes(two_worker_runs):
     # net.2 16 + 1 = 17; int8 in blocks of 64 with an fp32 scale per block, 3 fragments (more than
     # the 2 layers: strided over the tensors): {0.weight, 2.bias} 96 + 1 = 97 numbers, 2 blocks;
     # {0.bias} 16, 1; {2.weight} 16, 1. Balanced: 129 numbers cut into 64 and 65.
+    # int8 goes in two phases (ChunkedCompressor): one chunk of whole blocks per worker, here one block
+    # of 64 (padded), sent twice in the all-to-all and once in the all-gather.
     fragment_bytes = {
         "streaming": [112 * 4, 17 * 4],
         "streaming_balanced": [64 * 4, 65 * 4],
-        "streaming_int8_adamw": [97 + 2 * 4, 16 + 4, 16 + 4],
+        "streaming_int8_adamw": [3 * (64 + 4)] * 3,
     }
     for name, sizes in fragment_bytes.items():
         for rank in two_worker_runs[name]:
@@ -889,3 +891,33 @@ def test_validation_evaluates_the_model_a_checkpoint_saves_the_same_on_every_wor
     if name == "validation":
         updates, final = simulate(steps=5, inner_steps=3)
         _assert_all_close(ranks[0]["params"], final)
+
+
+@pytest.mark.distributed
+def test_the_exchange_group_sees_the_same_collectives_in_the_same_order_on_every_rank_from_one_thread(tmp_path):
+    """NCCL needs every rank to issue a group's collectives in one order; with a compressor they all come
+    from the exchange's thread (which also makes the pseudo-gradient's device current), without one from
+    the training thread, and the other thread issues none on that group."""
+    exits = run_two_workers("diloco_collective_order.py", [str(tmp_path)], tmp_path, timeout=300)
+    for code, log in exits:
+        assert code == 0, log[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    for scenario, compressed in [("delayed_int8", True), ("streaming_int8", True), ("delayed_fp32", False)]:
+        on_group = [
+            [(thread, name, numel) for thread, name, group, numel in rank[scenario]["collectives"] if group == "exchange"]
+            for rank in ranks
+        ]
+        assert on_group[0] and on_group[0] == on_group[1], scenario
+        threads = {thread for thread, _, _ in on_group[0]}
+        if compressed:
+            assert len(threads) == 1 and threads.pop().startswith("diloco-exchange"), scenario
+            # the int8 exchange: an all-to-all, then an all-gather, per sync
+            names = [name for _, name, _ in on_group[0]]
+            assert names == ["all_to_all_single", "all_gather_into_tensor"] * (len(names) // 2), scenario
+            helper_threads = ranks[0][scenario]["device_helper_threads"]
+            assert len(helper_threads) == len(names) // 2, scenario
+            assert all(thread.startswith("diloco-exchange") for thread in helper_threads), scenario
+        else:
+            assert threads == {"MainThread"}, scenario
+            assert {name for _, name, _ in on_group[0]} == {"all_reduce"}, scenario
+            assert ranks[0][scenario]["device_helper_threads"] == [], scenario
