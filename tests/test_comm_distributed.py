@@ -1,11 +1,13 @@
-"""The two-phase exchange of the blockwise compressors (int8, sign) on 2 and 4 gloo processes.
+"""The exchange of the blockwise compressors (int8, sign, onebit) on 2 and 4 gloo processes.
 
 Each rank reduces a few steps of its own gradients; the test then computes, in one
-process and with the quantizers written out here, what the exchange must give:
-every rank's payload decoded, cut into one chunk per rank, averaged per chunk and
-quantized again with the chunk owner's server error. It also counts the bytes the
-collectives return (by wrapping torch.distributed's functions, not from the
-Exchange's own counts): about two payloads per rank, whatever the number of ranks.
+process and with the quantizers written out here, what the exchange must give. In
+two phases (4 ranks; onebit on 2 too): every rank's payload decoded, cut into one
+chunk per rank, averaged per chunk and quantized again with the chunk owner's
+server error. All-gathered (int8 and sign on 2 ranks): the average of every rank's
+decoded payload. It also counts the bytes the collectives return (by wrapping
+torch.distributed's functions, not from the Exchange's own counts): about two
+payloads per rank, whatever the number of ranks.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ LAYOUTS = {
 }
 BLOCK = 64
 STEPS = 3
-COMPRESSORS = ("int8", "sign")
+COMPRESSORS = ("int8", "sign", "onebit")
+# The smallest number of ranks each averages in two phases (below it: an all-gather).
+TWO_PHASE_FROM = {"int8": 3, "sign": 3, "onebit": 1}
 
 
 def gradient(rank: int, step: int, numel: int) -> torch.Tensor:
@@ -101,13 +105,15 @@ def sign_round_trip(x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     return [torch.empty(packed_bytes, dtype=torch.uint8), scale.view(-1)], (signs * scale).view(-1)[: x.numel()]
 
 
-ROUND_TRIPS = {"int8": int8_round_trip, "sign": sign_round_trip}
+ROUND_TRIPS = {"int8": int8_round_trip, "sign": sign_round_trip, "onebit": sign_round_trip}
 
 
 def expected_averages(name: str, layout: Layout, world_size: int) -> list[torch.Tensor]:
-    """Every rank's values (+ its residual) quantized and decoded; each chunk of whole blocks averaged over
-    the ranks and quantized again (+ its owner's server error); the chunks put back together."""
+    """Every rank's values (+ its residual) quantized and decoded; in two phases, each chunk of whole blocks
+    averaged over the ranks and quantized again (+ its owner's server error), the chunks put back together;
+    else the decoded values averaged."""
     round_trip, numel = ROUND_TRIPS[name], layout.numel
+    two_phase = world_size >= TWO_PHASE_FROM[name]
     chunk = math.ceil(math.ceil(numel / BLOCK) / world_size) * BLOCK
     bounds = [(min(r * chunk, numel), min((r + 1) * chunk, numel)) for r in range(world_size)]
     residuals = [torch.zeros(numel) for _ in range(world_size)]
@@ -119,6 +125,9 @@ def expected_averages(name: str, layout: Layout, world_size: int) -> list[torch.
             x = gradient(rank, step, numel) + residuals[rank]
             decoded.append(round_trip(x)[1])
             residuals[rank] = x - decoded[-1]
+        if not two_phase:
+            averages.append(sum(decoded) / world_size)
+            continue
         pieces = []
         for owner, (start, end) in enumerate(bounds):
             y = sum(d[start:end] for d in decoded) / world_size + server_errors[owner]
@@ -129,9 +138,8 @@ def expected_averages(name: str, layout: Layout, world_size: int) -> list[torch.
     return averages
 
 
-def chunk_payload_bytes(name: str, numel: int, world_size: int) -> int:
-    chunk = math.ceil(math.ceil(numel / BLOCK) / world_size) * BLOCK
-    payload, _ = ROUND_TRIPS[name](torch.zeros(chunk))
+def payload_bytes(name: str, numel: int) -> int:
+    payload, _ = ROUND_TRIPS[name](torch.zeros(numel))
     return sum(t.numel() * t.element_size() for t in payload)
 
 
@@ -152,13 +160,16 @@ def test_two_phase_average_equals_the_chunked_average_written_out(world, name, l
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", COMPRESSORS)
-def test_each_rank_receives_two_chunked_payloads_whatever_the_number_of_ranks(world, name):
+def test_each_rank_receives_about_two_payloads_whatever_the_number_of_ranks(world, name):
     world_size, ranks = world
     numel = LAYOUTS["large"].numel
-    # an all-to-all: its chunk from every rank; an all-gather: every rank's chunk
-    expected = 2 * world_size * chunk_payload_bytes(name, numel, world_size)
-    full_payload = sum(t.numel() * t.element_size() for t in ROUND_TRIPS[name](torch.zeros(numel))[0])
-    assert expected <= 2 * full_payload + 2 * world_size * (BLOCK + 4)  # O(numel): at most a block more per rank
+    if world_size >= TWO_PHASE_FROM[name]:  # an all-to-all: its chunk from every rank; an all-gather: every chunk
+        chunk = math.ceil(math.ceil(numel / BLOCK) / world_size) * BLOCK
+        expected = 2 * world_size * payload_bytes(name, chunk)
+    else:  # an all-gather of every rank's payload
+        expected = world_size * payload_bytes(name, numel)
+    # O(numel): two payloads, and at most a padded block more per rank and phase
+    assert expected <= 2 * payload_bytes(name, numel) + 2 * world_size * payload_bytes(name, BLOCK)
     for rank in ranks:
         for counted, by_collectives in rank[name, "large"]["received"]:
             assert counted == by_collectives == expected

@@ -45,21 +45,28 @@ def chunked_bytes(numel: int, block_size: int, world_size: int, bits: int) -> tu
     return (world_size + 1) * chunk_bytes, 2 * world_size * chunk_bytes
 
 
-# Bytes each rank sends and receives per step (options as in the script): the sizes of the tensors the
-# collectives take and return; an all-reduce receives the sum, an all-gather every rank's payload.
-SENT_AND_RECEIVED = {
-    "fp16": (2 * NUMEL, 2 * NUMEL),
-    "bf16": (2 * NUMEL, 2 * NUMEL),
-    "int8": chunked_bytes(NUMEL, 256, 2, bits=8),
-    "sign": chunked_bytes(NUMEL, 128, 2, bits=1),
-    "ternary": (math.ceil(NUMEL / 4) + 4 * len(SHAPES), 2 * (math.ceil(NUMEL / 4) + 4 * len(SHAPES))),
-    "topk": (8 * math.ceil(0.1 * NUMEL), 2 * 8 * math.ceil(0.1 * NUMEL)),
+# Bytes each rank sends per step, from the tensor sizes each compressor puts on the wire
+# (options as in the script).
+EXPECTED_BYTES = {
+    "fp16": 2 * NUMEL,
+    "bf16": 2 * NUMEL,
+    "int8": NUMEL + 4 * math.ceil(NUMEL / 256),
+    "sign": math.ceil(NUMEL / 8) + 4 * math.ceil(NUMEL / 128),
+    "ternary": math.ceil(NUMEL / 4) + 4 * len(SHAPES),
+    "topk": 8 * math.ceil(0.1 * NUMEL),
     # rank 2: P and Q of the two matrices worth compressing; the 1 x 32 matrix and the vectors as they are
-    "powersgd": (4 * (2 * (32 + 6) + 2 * (32 + 32) + 32 + 32 + 32 + 1),) * 2,
-    "onebit": chunked_bytes(NUMEL, 128, 2, bits=1),
+    "powersgd": 4 * (2 * (32 + 6) + 2 * (32 + 32) + 32 + 32 + 32 + 1),
+    "onebit": chunked_bytes(NUMEL, 128, 2, bits=1)[0],
 }
-EXPECTED_BYTES = {name: sent for name, (sent, _) in SENT_AND_RECEIVED.items()}
-EXPECTED_RECEIVED_BYTES = {name: received for name, (_, received) in SENT_AND_RECEIVED.items()}
+
+
+# What each rank receives: the sum of an all-reduce, every rank's payload of an all-gather (int8 and
+# sign all-gather on two ranks: ChunkedCompressor.two_phase_from).
+EXPECTED_RECEIVED_BYTES = {
+    **{name: EXPECTED_BYTES[name] for name in ("fp16", "bf16", "powersgd")},
+    **{name: 2 * EXPECTED_BYTES[name] for name in ("int8", "sign", "ternary", "topk")},
+    "onebit": chunked_bytes(NUMEL, 128, 2, bits=1)[1],
+}
 
 
 def launch(out_dir: Path, *mode: str) -> list[dict]:
@@ -240,6 +247,17 @@ def test_four_ranks_compressor_none_is_ddp_and_every_method_keeps_the_ranks_iden
             assert all(rank[name]["ranks_agree"]), name
             assert same(rank[name]["params"], four_ranks[0][name]["params"]), name
             assert not same(rank[name]["params"], rank["ddp"]["params"]), name  # compression changed something
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name, block_size, bits", [("int8", 256, 8), ("sign", 128, 1), ("onebit", 128, 1)])
+def test_four_ranks_blockwise_compressors_receive_two_payloads_not_four(four_ranks, name, block_size, bits):
+    sent, received = chunked_bytes(NUMEL, block_size, 4, bits)
+    all_gathered = 4 * EXPECTED_BYTES[name] if name != "onebit" else None  # what an all-gather would receive
+    for rank in four_ranks:
+        assert rank[name]["bytes_sent"] == [sent] * 3
+        assert rank[name]["logged_bytes_received"] == [float(received)] * 3
+        assert all_gathered is None or received < all_gathered / 1.5
 
 
 AMP_METHODS = ["none", *sorted(EXPECTED_BYTES)]

@@ -744,12 +744,10 @@ def test_bytes_sent_are_the_pseudo_gradient_sizes(two_worker_runs):
     # net.2 16 + 1 = 17; int8 in blocks of 64 with an fp32 scale per block, 3 fragments (more than
     # the 2 layers: strided over the tensors): {0.weight, 2.bias} 96 + 1 = 97 numbers, 2 blocks;
     # {0.bias} 16, 1; {2.weight} 16, 1. Balanced: 129 numbers cut into 64 and 65.
-    # int8 goes in two phases (ChunkedCompressor): one chunk of whole blocks per worker, here one block
-    # of 64 (padded), sent twice in the all-to-all and once in the all-gather.
     fragment_bytes = {
         "streaming": [112 * 4, 17 * 4],
         "streaming_balanced": [64 * 4, 65 * 4],
-        "streaming_int8_adamw": [3 * (64 + 4)] * 3,
+        "streaming_int8_adamw": [97 + 2 * 4, 16 + 4, 16 + 4],
     }
     for name, sizes in fragment_bytes.items():
         for rank in two_worker_runs[name]:
@@ -902,7 +900,7 @@ def test_the_exchange_group_sees_the_same_collectives_in_the_same_order_on_every
     for code, log in exits:
         assert code == 0, log[-3000:]
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
-    for scenario, compressed in [("delayed_int8", True), ("streaming_int8", True), ("delayed_fp32", False)]:
+    for scenario, compressed in [("delayed_onebit", True), ("streaming_onebit", True), ("delayed_fp32", False)]:
         on_group = [
             [(thread, name, numel) for thread, name, group, numel in rank[scenario]["collectives"] if group == "exchange"]
             for rank in ranks
@@ -911,7 +909,7 @@ def test_the_exchange_group_sees_the_same_collectives_in_the_same_order_on_every
         threads = {thread for thread, _, _ in on_group[0]}
         if compressed:
             assert len(threads) == 1 and threads.pop().startswith("diloco-exchange"), scenario
-            # the int8 exchange: an all-to-all, then an all-gather, per sync
+            # the 1-bit exchange: an all-to-all, then an all-gather, per sync
             names = [name for _, name, _ in on_group[0]]
             assert names == ["all_to_all_single", "all_gather_into_tensor"] * (len(names) // 2), scenario
             helper_threads = ranks[0][scenario]["device_helper_threads"]
@@ -921,3 +919,17 @@ def test_the_exchange_group_sees_the_same_collectives_in_the_same_order_on_every
             assert threads == {"MainThread"}, scenario
             assert {name for _, name, _ in on_group[0]} == {"all_reduce"}, scenario
             assert ranks[0][scenario]["device_helper_threads"] == [], scenario
+
+
+def test_the_gpu_checks_exchange_section_runs_here_and_finds_the_thread_average_equal():
+    """benchmarks/gpu_check.py's DiLoCo exchange check (NCCL on a GPU) on gloo and CPU: its plumbing."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    section = gpu_check.check_diloco_exchange(torch.device("cpu"), numel=1000)
+    assert section["all_equal"]
+    assert section["rows"]["int8 on the exchange thread"]["thread"] == ["diloco-exchange_0"]
+    assert section["rows"]["fp32"]["thread"] == []  # no thread: an asynchronous all-reduce
+    assert not torch.distributed.is_initialized()

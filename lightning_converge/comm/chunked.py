@@ -9,7 +9,7 @@ re-compressed chunks.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor
@@ -33,10 +33,20 @@ class ChunkedCompressor(Compressor):
        chunk's owner. An all-gather hands every rank every compressed chunk; all ranks
        decode the same bytes, so they hold the same average.
 
-    Each rank sends about ``(1 + 1 / world_size)`` payloads and receives about two,
-    whatever the number of ranks, where gathering every rank's whole payload
-    receives ``world_size`` of them and decodes them all. The price is the second
-    compression of the average, which error feedback makes up for over the steps.
+    Each rank receives about two payloads and decodes ``world_size + 1`` chunks
+    (one payload's worth), whatever the number of ranks, where gathering every
+    rank's whole payload receives ``world_size`` payloads and decodes them all. The
+    collectives are handed about ``1 + 1 / world_size`` payloads (its own chunk of
+    the all-to-all included); on the wire, a ring all-gather makes each rank pass on
+    ``world_size - 1`` payloads, the two phases ``2 (world_size - 1) / world_size``.
+    The price is the second compression of the average, which error feedback makes
+    up for over the steps.
+
+    Below ``two_phase_from`` ranks (3 by default) :meth:`reduce` all-gathers the
+    payloads instead (:meth:`Compressor.reduce`): with two ranks both exchanges put
+    the same bytes on the wire and receive two payloads, and the all-gather's average
+    is exact (no second compression). 1-bit Adam's compressor sets it to 1, its
+    paper's algorithm at every size.
 
     The worker error is per element (saved per parameter); the server error is kept
     per bucket contents and world size (a chunk whose size changes starts from zero).
@@ -47,6 +57,8 @@ class ChunkedCompressor(Compressor):
     """
 
     block_size: int
+    # The smallest number of ranks averaged in two phases; fewer are all-gathered.
+    two_phase_from: ClassVar[int] = 3
 
     def __init__(self, error_feedback: bool = True) -> None:
         super().__init__(error_feedback)
@@ -74,6 +86,8 @@ class ChunkedCompressor(Compressor):
 
     def reduce(self, grad: Tensor, layout: Layout, exchange: Exchange, step: int = 0) -> Tensor:
         world_size, numel = exchange.world_size, grad.numel()
+        if world_size < self.two_phase_from:
+            return super().reduce(grad, layout, exchange, step)
         chunk = chunk_size(numel, world_size, self.block_size)
         chunk_sizes = self.payload_sizes(chunk)
         # Rank j's chunk of every payload tensor is row j (zero padding past the buffer's end).

@@ -18,10 +18,10 @@ class Int8Compressor(ChunkedCompressor):
 
     Payload: ``numel`` bytes and ``4 * ceil(numel / block_size)`` bytes of scales. It
     cannot be all-reduced (int8 sums overflow, and each rank's blocks have their own
-    scales); it is averaged in two phases instead
+    scales). On three ranks or more it is averaged in two phases
     (:class:`~lightning_converge.comm.chunked.ChunkedCompressor`): each rank averages
     one chunk of blocks and quantizes it again (with a server error of its own), so
-    a rank receives about two payloads, not one per rank.
+    a rank receives about two payloads, not one per rank; on two, all-gathered.
     """
 
     name = "int8"

@@ -23,9 +23,10 @@ class OneBitCompressor(SignCompressor):
     Each rank sends ``(1 + 1 / world_size) * numel / 8`` bytes of signs and receives
     ``2 * numel / 8`` (plus the block scales) however many ranks there are.
 
-    This is the exchange of the ``sign`` compressor, under the name 1-bit Adam's
-    paper gives it (:class:`~lightning_converge.strategies.OneBitAdamStrategy` uses it
-    for its momenta); the name stays for configurations and checkpoints that use it.
+    This is the ``sign`` compressor's exchange, taken in two phases at every number of
+    ranks (``sign`` all-gathers below three, where that is as cheap and exact);
+    :class:`~lightning_converge.strategies.OneBitAdamStrategy` uses it for its momenta.
     """
 
     name = "onebit"
+    two_phase_from = 1

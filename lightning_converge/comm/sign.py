@@ -29,11 +29,12 @@ class SignCompressor(ChunkedCompressor):
 
     Payload: signs packed 8 per byte (``ceil(numel / 8)`` bytes) and
     ``4 * ceil(numel / block_size)`` bytes of scales. The pass is the fused
-    :func:`~lightning_converge.kernels.sign_quantize.sign_quantize` kernel. The
-    average is taken in two phases (:class:`~lightning_converge.comm.chunked.ChunkedCompressor`):
-    each rank averages one chunk of blocks and compresses it again (with a server
-    error of its own), so a rank receives about two payloads, not one per rank.
-    This is 1-bit Adam's compressed all-reduce (``onebit``).
+    :func:`~lightning_converge.kernels.sign_quantize.sign_quantize` kernel. On three
+    ranks or more the average is taken in two phases
+    (:class:`~lightning_converge.comm.chunked.ChunkedCompressor`): each rank averages
+    one chunk of blocks and compresses it again (with a server error of its own), so
+    a rank receives about two payloads, not one per rank; on two, all-gathered.
+    ``onebit`` (1-bit Adam's compressed all-reduce) takes two phases on any number.
     """
 
     name = "sign"

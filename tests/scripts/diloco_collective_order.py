@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from diloco_fit import fit  # the sibling script: the tiny regression both ranks fit
 
-from lightning_converge.comm import Int8Compressor
+from lightning_converge.comm import OneBitCompressor
 from lightning_converge.strategies import DiLoCoStrategy, StreamingDiLoCoStrategy
 from lightning_converge.strategies.diloco.exchange import PseudoGradientExchange
 
@@ -51,16 +51,17 @@ def recording_run_on_device(self, *args, **kwargs):
 PseudoGradientExchange._run_on_device = recording_run_on_device
 
 
-def int8():
-    return Int8Compressor(block_size=64, backend="reference")
+def onebit():
+    """Two collectives per sync (an all-to-all, then an all-gather): orders that could interleave."""
+    return OneBitCompressor(block_size=64, backend="reference")
 
 
 SCENARIOS = {
     # delay=1: each sync is started while the previous one may still be in flight
-    "delayed_int8": lambda: DiLoCoStrategy(inner_steps=3, delay=1, compressor=int8(), backend="reference"),
+    "delayed_onebit": lambda: DiLoCoStrategy(inner_steps=3, delay=1, compressor=onebit(), backend="reference"),
     # streaming: two fragments, overlapping syncs
-    "streaming_int8": lambda: StreamingDiLoCoStrategy(
-        inner_steps=4, num_fragments=2, overlap_steps=1, compressor=int8(), backend="reference"
+    "streaming_onebit": lambda: StreamingDiLoCoStrategy(
+        inner_steps=4, num_fragments=2, overlap_steps=1, compressor=onebit(), backend="reference"
     ),
     # no compressor: asynchronous all-reduces from the training thread
     "delayed_fp32": lambda: DiLoCoStrategy(inner_steps=3, delay=1, backend="reference"),
