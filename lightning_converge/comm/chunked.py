@@ -33,9 +33,9 @@ class ChunkedCompressor(Compressor):
        chunk's owner. An all-gather hands every rank every compressed chunk; all ranks
        decode the same bytes, so they hold the same average.
 
-    Each rank receives about two payloads and decodes ``world_size + 1`` chunks
-    (one payload's worth), whatever the number of ranks, where gathering every
-    rank's whole payload receives ``world_size`` payloads and decodes them all. The
+    Each rank receives about two payloads and decodes ``2 world_size`` chunks (two
+    payloads' worth), whatever the number of ranks, where gathering every rank's
+    whole payload receives ``world_size`` payloads and decodes them all. The
     collectives are handed about ``1 + 1 / world_size`` payloads (its own chunk of
     the all-to-all included); on the wire, a ring all-gather makes each rank pass on
     ``world_size - 1`` payloads, the two phases ``2 (world_size - 1) / world_size``.
