@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import math
 import socket
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_converge.comm import Exchange, Layout, make_compressor
+from lightning_converge.comm import Exchange, Layout, ScaledReduce, make_compressor
 
 # Odd sizes; the second layout is smaller than 4 blocks, so with 4 ranks some chunks are empty.
 LAYOUTS = {
@@ -44,8 +45,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, results: dict) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    """One of 4 processes: the scenarios on ranks 0 and 1 (a group of two), then on all four."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=4)
+    pair = dist.new_group([0, 1])  # every rank takes part in making it
     received_by_collectives = [0]
 
     def counting(collective):
@@ -59,32 +62,59 @@ def _worker(rank: int, world_size: int, port: int, results: dict) -> None:
     dist.all_to_all_single = counting(dist.all_to_all_single)
     dist.all_gather_into_tensor = counting(dist.all_gather_into_tensor)
     out = {}
-    for name in COMPRESSORS:
-        for layout_name, layout in LAYOUTS.items():
-            compressor = make_compressor(name, block_size=BLOCK, backend="reference")
-            exchange = Exchange()
-            averages, received = [], []
-            for step in range(STEPS):
-                received_by_collectives[0] = 0
-                averages.append(compressor.reduce(gradient(rank, step, layout.numel), layout, exchange, step))
-                stats = exchange.take_stats()
-                received.append((stats.bytes_received, received_by_collectives[0]))
-            out[name, layout_name] = {"averages": averages, "received": received}
-    results[rank] = out
+    for world_size, group in ((2, pair), (4, None)):
+        if rank >= world_size:
+            continue
+        for name in COMPRESSORS:
+            for layout_name, layout in LAYOUTS.items():
+                compressor = make_compressor(name, block_size=BLOCK, backend="reference")
+                exchange = Exchange(group)
+                averages, received = [], []
+                for step in range(STEPS):
+                    received_by_collectives[0] = 0
+                    averages.append(compressor.reduce(gradient(rank, step, layout.numel), layout, exchange, step))
+                    stats = exchange.take_stats()
+                    received.append((stats.bytes_received, received_by_collectives[0]))
+                out[world_size, name, layout_name] = {"averages": averages, "received": received}
+            out[world_size, name, "overflow"] = _overflow_steps(name, rank, world_size, group)
+    torch.save(out, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def _run(world_size: int) -> list[dict]:
-    context = mp.get_context("spawn")
-    manager = context.Manager()
-    results = manager.dict()
-    mp.start_processes(_worker, args=(world_size, _free_port(), results), nprocs=world_size, start_method="spawn")
-    return [results[rank] for rank in range(world_size)]
+def _overflow_steps(name: str, rank: int, world_size: int, group) -> list[tuple[bool, bool, bool]]:
+    """fp16 AMP: loss-scaled gradients, the last rank's holding an inf at step 1. Per step: (finite_step,
+    all NaN, equal to the same compressor fed the unscaled finite steps only)."""
+    layout = LAYOUTS["large"]
+    scaled, plain = (make_compressor(name, block_size=BLOCK, backend="reference") for _ in range(2))
+    reducer, exchange, scale = ScaledReduce(scaled), Exchange(group), 2.0**10
+    steps = []
+    for step in range(STEPS):
+        grad = gradient(rank, step, layout.numel)
+        scaled_grad = grad * scale
+        if step == 1 and rank == world_size - 1:
+            scaled_grad[5] = math.inf
+        average = reducer.reduce(scaled_grad, layout, exchange, step, scale)
+        finite = reducer.finish_step()
+        same = finite and torch.equal(average / scale, plain.reduce(grad.clone(), layout, exchange, step))
+        steps.append((finite, bool(average.isnan().all()), same))
+    return steps
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=["2_ranks", "4_ranks"])
-def world(request):
-    return request.param, _run(request.param)
+@pytest.fixture(scope="module")
+def four_processes(tmp_path_factory):
+    """Every rank's results, from one launch of 4 processes."""
+    out_dir = tmp_path_factory.mktemp("comm_distributed")
+    mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=4, start_method="spawn")
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(4)]
+
+
+@pytest.fixture(params=[2, 4], ids=["2_ranks", "4_ranks"])
+def world(request, four_processes):
+    """(world size, the results of its ranks under that world size)."""
+    world_size = request.param
+    return world_size, [
+        {key[1:]: value for key, value in rank.items() if key[0] == world_size} for rank in four_processes[:world_size]
+    ]
 
 
 # The quantizers, written out: (payload, decoded values) of x, blockwise.
@@ -173,3 +203,13 @@ def test_each_rank_receives_about_two_payloads_whatever_the_number_of_ranks(worl
     for rank in ranks:
         for counted, by_collectives in rank[name, "large"]["received"]:
             assert counted == by_collectives == expected
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", COMPRESSORS)
+def test_an_overflow_on_one_rank_is_seen_by_every_rank_and_leaves_no_trace(world, name):
+    """The finite flag rides with the first collective (the all-to-all in two phases): every rank skips the
+    step, and the steps after it equal a compressor that never saw it."""
+    _, ranks = world
+    for rank in ranks:
+        assert rank[name, "overflow"] == [(True, False, True), (False, True, False), (True, False, True)]
