@@ -711,7 +711,7 @@ def markdown(report: dict) -> str:
              for name, r in callbacks["rows"].items()]
             + [[name, "", "", "", "", reason] for name, reason in callbacks["not_available"].items()],
         )  # fmt: skip
-    lines += diloco_exchange_lines(report["diloco_exchange"], table)
+    lines += diloco_exchange_lines(report.get("diloco_exchange", dict(skipped="not run")), table)
     lines += [""]
     lines += table(
         ["target", "measured", "met"],
