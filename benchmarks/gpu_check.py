@@ -544,11 +544,12 @@ def check_diloco_exchange(device, numel: int) -> dict:
     """DiLoCo's pseudo-gradient exchange (``strategies/diloco/exchange.py``) on ``device``, in a process
     group of one rank (NCCL on CUDA, gloo elsewhere: the dry run checks this function's plumbing).
 
-    With an int8 compressor, whose collectives run on the exchange's thread: the pseudo-gradient is made
-    by a chain of kernels on a stream of the training thread's own, and ``start`` is called at once, so a
-    thread that did not wait for that stream would read it unfinished; the average is used on that stream
-    at once after ``resolve``. Each row compares against the same compressor run synchronously in the
-    training thread, and records the device current in the thread. Without a compressor: the
+    With a compressor, whose collectives run on the exchange's thread (int8: an all-gather on one rank;
+    onebit: an all-to-all, then an all-gather): the pseudo-gradient is made by a chain of kernels on a
+    stream of the training thread's own, and ``start`` is called at once, so a thread that did not wait
+    for that stream would read it unfinished; the average is used on that stream at once after
+    ``resolve``. Each row compares against the same compressor run synchronously in the training
+    thread, and records the thread and the device current in it. Without a compressor (fp32): the
     asynchronous all-reduce issued from the training thread.
     """
     import contextlib
@@ -557,7 +558,7 @@ def check_diloco_exchange(device, numel: int) -> dict:
     import torch
     import torch.distributed as dist
 
-    from lightning_converge.comm import Exchange, Int8Compressor, Layout
+    from lightning_converge.comm import Exchange, Layout, make_compressor
     from lightning_converge.strategies.diloco.exchange import PendingSync, PseudoGradientExchange
 
     initialized_here = not dist.is_initialized()
@@ -567,24 +568,22 @@ def check_diloco_exchange(device, numel: int) -> dict:
     layout = Layout(("pseudo_gradient",), (torch.Size([numel]),))
     rows = {}
     try:
-        for name, make_compressor in [("int8 on the exchange thread", lambda: Int8Compressor()), ("fp32", None)]:
-            compressor = make_compressor() if make_compressor else None
+        for name in ("int8", "onebit", "fp32"):
+            compressor = None if name == "fp32" else make_compressor(name)
             exchange = PseudoGradientExchange(compressor, owner="gpu_check")
             exchange.open(None)
-            thread_devices = []
+            seen = []
             run_on_device = exchange._run_on_device
 
-            def recording(*args, _run=run_on_device, _seen=thread_devices, **kwargs):
-                current = torch.cuda.current_device() if device.type == "cuda" else None
+            def recording(*args, _run=run_on_device, _seen=seen, **kwargs):
                 result = _run(*args, **kwargs)
-                after = torch.cuda.current_device() if device.type == "cuda" else None
-                _seen.append((threading.current_thread().name, current, after))
+                current = torch.cuda.current_device() if device.type == "cuda" else None
+                _seen.append((threading.current_thread().name, current))
                 return result
 
             exchange._run_on_device = recording
             producer = torch.cuda.Stream(device) if device.type == "cuda" else None
-            seed = torch.Generator(device).manual_seed(0)
-            base = torch.randn(numel, device=device, generator=seed)
+            base = torch.randn(numel, device=device, generator=torch.Generator(device).manual_seed(0))
             if producer is not None:
                 producer.wait_stream(torch.cuda.current_stream(device))  # base is made on the default stream
             with torch.cuda.stream(producer) if producer is not None else contextlib.nullcontext():
@@ -595,17 +594,16 @@ def check_diloco_exchange(device, numel: int) -> dict:
                 pending = PendingSync(None, exchange.start(pseudo_gradient, layout, step=0))
                 average = exchange.resolve(pending, step=0).clone()  # used on the producer's stream at once
             synchronize(device)
-            # The same reduction in this thread, on the default group (a world of one rank).
-            if compressor is None:
-                expected = expected_input
-            else:
-                expected = Int8Compressor().reduce(expected_input.clone(), layout, Exchange(), 0)
             exchange.close()
+            # The same reduction in this thread, on the default group (a world of one rank).
+            expected = expected_input
+            if name != "fp32":
+                expected = make_compressor(name).reduce(expected_input.clone(), layout, Exchange(), 0)
             rows[name] = dict(
                 equal=bool(torch.equal(average.cpu(), expected.cpu())),
                 max_abs_diff=float((average - expected).abs().max()),
-                thread=[thread for thread, _, _ in thread_devices],
-                device_in_thread=[after for _, _, after in thread_devices],
+                thread=[thread for thread, _ in seen],
+                device_in_thread=[current for _, current in seen],
                 device=str(device),
             )
     finally:

@@ -929,7 +929,8 @@ def test_the_gpu_checks_exchange_section_runs_here_and_finds_the_thread_average_
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
     section = gpu_check.check_diloco_exchange(torch.device("cpu"), numel=1000)
-    assert section["all_equal"]
-    assert section["rows"]["int8 on the exchange thread"]["thread"] == ["diloco-exchange_0"]
+    assert section["all_equal"] and list(section["rows"]) == ["int8", "onebit", "fp32"]
+    for name in ("int8", "onebit"):
+        assert section["rows"][name]["thread"] == ["diloco-exchange_0"]
     assert section["rows"]["fp32"]["thread"] == []  # no thread: an asynchronous all-reduce
     assert not torch.distributed.is_initialized()
