@@ -895,3 +895,48 @@ def test_validation_evaluates_the_model_a_checkpoint_saves_the_same_on_every_wor
     if name == "validation":
         updates, final = simulate(steps=5, inner_steps=3)
         _assert_all_close(ranks[0]["params"], final)
+
+
+@pytest.mark.distributed
+def test_the_exchange_group_sees_the_same_collectives_in_the_same_order_on_every_rank_from_one_thread(tmp_path):
+    """NCCL needs every rank to issue a group's collectives in one order; with a compressor they all come
+    from the exchange's thread (which also makes the pseudo-gradient's device current), without one from
+    the training thread, and the other thread issues none on that group."""
+    exits = run_two_workers("diloco_collective_order.py", [str(tmp_path)], tmp_path, timeout=300)
+    for code, log in exits:
+        assert code == 0, log[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    for scenario, compressed in [("delayed_onebit", True), ("streaming_onebit", True), ("delayed_fp32", False)]:
+        on_group = [
+            [(thread, name, numel) for thread, name, group, numel in rank[scenario]["collectives"] if group == "exchange"]
+            for rank in ranks
+        ]
+        assert on_group[0] and on_group[0] == on_group[1], scenario
+        threads = {thread for thread, _, _ in on_group[0]}
+        if compressed:
+            assert len(threads) == 1 and threads.pop().startswith("diloco-exchange"), scenario
+            # the 1-bit exchange: an all-to-all, then an all-gather, per sync
+            names = [name for _, name, _ in on_group[0]]
+            assert names == ["all_to_all_single", "all_gather_into_tensor"] * (len(names) // 2), scenario
+            helper_threads = ranks[0][scenario]["device_helper_threads"]
+            assert len(helper_threads) == len(names) // 2, scenario
+            assert all(thread.startswith("diloco-exchange") for thread in helper_threads), scenario
+        else:
+            assert threads == {"MainThread"}, scenario
+            assert {name for _, name, _ in on_group[0]} == {"all_reduce"}, scenario
+            assert ranks[0][scenario]["device_helper_threads"] == [], scenario
+
+
+def test_the_gpu_checks_exchange_section_runs_here_and_finds_the_thread_average_equal():
+    """benchmarks/gpu_check.py's DiLoCo exchange check (NCCL on a GPU) on gloo and CPU: its plumbing."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    section = gpu_check.check_diloco_exchange(torch.device("cpu"), numel=1000)
+    assert section["all_equal"] and list(section["rows"]) == ["int8", "onebit", "fp32"]
+    for name in ("int8", "onebit"):
+        assert section["rows"][name]["thread"] == ["diloco-exchange_0"]
+    assert section["rows"]["fp32"]["thread"] == []  # no thread: an asynchronous all-reduce
+    assert not torch.distributed.is_initialized()

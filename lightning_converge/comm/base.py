@@ -19,6 +19,9 @@ class Compressor:
     values into payload tensors, exchange them with :class:`~lightning_converge.comm.exchange.Exchange`
     (summed by an all-reduce when the compressed form is ``summable``, otherwise
     all-gathered and decompressed rank by rank), and :meth:`decode` to the average.
+    An all-gather makes every rank receive and decode ``world_size`` payloads;
+    blockwise formats avoid it with the two-phase exchange of
+    :class:`~lightning_converge.comm.chunked.ChunkedCompressor`.
 
     With ``error_feedback`` the compressor keeps, per element, a ``residual``: what
     the payload did not carry. It is added to the next step's values before
