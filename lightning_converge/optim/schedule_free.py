@@ -75,8 +75,9 @@ class _ScheduleFree(FusedOptimizer):
 
     @staticmethod
     def running_defaults() -> dict[str, Any]:
-        """Group entries that the optimizer advances at each step, as named by the reference."""
-        return dict(k=0, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0, train_mode=True)
+        """Group entries that the optimizer advances at each step, as named by the reference; and
+        ``foreach``, unused here, which the reference reads from the state dicts it loads."""
+        return dict(k=0, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0, train_mode=True, foreach=None)
 
     def coefficient(self, group: dict[str, Any]) -> float:
         value = group[self.coefficient_key]
@@ -123,6 +124,15 @@ class _ScheduleFree(FusedOptimizer):
         for group in self.param_groups:
             self._advance(group)
         return super().step(closure)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Also loads the reference package's state dicts, which count steps per group only."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for p in group["params"]:
+                param_state = self.state.get(p)
+                if param_state and "step" not in param_state:
+                    param_state["step"] = torch.tensor(float(group["k"]), device=p.device)
 
     @torch.no_grad()
     def _move_parameters(self, train_mode: bool) -> None:
