@@ -517,3 +517,25 @@ def test_cli_builds_the_optimizer_from_its_class_path(entry_point, monkeypatch):
     # The example's own warm-up scheduler has scaled lr already: initial_lr is the configured one.
     assert built.param_groups[0]["initial_lr"] == 0.004 and built.param_groups[0]["warmup_steps"] == 10
     assert any(isinstance(cb, ScheduleFreeMode) for cb in cli.trainer.callbacks)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton"))])
+@pytest.mark.parametrize("rule", RULES)
+def test_a_step_builds_no_host_tensors_and_reads_nothing_back(rule, backend, monkeypatch):
+    """What a GPU step needs (tests/test_gpu_path.py): the warm-up, the average's weights and the
+    bias correction are host arithmetic on Python numbers, refilled into persistent slots."""
+    from test_gpu_path import _assert_steady_and_sync_free, no_host_reads
+
+    cls, _, hyperparameters = RULES[rule]
+    params = make_params()
+    optimizer = cls([{"params": params[:2]}, {"params": params[2:], "lr": 1e-2}], backend=backend, **hyperparameters)
+    set_grads(params, 0)
+    optimizer.step()  # the first step creates the state
+    per_step = []
+    for step in range(4):  # inside the warm-up, then past it, with an lr that changes every step
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-3 * (step + 1)
+        with no_host_reads(monkeypatch) as ops:
+            optimizer.step()
+        per_step.append(ops)
+    _assert_steady_and_sync_free(per_step)
