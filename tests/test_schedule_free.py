@@ -123,6 +123,35 @@ def test_averaged_parameters_are_eval_modes_x_without_moving_the_parameters(rule
 
 
 @pytest.mark.parametrize("rule", RULES)
+def test_complex_parameters_switch_modes_as_their_real_view(rule):
+    """eval(), train() and averaged_parameters() of complex parameters act on their real view, as the
+    step does; parameters without a gradient yet get no state from switching modes."""
+    cls, _, hyperparameters = RULES[rule]
+    generator = torch.Generator().manual_seed(2)
+    complex_params = [torch.randn(shape, dtype=torch.complex64, generator=generator).requires_grad_() for shape in [(5, 3), (7,)]]
+    real = [torch.view_as_real(p.detach()).clone().requires_grad_() for p in complex_params]
+    idle = torch.nn.Parameter(torch.randn(3))
+    real_optimizer = cls(real, backend="reference", **hyperparameters)
+    complex_optimizer = cls([*complex_params, idle], backend="reference", **hyperparameters)
+    for t in range(4):
+        set_grads(real, t)
+        for c, r in zip(complex_params, real):
+            c.grad = torch.view_as_complex(r.grad.clone())
+        real_optimizer.step()
+        complex_optimizer.step()
+    averaged = complex_optimizer.averaged_parameters()
+    real_averaged = real_optimizer.averaged_parameters()
+    torch.testing.assert_close([torch.view_as_real(averaged[c]) for c in complex_params], [real_averaged[r] for r in real])
+    real_optimizer.eval()
+    complex_optimizer.eval()
+    torch.testing.assert_close([torch.view_as_real(c.detach()) for c in complex_params], [r.detach() for r in real])
+    real_optimizer.train()
+    complex_optimizer.train()
+    torch.testing.assert_close([torch.view_as_real(c.detach()) for c in complex_params], [r.detach() for r in real])
+    assert idle not in complex_optimizer.state
+
+
+@pytest.mark.parametrize("rule", RULES)
 def test_state_dicts_load_both_ways_with_the_reference_package(rule):
     """The reference's state dict continues here as there, and ours continues there as here."""
     cls, reference_cls, hyperparameters = RULES[rule]

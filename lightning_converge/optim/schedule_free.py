@@ -143,11 +143,14 @@ class _ScheduleFree(FusedOptimizer):
             # y = lerp(x, z, 1 - beta); x = lerp(y, z, 1 - 1/beta).
             weight = 1 - beta if train_mode else 1 - 1 / beta
             for p in group["params"]:
-                z = self.state[p].get("z")
-                if z is not None:
-                    view = real_view(p)
-                    view.copy_(torch.lerp(view.to(z.dtype), real_view(z).to(view.device), weight))
+                if "z" in self.state.get(p, {}):
+                    real_view(p).copy_(self._interpolate_with_z(p, weight))
             group["train_mode"] = train_mode
+
+    def _interpolate_with_z(self, p: Tensor, weight: float) -> Tensor:
+        """``lerp(p, z, weight)`` in the state's precision, as real views (complex parameters)."""
+        z = real_view(self.state[p]["z"])
+        return torch.lerp(real_view(p).to(device=z.device, dtype=z.dtype), z, weight)
 
     def eval(self) -> None:
         """Make the parameters hold x, the average to evaluate and save (a no-op in eval mode)."""
@@ -170,13 +173,12 @@ class _ScheduleFree(FusedOptimizer):
         for group in self.param_groups:
             beta = self.coefficient(group)
             for p in group["params"]:
-                z = self.state[p].get("z")
-                if z is None:
+                if "z" not in self.state.get(p, {}):
                     continue
                 if not group["train_mode"]:
                     averaged[p] = p.detach().clone()
                     continue
-                x = torch.lerp(real_view(p).to(z.dtype), real_view(z).to(p.device), 1 - 1 / beta)
+                x = self._interpolate_with_z(p, 1 - 1 / beta).to(device=p.device)
                 averaged[p] = (torch.view_as_complex(x) if p.is_complex() else x).to(p.dtype)
         return averaged
 
