@@ -108,6 +108,25 @@ def test_equals_the_reference_package_in_train_and_eval_mode(rule, backend):
 
 
 @pytest.mark.parametrize("rule", RULES)
+def test_warm_up_and_the_average_weights_never_recompile(rule):
+    """lr, ckp1 and the bias correction change at every step of the warm-up (and the lr by hand):
+    the compiled graph stays the one of the first step."""
+    from torch._dynamo.utils import counters
+
+    cls, _, hyperparameters = RULES[rule]
+    params = make_params()
+    optimizer = cls(params, backend="compiled", **hyperparameters)
+    set_grads(params, 0)
+    optimizer.step()
+    graphs = counters["stats"]["unique_graphs"]
+    for t in range(1, 8):
+        optimizer.param_groups[0]["lr"] = hyperparameters["lr"] / (t + 1)
+        set_grads(params, t)
+        optimizer.step()
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.parametrize("rule", RULES)
 def test_averaged_parameters_are_eval_modes_x_without_moving_the_parameters(rule):
     cls, _, hyperparameters = RULES[rule]
     params = make_params()
