@@ -86,7 +86,7 @@ class _ScheduleFree(FusedOptimizer):
     def init_state(self, param: Tensor, state: dict[str, Tensor]) -> None:
         """``z`` starts at the parameter (then x = y = z); the other state at zero."""
         super().init_state(param, state)
-        state["z"] = param.detach().to(self.state_dtype(param), copy=True)
+        state["z"].copy_(param.detach())
 
     def _advance(self, group: dict[str, Any]) -> None:
         """Count this step in the group: warm-up, the largest lr so far and the average's weight sum."""
@@ -112,18 +112,24 @@ class _ScheduleFree(FusedOptimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update at y of every parameter that has a gradient; every group counts the step
         (as the reference: warm-up and the average's weights follow the optimizer's steps).
+        ``closure`` (optional) runs first, with gradients enabled; its loss is returned.
 
         Raises a ``RuntimeError`` in eval mode: the parameters then hold x, not y.
         """
-        if not all(group["train_mode"] for group in self.param_groups):
+        if not self.train_mode:
             raise RuntimeError(
                 f"{type(self).__name__}.step() in eval mode: the parameters hold the average x, and gradients "
                 "must be taken at y. Call optimizer.train() before training (under Lightning the ScheduleFreeMode "
                 "callback does it)."
             )
+        loss = None
+        if closure is not None:  # before the groups count the step, as the reference
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             self._advance(group)
-        return super().step(closure)
+        super().step()
+        return loss
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Also loads the reference package's state dicts, which count steps per group only."""
