@@ -503,17 +503,27 @@ def test_bf16_mixed_checkpoint_holds_x_of_its_live_weights(entry_point, tmp_path
     assert model.seen_in_training[-1][0].dtype == torch.float32
 
 
-def test_ema_averages_y_and_leaves_training_alone(entry_point):
-    """With an EMA that evaluates with its average, training takes the same steps as without it, and
-    validation and the fitted model see the EMA's average, left as the EMA made it."""
+@pytest.mark.parametrize("explicit_first", [False, True], ids=["entry-point", "explicit-before-ema"])
+def test_ema_averages_y_and_leaves_training_alone(entry_point, tmp_path, explicit_first):
+    """With an EMA that evaluates with its average, training takes the same steps as without it;
+    validation, the fitted model and the state_dict of a checkpoint saved after fit are the EMA's
+    average, left as the EMA made it, and the checkpoint's live weights are y, whichever callback
+    comes first."""
     alone = Regression()
-    fit(alone, 6)
+    fit(alone, 6).save_checkpoint(tmp_path / "alone.ckpt")
     with_ema = Regression()
-    fit(with_ema, 6, callbacks=[EMA(decay=0.5, backend="reference")])
+    callbacks = [EMA(decay=0.5, backend="reference")]
+    trainer = fit(with_ema, 6, callbacks=[ScheduleFreeMode(), *callbacks] if explicit_first else callbacks)
+    trainer.save_checkpoint(tmp_path / "ema.ckpt")
     torch.testing.assert_close(with_ema.seen_in_training, alone.seen_in_training, rtol=0, atol=0)
     # The last validation (after the last step) saw the average the model holds after fit.
     torch.testing.assert_close(with_ema.seen_in_validation[-1], snapshot(with_ema), rtol=0, atol=0)
     assert not torch.allclose(snapshot(with_ema)[0], snapshot(alone)[0])
+    ema, plain = (torch.load(tmp_path / name, weights_only=True) for name in ("ema.ckpt", "alone.ckpt"))
+    names = [name for name, _ in with_ema.named_parameters()]
+    torch.testing.assert_close([ema["state_dict"][n] for n in names], snapshot(with_ema), rtol=0, atol=0)
+    # Up to rounding: the run without EMA went through eval() and train() around its last validation.
+    torch.testing.assert_close(ema["live_state_dict"], plain["live_state_dict"])
 
 
 @pytest.mark.distributed

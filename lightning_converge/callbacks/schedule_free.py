@@ -57,6 +57,7 @@ class ScheduleFreeMode(Callback):
 
     def __init__(self) -> None:
         self._kept_live: dict[str, torch.Tensor] | None = None  # y, after train end made the model x
+        self._averaged_at_train_end = False  # an averaging callback put its average in the model
 
     @staticmethod
     def _optimizers(trainer: pl.Trainer) -> list[_ScheduleFree]:
@@ -87,6 +88,7 @@ class ScheduleFreeMode(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._kept_live = None
+            self._averaged_at_train_end = False
         if self._acts(trainer):
             _SaveCheckpointHook.add(pl_module, self._write_average)
 
@@ -112,7 +114,10 @@ class ScheduleFreeMode(Callback):
         self._switch(trainer, train=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._acts(trainer) or self._averaging_decides(trainer, "train_end"):
+        if not self._acts(trainer):
+            return
+        if self._averaging_decides(trainer, "train_end"):
+            self._averaged_at_train_end = True
             return
         optimizers = [optimizer for optimizer in self._optimizers(trainer) if optimizer.train_mode]
         if optimizers:
@@ -135,7 +140,8 @@ class ScheduleFreeMode(Callback):
 
     def _write_average(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         """Make ``state_dict`` hold x and, in a full checkpoint, ``"live_state_dict"`` hold y (see the class)."""
-        if LIVE_STATE_DICT_KEY in checkpoint:  # written already, by this callback or an averaging one
+        if LIVE_STATE_DICT_KEY in checkpoint or self._averaged_at_train_end:
+            # Written already, by this callback or an averaging one; or the model is that one's average.
             return
         trainer = pl_module.trainer
         optimizers = self._optimizers(trainer)
