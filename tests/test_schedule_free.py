@@ -422,6 +422,17 @@ def test_training_sees_y_validation_and_the_fitted_model_see_x(entry_point, expl
     assert not torch.allclose(in_validation[-1][0], in_training[-1][0])
 
 
+def test_validating_changes_nothing_in_training(entry_point):
+    """y after each validation is exactly the y before it: a run validated every epoch trains as one never
+    validated (train() after eval() alone would give y only up to rounding)."""
+    validated, never = Regression(), Regression()
+    fit(validated, 8, check_val_every_n_epoch=1, num_sanity_val_steps=1)
+    fit(never, 8, limit_val_batches=0)
+    assert len(validated.seen_in_validation) == 9 and not never.seen_in_validation
+    torch.testing.assert_close(validated.seen_in_training, never.seen_in_training, rtol=0, atol=0)
+    torch.testing.assert_close(snapshot(validated), snapshot(never), rtol=0, atol=0)
+
+
 def test_validate_and_test_after_fit_see_x(entry_point):
     model = Regression()
     trainer = fit(model, 4)
@@ -522,8 +533,7 @@ def test_ema_averages_y_and_leaves_training_alone(entry_point, tmp_path, explici
     ema, plain = (torch.load(tmp_path / name, weights_only=True) for name in ("ema.ckpt", "alone.ckpt"))
     names = [name for name, _ in with_ema.named_parameters()]
     torch.testing.assert_close([ema["state_dict"][n] for n in names], snapshot(with_ema), rtol=0, atol=0)
-    # Up to rounding: the run without EMA went through eval() and train() around its last validation.
-    torch.testing.assert_close(ema["live_state_dict"], plain["live_state_dict"])
+    torch.testing.assert_close(ema["live_state_dict"], plain["live_state_dict"], rtol=0, atol=0)
 
 
 @pytest.mark.distributed

@@ -35,7 +35,9 @@ class ScheduleFreeMode(Callback):
     - ``on_train_start`` (once per ``fit``, after a resumed checkpoint is restored): the
       parameters hold y (``optimizer.train()``).
     - ``on_validation_start`` / ``on_validation_end`` (around each validation, the sanity
-      check included): x for validation, y again afterwards when inside ``fit``.
+      check included): x for validation, y again afterwards when inside ``fit``: exactly the
+      y training left (kept aside during validation, one copy of the parameters), so
+      validating, and how often, changes nothing in training.
     - ``on_test_start``, ``on_predict_start``: x.
     - ``on_train_end``: x, so the fitted model is the average; y is kept aside for a checkpoint
       saved afterwards.
@@ -58,6 +60,7 @@ class ScheduleFreeMode(Callback):
     def __init__(self) -> None:
         self._kept_live: dict[str, torch.Tensor] | None = None  # y, after train end made the model x
         self._averaged_at_train_end = False  # an averaging callback put its average in the model
+        self._y_during_validation: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, its y)
 
     @staticmethod
     def _optimizers(trainer: pl.Trainer) -> list[_ScheduleFree]:
@@ -98,13 +101,29 @@ class ScheduleFreeMode(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._switch(trainer, train=True)
 
+    @torch.no_grad()
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._averaging_decides(trainer, "evaluation"):
-            self._switch(trainer, train=False)
+        if self._averaging_decides(trainer, "evaluation") or not self._acts(trainer):
+            return
+        if trainer.state.fn == TrainerFn.FITTING:
+            # y, to give back exactly: train() after eval() is y only up to rounding.
+            self._y_during_validation = [
+                (p, p.detach().clone())
+                for optimizer in self._optimizers(trainer)
+                if optimizer.train_mode
+                for group in optimizer.param_groups
+                for p in group["params"]
+                if "z" in optimizer.state.get(p, {})
+            ]
+        self._switch(trainer, train=False)
 
+    @torch.no_grad()
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not self._averaging_decides(trainer, "evaluation"):
             self._switch(trainer, train=True)
+            for p, y in self._y_during_validation:
+                p.copy_(y)
+            self._y_during_validation = []
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._averaging_decides(trainer, "evaluation"):
