@@ -41,8 +41,8 @@ class ScheduleFreeMode(Callback):
     - ``on_test_start``, ``on_predict_start``: x.
     - ``on_train_end``: x, so the fitted model is the average; y is kept aside for a checkpoint
       saved afterwards.
-    - every checkpoint, weights-only ones included (a stand-in for the module's
-      ``on_save_checkpoint``, as the averaging callbacks use): ``state_dict`` holds x, computed
+    - every checkpoint, weights-only ones included (from ``on_fit_start``, a stand-in for the
+      module's ``on_save_checkpoint``, as the averaging callbacks use): ``state_dict`` holds x, computed
       beside the parameters (saving does not change them, so training goes on bit for bit);
       full checkpoints hold y under ``"live_state_dict"`` (one more copy of the parameters)
       with the optimizer state in train mode, and ``on_load_checkpoint`` puts y back when
@@ -92,7 +92,10 @@ class ScheduleFreeMode(Callback):
         if stage == "fit":
             self._kept_live = None
             self._averaged_at_train_end = False
-        if self._acts(trainer):
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The optimizers exist from here on; a Trainer without a Schedule-Free one is left as it is.
+        if self._acts(trainer) and self._optimizers(trainer):
             _SaveCheckpointHook.add(pl_module, self._write_average)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -152,7 +155,12 @@ class ScheduleFreeMode(Callback):
         # Lightning has just loaded state_dict (x); training goes on from y. An averaging callback
         # may load the same live weights: loading them twice changes nothing.
         live = checkpoint.get(LIVE_STATE_DICT_KEY)
-        if live is not None and trainer.state.fn == TrainerFn.FITTING and self._acts(trainer):
+        schedule_free = any(
+            "train_mode" in group and "weight_sum" in group
+            for state in checkpoint.get("optimizer_states", [])
+            for group in state.get("param_groups", [])
+        )
+        if live is not None and schedule_free and trainer.state.fn == TrainerFn.FITTING and self._acts(trainer):
             pl_module.load_state_dict(live)
 
     # -- checkpoints ---------------------------------------------------------------------
