@@ -12,9 +12,9 @@ callback the way an installed package gives it: through the entry point that
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import lightning as L
@@ -34,7 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).parent / "scripts"
 FACTORY_GROUP = "lightning.pytorch.callbacks_factory"
 
-BACKENDS = ["reference", "compiled", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton"))]
+BACKENDS = [
+    "reference",
+    "compiled",
+    pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton")),
+]
 # Ours, the reference package's class, hyperparameters with warm-up, r and weight decay.
 RULES = {
     "AdamW": (
@@ -147,7 +151,9 @@ def test_complex_parameters_switch_modes_as_their_real_view(rule):
     step does; parameters without a gradient yet get no state from switching modes."""
     cls, _, hyperparameters = RULES[rule]
     generator = torch.Generator().manual_seed(2)
-    complex_params = [torch.randn(shape, dtype=torch.complex64, generator=generator).requires_grad_() for shape in [(5, 3), (7,)]]
+    complex_params = [
+        torch.randn(shape, dtype=torch.complex64, generator=generator).requires_grad_() for shape in [(5, 3), (7,)]
+    ]
     real = [torch.view_as_real(p.detach()).clone().requires_grad_() for p in complex_params]
     idle = torch.nn.Parameter(torch.randn(3))
     real_optimizer = cls(real, backend="reference", **hyperparameters)
@@ -160,7 +166,9 @@ def test_complex_parameters_switch_modes_as_their_real_view(rule):
         complex_optimizer.step()
     averaged = complex_optimizer.averaged_parameters()
     real_averaged = real_optimizer.averaged_parameters()
-    torch.testing.assert_close([torch.view_as_real(averaged[c]) for c in complex_params], [real_averaged[r] for r in real])
+    torch.testing.assert_close(
+        [torch.view_as_real(averaged[c]) for c in complex_params], [real_averaged[r] for r in real]
+    )
     real_optimizer.eval()
     complex_optimizer.eval()
     torch.testing.assert_close([torch.view_as_real(c.detach()) for c in complex_params], [r.detach() for r in real])
@@ -306,7 +314,14 @@ def test_rule_specific_arguments_are_checked(cls, kwargs, match):
 def entry_point(tmp_path_factory, monkeypatch) -> Path:
     """A directory on ``sys.path`` holding the package's entry points as ``pyproject.toml`` declares
     them, as an installed package does: Lightning finds the callback factory there."""
-    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"][FACTORY_GROUP]
+    # The section's "name = target" lines (tomllib is Python 3.11+; the package supports 3.10).
+    section = re.search(
+        rf'^\[project\.entry-points\."{re.escape(FACTORY_GROUP)}"\]\n((?:[^\[\n].*\n)*)',
+        (ROOT / "pyproject.toml").read_text(),
+        re.MULTILINE,
+    )
+    declared = dict(re.findall(r'^(\w+) = "([^"]+)"$', section.group(1), re.MULTILINE))
+    assert declared, "pyproject.toml declares no callback factory"
     site = tmp_path_factory.mktemp("site")
     metadata = site / "lightning_converge_entry_points-0.dist-info"
     metadata.mkdir()
@@ -456,11 +471,17 @@ def test_checkpoints_mid_run_hold_x_and_resume_exactly(entry_point, tmp_path):
             ModelCheckpoint(dirpath=tmp_path / "full", every_n_train_steps=3, save_top_k=-1, filename="{step}"),
             # Every step: ModelCheckpoints with the same schedule would share a state key.
             ModelCheckpoint(
-                dirpath=tmp_path / "weights", every_n_train_steps=1, save_top_k=-1, filename="{step}", save_weights_only=True
+                dirpath=tmp_path / "weights",
+                every_n_train_steps=1,
+                save_top_k=-1,
+                filename="{step}",
+                save_weights_only=True,
             ),
         ],
     )
-    full, weights_only = (torch.load(tmp_path / kind / "step=3.ckpt", weights_only=True) for kind in ("full", "weights"))
+    full, weights_only = (
+        torch.load(tmp_path / kind / "step=3.ckpt", weights_only=True) for kind in ("full", "weights")
+    )
     assert "optimizer_states" not in weights_only and "live_state_dict" not in weights_only
     in_training, _, _ = by_hand(6)
     _, _, x_at_3 = by_hand(3)
@@ -552,7 +573,8 @@ def test_two_process_ddp_equals_the_reference_package_on_the_full_batch(entry_po
 
     sys.path.insert(0, str(SCRIPTS))
     try:
-        from ddp_fit import Regression as DDPRegression, dataset as ddp_dataset
+        from ddp_fit import Regression as DDPRegression
+        from ddp_fit import dataset as ddp_dataset
     finally:
         sys.path.pop(0)
     model = DDPRegression("ScheduleFreeAdamW")
@@ -587,7 +609,10 @@ def test_cli_builds_the_optimizer_from_its_class_path(entry_point, monkeypatch):
     assert any(isinstance(cb, ScheduleFreeMode) for cb in cli.trainer.callbacks)
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton"))])
+@pytest.mark.parametrize(
+    "backend",
+    ["reference", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton"))],
+)
 @pytest.mark.parametrize("rule", RULES)
 def test_a_step_builds_no_host_tensors_and_reads_nothing_back(rule, backend, monkeypatch):
     """What a GPU step needs (tests/test_gpu_path.py): the warm-up, the average's weights and the

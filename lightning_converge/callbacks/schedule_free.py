@@ -74,11 +74,10 @@ class ScheduleFreeMode(Callback):
     def _averaging_decides(trainer: pl.Trainer, what: str) -> bool:
         """Whether an averaging callback swaps its average in for evaluation (``"evaluation"``) or
         copies it into the model at train end (``"train_end"``): the model is then its to change."""
-        for cb in trainer.callbacks:
-            if isinstance(cb, AveragingCallback):
-                if cb.validate_with == "average" if what == "evaluation" else cb.keep_average_on_train_end:
-                    return True
-        return False
+        averaging = [cb for cb in trainer.callbacks if isinstance(cb, AveragingCallback)]
+        if what == "evaluation":
+            return any(cb.validate_with == "average" for cb in averaging)
+        return any(cb.keep_average_on_train_end for cb in averaging)
 
     def _switch(self, trainer: pl.Trainer, train: bool) -> None:
         if not self._acts(trainer):
@@ -147,11 +146,15 @@ class ScheduleFreeMode(Callback):
             for optimizer in optimizers:
                 optimizer.eval()
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         if self._acts(trainer):
             self._write_average(pl_module, checkpoint)
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         # Lightning has just loaded state_dict (x); training goes on from y. An averaging callback
         # may load the same live weights: loading them twice changes nothing.
         live = checkpoint.get(LIVE_STATE_DICT_KEY)

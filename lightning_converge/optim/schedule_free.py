@@ -18,7 +18,8 @@ around validation, test and prediction and puts ``x`` in every checkpoint's ``st
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -39,7 +39,7 @@ def _schedule_free_sgd_kernel(
     CAUTIOUS: tl.constexpr,
     COUNT_PASS: tl.constexpr,
 ):
-    tensor, offsets, mask, numel = tensor_block(tensors, blocks, DTYPES, BLOCK)
+    tensor, offsets, mask, _ = tensor_block(tensors, blocks, DTYPES, BLOCK)
     grad = load_math(operand(tensors, tensor, 1, DTYPES), offsets, mask)
     _interpolate_and_step(
         operand(tensors, tensor, 0, DTYPES),
@@ -71,7 +71,7 @@ def _schedule_free_adamw_kernel(
     CAUTIOUS: tl.constexpr,
     COUNT_PASS: tl.constexpr,
 ):
-    tensor, offsets, mask, numel = tensor_block(tensors, blocks, DTYPES, BLOCK)
+    tensor, offsets, mask, _ = tensor_block(tensors, blocks, DTYPES, BLOCK)
     exp_avg_sq_ptr = operand(tensors, tensor, 3, DTYPES)
     grad = load_math(operand(tensors, tensor, 1, DTYPES), offsets, mask)
     dtype = grad.dtype
