@@ -18,6 +18,7 @@ from lightning_converge.kernels.grokfast import grokfast_ema
 from lightning_converge.kernels.int8_quantize import int8_quantize
 from lightning_converge.kernels.lion import lion
 from lightning_converge.kernels.onebit_adam import onebit_adam_update
+from lightning_converge.kernels.schedule_free import schedule_free_adamw, schedule_free_sgd
 from lightning_converge.kernels.sign_quantize import sign_quantize
 
 __all__ = [
@@ -36,5 +37,7 @@ __all__ = [
     "int8_quantize",
     "lion",
     "onebit_adam_update",
+    "schedule_free_adamw",
+    "schedule_free_sgd",
     "sign_quantize",
 ]
