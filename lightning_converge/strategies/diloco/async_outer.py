@@ -52,13 +52,13 @@ summed over the workers (``inner_steps_applied``).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from lightning_converge.checks import check_choice, check_in_range, check_int
 from lightning_converge.schedules import Schedule
 from lightning_converge.strategies.diloco.outer import OuterState
 
@@ -75,36 +75,16 @@ def check_async_options(
     staleness_penalty: Any,
     max_staleness: Any,
 ) -> None:
-    """Raise, naming the argument and what it may be, if an option of asynchronous DiLoCo is invalid."""
-    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
-        raise ValueError(f"inner_steps must be an int >= 1, got {inner_steps!r}")
-    if outer_optimizer not in ASYNC_OUTER_OPTIMIZERS:
-        raise ValueError(f"outer_optimizer must be one of {list(ASYNC_OUTER_OPTIMIZERS)}, got {outer_optimizer!r}")
-    if isinstance(outer_lr, bool) or not (
-        callable(outer_lr) or (isinstance(outer_lr, (int, float)) and math.isfinite(outer_lr) and outer_lr > 0)
-    ):
-        raise ValueError(f"outer_lr must be a finite number > 0 or a schedule, got {outer_lr!r}")
-    if isinstance(outer_momentum, bool) or not isinstance(outer_momentum, (int, float)) or not 0 <= outer_momentum < 1:
-        raise ValueError(f"outer_momentum must be in [0, 1), got {outer_momentum!r}")
-    if (
-        isinstance(delayed_nesterov_period, bool)
-        or not isinstance(delayed_nesterov_period, int)
-        or delayed_nesterov_period < 1
-    ):
-        raise ValueError(
-            f"delayed_nesterov_period must be an int >= 1 (arrivals between momentum updates), "
-            f"got {delayed_nesterov_period!r}"
-        )
-    if (
-        isinstance(staleness_penalty, bool)
-        or not isinstance(staleness_penalty, (int, float))
-        or not (math.isfinite(staleness_penalty) and staleness_penalty >= 0)
-    ):
-        raise ValueError(f"staleness_penalty must be a finite number >= 0, got {staleness_penalty!r}")
-    if max_staleness is not None and (
-        isinstance(max_staleness, bool) or not isinstance(max_staleness, int) or max_staleness < 0
-    ):
-        raise ValueError(f"max_staleness must be None or an int >= 0, got {max_staleness!r}")
+    """Raise, naming the argument and what it may be, if an option of asynchronous DiLoCo is invalid
+    (``delayed_nesterov_period`` and ``max_staleness`` may be None)."""
+    check_int("inner_steps", inner_steps, 1)
+    check_choice("outer_optimizer", outer_optimizer, ASYNC_OUTER_OPTIMIZERS)
+    if not callable(outer_lr):  # a schedule's values are the user's
+        check_in_range("outer_lr", outer_lr, 0, low_open=True)
+    check_in_range("outer_momentum", outer_momentum, 0, 1, high_open=True)
+    check_int("delayed_nesterov_period", delayed_nesterov_period, 1, allow_none=True)
+    check_in_range("staleness_penalty", staleness_penalty, 0)
+    check_int("max_staleness", max_staleness, 0, allow_none=True)
 
 
 def dynamic_inner_steps(speeds: Sequence[Optional[float]], inner_steps: int) -> list[int]:

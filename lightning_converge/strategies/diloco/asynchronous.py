@@ -20,7 +20,7 @@ backend; a worker's round trip involves it and the server only.
 meet (every worker waits for the others) where Lightning is collective: at the
 start of ``fit`` (rank 0's parameters are broadcast), at validation (every worker
 evaluates the current global parameters, broadcast from rank 0), when a
-checkpoint is saved (Lightning's barrier; each worker's state is gathered), and
+checkpoint is saved (Lightning's barrier), and
 at the end of ``fit``: every worker sends its last pseudo-gradient, and, when all
 are applied, every worker takes the final global parameters (the same on every
 rank). Each worker runs ``max_steps`` inner steps of its own, so a fast worker
@@ -33,7 +33,8 @@ broadcasts at every step too: use ``every_n_train_steps``.)
 **Checkpoints** hold ``checkpoint["async_diloco"]``: the server's state (global
 parameters, outer optimizer, Delayed Nesterov's buffer, counters and each
 worker's record), and, per rank (:mod:`~lightning_converge.strategies.rank_state`),
-each worker's local model, inner optimizer and round state. ``state_dict`` is the
+each worker's local model, inner optimizer and round state (written by each
+worker beside the checkpoint). ``state_dict`` is the
 global parameters. Resumed with the same number of workers, each continues its
 round; with another number, the global state is restored and every worker starts
 a new round from the global parameters. A checkpoint saved after ``fit`` holds
@@ -90,7 +91,7 @@ from lightning_converge.strategies.diloco.async_protocol import (
     serve_locally,
 )
 from lightning_converge.strategies.diloco.outer import available_device, pseudo_gradient
-from lightning_converge.strategies.rank_state import cpu_copy, load_rank_states, save_rank_states
+from lightning_converge.strategies.rank_state import cpu_copy, load_rank_states, remove_rank_states, save_rank_states
 
 CHECKPOINT_KEY = "async_diloco"
 
@@ -163,7 +164,7 @@ class AsyncDiLoCoStrategy(DDPStrategy):
             outer_optimizer,
             outer_lr,
             outer_momentum,
-            1 if delayed_nesterov_period is None else delayed_nesterov_period,
+            delayed_nesterov_period,
             staleness_penalty,
             max_staleness,
         )
@@ -396,20 +397,21 @@ class AsyncDiLoCoStrategy(DDPStrategy):
         return state
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
-        """Fires on every rank when a checkpoint is saved (the workers meet): rank 0 adds the server's
-        state; every worker's own state is gathered (collective), unless the checkpoint holds weights only."""
+        """Fires on every rank when a checkpoint is saved (the workers meet: Lightning's barrier): rank 0
+        adds the server's state; every worker writes its own state beside the checkpoint (see
+        :mod:`~lightning_converge.strategies.rank_state`), unless the checkpoint holds weights only."""
         if self._params and "optimizer_states" in checkpoint:
             if self._server is not None:
                 with self._lock:
                     checkpoint[CHECKPOINT_KEY] = cpu_copy(self._server.state_dict())
-            save_rank_states(self, checkpoint, {CHECKPOINT_KEY: self._worker_state()})
+            save_rank_states(self, checkpoint, filepath, {CHECKPOINT_KEY: self._worker_state()}, storage_options)
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         """Fires on every rank when ``fit`` resumes, before ``setup``: hands this worker its own state."""
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         saved_world_size = checkpoint.get("rank_states", {}).get("world_size")
-        states = load_rank_states(self, checkpoint)
+        states = load_rank_states(self, checkpoint, checkpoint_path, weights_only)
         if CHECKPOINT_KEY in checkpoint:
             checkpoint[CHECKPOINT_KEY] = {
                 "server": checkpoint[CHECKPOINT_KEY],
@@ -417,6 +419,11 @@ class AsyncDiLoCoStrategy(DDPStrategy):
                 "same_workers": saved_world_size == self.world_size,
             }
         return checkpoint
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        """Fires when ``ModelCheckpoint`` rotates a checkpoint out: the workers' files go with it."""
+        super().remove_checkpoint(filepath)
+        remove_rank_states(self, filepath)
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         """Fires when resuming ``fit``, after ``setup``: rank 0 restores the server; each worker its round
