@@ -44,8 +44,7 @@ of Lightning, so other local-SGD strategies can build on them:
   engine (the inner-step hook, a sync, an outer update, the end of ``fit``,
   evaluation with the global parameters);
 * :mod:`.streaming`: :class:`StreamingDiLoCoStrategy`, the engine's streaming
-  options.
-
+  options;
 * :mod:`.async_outer`, :mod:`.async_protocol`, :mod:`.asynchronous`:
   :class:`AsyncDiLoCoStrategy` (``strategy="async_diloco"``, "Asynchronous Local-SGD
   Training for Language Modeling", Liu et al., 2024): the server's outer rules
