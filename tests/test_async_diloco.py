@@ -79,16 +79,35 @@ def test_delayed_nesterov_follows_the_algorithm_written_out(period):
     for t, (worker, g) in enumerate(zip(ARRIVALS, _pseudo_gradients(len(ARRIVALS))), start=1):
         server.arrive(worker, g, inner_steps=4)
         server.pull(worker)
-        # Liu et al. 2024, Algorithm 1 (Delayed Nesterov), c = 0
+        # Liu et al. 2024, Delayed Nesterov update, momentum activation c = 0
         buffered += g
         if t % period == 0:
             momentum = beta * momentum + buffered / period
-            theta = theta - eps * (g + beta * momentum)
+            theta = theta - eps * (g / period + beta * momentum)
             buffered.zero_()
         else:
-            theta = theta - eps * g
+            theta = theta - eps * g / period
         torch.testing.assert_close(_flat(server.params), theta, rtol=1e-5, atol=1e-6)
     assert server.version == server.arrivals == len(ARRIVALS)
+
+
+def test_delayed_nesterov_over_n_arrivals_is_one_synchronous_nesterov_step_on_their_average():
+    """Each group of N arrivals moves the global parameters as sync DiLoCo's outer step does on N workers."""
+    period = 3
+    server = _server("delayed_nesterov", period=period)
+    reference = [p.clone() for p in server.params]
+    sgd = torch.optim.SGD(reference, lr=0.7, momentum=0.9, nesterov=True)
+    gradients = _pseudo_gradients(2 * period)
+    for start in range(0, len(gradients), period):
+        group = gradients[start : start + period]
+        for worker, g in enumerate(group):
+            server.pull(worker)
+            server.arrive(worker, g, inner_steps=4)
+        average = torch.stack(group).mean(0)
+        for p, chunk in zip(reference, average.split([p.numel() for p in reference])):
+            p.grad = chunk.view_as(p)
+        sgd.step()
+        torch.testing.assert_close(_flat(server.params), _flat(reference), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("outer_optimizer, nesterov", [("nesterov", True), ("sgd", False)])

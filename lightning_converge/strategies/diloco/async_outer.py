@@ -15,18 +15,21 @@ the momentum buffer (0 at first).
 * ``"nesterov"``: Nesterov momentum at every arrival, ``m <- beta m + g_t``,
   ``theta <- theta - eps (g_t + beta m)``. Unstable on stale interleaved updates
   (Liu et al., section 4).
-* ``"delayed_nesterov"`` (the default): **Delayed Nesterov**, Algorithm 1 of
+* ``"delayed_nesterov"`` (the default): **Delayed Nesterov**, the outer update of
   "Asynchronous Local-SGD Training for Language Modeling" (Liu et al., 2024,
   arXiv 2401.09135), with ``N = delayed_nesterov_period``. Pseudo-gradients are
   buffered, ``Delta <- Delta + g_t``; the momentum moves only every N arrivals::
 
-      if t % N == 0:  m <- beta m + Delta / N;  theta <- theta - eps (g_t + beta m);  Delta <- 0
-      else:                                     theta <- theta - eps g_t
+      if t % N == 0:  m <- beta m + Delta / N;  theta <- theta - eps (g_t / N + beta m);  Delta <- 0
+      else:                                     theta <- theta - eps g_t / N
 
-  So every pseudo-gradient is applied once, at once, without momentum, and the
-  momentum term is added once per N arrivals, from their average. ``N = 1`` is
-  ``"nesterov"``. (In the paper the steps in between may also carry a fraction
-  ``c`` of the momentum term; this is its ``c = 0``.)
+  So every pseudo-gradient is applied at once, a 1/N share of it without
+  momentum, and the momentum term is added once per N arrivals, from their
+  average: N fresh arrivals move the global parameters exactly as one
+  synchronous Nesterov outer step on their average would (sync DiLoCo with N
+  workers). ``N = 1`` is ``"nesterov"``. (In the paper the steps in between may
+  also carry a fraction ``c`` of the momentum term, its "momentum activation";
+  this is its default ``c = 0``.)
 
 Staleness of an arrival: ``v_now - v_pull``, the updates applied since the
 worker pulled. Two controls act on it before the rule above runs:
@@ -236,7 +239,7 @@ class AsyncOuterServer:
             self.outer.step(self._pieces, torch.cat([g.reshape(-1) for g in grads]), step)
             return
         torch._foreach_add_(self.delayed_sum, grads)
-        torch._foreach_add_(self.params, grads, alpha=-self._lr(step))  # the plain step, every arrival
+        torch._foreach_add_(self.params, grads, alpha=-self._lr(step) / self._period)  # the plain share, every arrival
         if (self.arrivals % self._period) == 0:
             torch._foreach_div_(self.delayed_sum, float(self._period))
             self.outer.step(self._pieces, torch.cat([d.reshape(-1) for d in self.delayed_sum]), step)
