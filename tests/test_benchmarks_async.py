@@ -93,11 +93,19 @@ def test_speedup_and_loss_gap_against_sync_diloco(bench):
     assert summary["async Nesterov"]["val_loss_gap_vs_sync"] == pytest.approx(2.2 / 2.0 - 1)
     assert summary["async Nesterov"]["slow_over_fast_seconds_per_step"] == pytest.approx(2.0)
 
-    verdicts = bench.judge_targets({(2, "loopback"): summary}, {2: "diloco H=20"})
+    verdicts = bench.judge_targets({(2, "loopback"): summary}, {2: "diloco H=20"}, slowdown=2.0)
     assert [v["passed"] for v in verdicts] == [True, True]
     slow_to_target = dict(runs, **{bench.TARGET_METHOD: run_with_curve([(15.0, 2.0), (16.0, 2.07)])})
     verdicts = bench.judge_targets({(2, "shaped"): bench.summarize(slow_to_target, "diloco H=20")},
-                                   {2: "diloco H=20"})
+                                   {2: "diloco H=20"}, slowdown=2.0)
     # 20 / 15 = 1.33x < 1.5x; 2.07 is 3.5% above 2.0.
     assert [v["passed"] for v in verdicts] == [False, False]
-    assert verdicts[0]["measured"] == "1.33x" and verdicts[1]["measured"] == "+3.50%"
+    assert verdicts[0]["measured"].startswith("1.33x") and verdicts[1]["measured"] == "+3.50%"
+
+
+@pytest.mark.parametrize("world_size, slowdown", [(2, 2.0), (4, 2.0), (3, 4.0)])
+def test_throughput_ceiling(bench, world_size, slowdown):
+    # Never waiting: n - 1 workers at speed 1 and one at 1/slowdown; paced: all n at 1/slowdown.
+    assert bench.throughput_ceiling(world_size, slowdown) == pytest.approx(
+        (world_size - 1 + 1 / slowdown) / (world_size / slowdown)
+    )
