@@ -39,7 +39,8 @@ What it measures
     method) of the model the workers agree on: during training, the strategy's ``agreed_parameters()``
     (DiLoCo's global parameters; asynchronous DiLoCo's, owned by rank 0) or, for DDP, the model, copied on
     rank 0 at ``--snapshots`` evenly spaced steps of rank 0 (a CPU copy, validated after ``fit``, so the
-    timed run does not pay for it); at the end, the model every rank holds after ``fit`` (the strategies
+    timed run does not pay for it; asynchronous DiLoCo's server thread may be applying an arrival
+    meanwhile, so a copy can hold some tensors from before that one update and some from after); at the end, the model every rank holds after ``fit`` (the strategies
     apply what is in flight and hand every worker the final global parameters). Each point is placed at
     the time of its copy, and at the samples every worker had finished by then (each rank's step ends,
     one clock for all processes of this machine), the mean steps per worker (samples over workers and batch),
