@@ -41,8 +41,17 @@ SHAPES = [(7,), (3, 5), (4,)]
 def _server(outer_optimizer, lr=0.7, momentum=0.9, period=2, penalty=0.0, max_staleness=None, params=None):
     params = params or [torch.randn(s, generator=torch.Generator().manual_seed(0)) for s in SHAPES]
     return AsyncOuterServer(
-        params, outer_optimizer, Constant(lr), momentum, period, penalty, max_staleness,
-        inner_steps=4, dynamic=False, device=torch.device("cpu"), backend="reference",
+        params,
+        outer_optimizer,
+        Constant(lr),
+        momentum,
+        period,
+        penalty,
+        max_staleness,
+        inner_steps=4,
+        dynamic=False,
+        device=torch.device("cpu"),
+        backend="reference",
     )
 
 
@@ -182,8 +191,17 @@ def test_dynamic_local_updates_give_each_worker_inner_steps_for_its_speed(speeds
 
 def test_the_server_sets_each_workers_inner_steps_from_the_speeds_it_was_sent():
     server = AsyncOuterServer(
-        [torch.zeros(3)], "sgd", Constant(1.0), 0.0, 1, 0.0, None, inner_steps=8, dynamic=True,
-        device=torch.device("cpu"), backend="reference",
+        [torch.zeros(3)],
+        "sgd",
+        Constant(1.0),
+        0.0,
+        1,
+        0.0,
+        None,
+        inner_steps=8,
+        dynamic=True,
+        device=torch.device("cpu"),
+        backend="reference",
     )
     for worker in range(3):
         server.pull(worker)
@@ -228,6 +246,37 @@ def test_registered_by_name():
     assert isinstance(trainer.strategy, AsyncDiLoCoStrategy)
 
 
+ASYNC_DILOCO_YAML = """
+trainer:
+  accelerator: cpu
+  devices: 1
+  strategy:
+    class_path: lightning_converge.strategies.AsyncDiLoCoStrategy
+    init_args:
+      inner_steps: 16
+      outer_optimizer: delayed_nesterov
+      delayed_nesterov_period: 4
+      dynamic_inner_steps: true
+      staleness_penalty: 0.5
+      max_staleness: 8
+      timeout: 60
+"""
+
+
+def test_a_lightningcli_yaml_builds_the_strategy_with_its_options(tmp_path, monkeypatch):
+    from lightning_converge.cli import ConvergeCLI
+
+    monkeypatch.chdir(ROOT)
+    strategy_config = tmp_path / "strategy.yaml"
+    strategy_config.write_text(ASYNC_DILOCO_YAML)
+    configs = ["--config", str(ROOT / "configs" / "demo.yaml"), "--config", str(strategy_config)]
+    strategy = ConvergeCLI(args=configs, run=False, parser_kwargs={"parser_mode": "omegaconf"}).trainer.strategy
+    assert type(strategy) is AsyncDiLoCoStrategy and strategy.inner_steps == 16
+    assert (strategy._delayed_nesterov_period, strategy._dynamic) == (4, True)
+    assert (strategy._staleness_penalty, strategy._max_staleness) == (0.5, 8)
+    assert strategy._timeout.total_seconds() == 60
+
+
 # ---------------------------------------------------------------------------------------- one worker
 
 
@@ -243,7 +292,7 @@ def single_process_group():
     os.environ.update(environment)
 
 
-def _fit_one_worker(model, strategy, max_steps=6, ckpt_path=None):
+def _fit_one_worker(model, strategy, max_steps=6, ckpt_path=None, **trainer_options):
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -253,6 +302,7 @@ def _fit_one_worker(model, strategy, max_steps=6, ckpt_path=None):
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        **trainer_options,
     )
     trainer.fit(model, ckpt_path=ckpt_path)
     return trainer
@@ -270,6 +320,18 @@ def test_one_worker_with_plain_outer_sgd_equals_training_without_the_strategy():
     assert strategy.rounds == strategy.server.version == 6
     for ours, theirs in zip(model.parameters(), plain.parameters()):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.usefixtures("single_process_group")
+def test_rounds_count_optimizer_steps_under_gradient_accumulation_and_bf16_autocast():
+    model = Regression("AdamW")
+    strategy = AsyncDiLoCoStrategy(inner_steps=3, backend="reference")
+    trainer = _fit_one_worker(model, strategy, max_steps=6, accumulate_grad_batches=2, precision="bf16-mixed")
+    assert strategy.rounds == strategy.server.version == 2  # 6 optimizer steps (12 batches), H = 3
+    assert trainer.callback_metrics["async_diloco/rounds"] == 2
+    assert trainer.callback_metrics["async_diloco/inner_steps"] == 3
+    for param, final in zip(model.parameters(), strategy.server.params):
+        assert torch.equal(param.detach(), final)
 
 
 # ---------------------------------------------------------------------------------------- two workers
@@ -397,6 +459,20 @@ def test_resuming_by_two_workers_continues_the_global_state_and_each_workers_rou
 
 
 @pytest.mark.distributed
+def test_validation_evaluates_the_global_parameters_on_every_worker_and_a_checkpoint_saves_them(runs):
+    out, results = runs
+    _succeeded(results, "resumed")
+    seen = [_load(out, "resumed_2", rank)["seen_in_validation"] for rank in range(2)]
+    checkpoint = torch.load(out / "validation.ckpt", weights_only=True)
+    for evaluated0, evaluated1, server_global, saved in zip(
+        seen[0]["evaluated"], seen[1]["evaluated"], seen[0]["global"], checkpoint["state_dict"].values()
+    ):
+        assert torch.equal(evaluated0, evaluated1)  # the same model on every worker
+        assert torch.equal(evaluated0, server_global)  # the server's current global parameters
+        assert torch.equal(saved, server_global)
+
+
+@pytest.mark.distributed
 @pytest.mark.usefixtures("single_process_group")
 def test_resuming_by_one_worker_continues_the_global_state(runs):
     out, _ = runs
@@ -410,8 +486,17 @@ def test_resuming_by_one_worker_continues_the_global_state(runs):
     assert strategy.server.version == saved["version"] + 2  # steps 5 to 8: 2 rounds of 2
     assert strategy.server.workers[0].rounds == 2
     expected = AsyncOuterServer(
-        [torch.zeros_like(p) for p in saved["global_params"]], "delayed_nesterov", Constant(0.7), 0.9, 1, 0.0,
-        None, inner_steps=2, dynamic=False, device=torch.device("cpu"), backend="reference",
+        [torch.zeros_like(p) for p in saved["global_params"]],
+        "delayed_nesterov",
+        Constant(0.7),
+        0.9,
+        1,
+        0.0,
+        None,
+        inner_steps=2,
+        dynamic=False,
+        device=torch.device("cpu"),
+        backend="reference",
     )
     expected.load_state_dict(saved, same_workers=False)
     assert not torch.equal(_flat(expected.params), _flat(strategy.server.params))  # it trained on from there

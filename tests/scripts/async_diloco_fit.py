@@ -10,7 +10,8 @@ and on rank 0 the server's arrivals in order and counters. Scenarios:
   step; dynamic local updates;
 * ``killed``: checkpoints every 4 steps; rank 1 exits at once (as a killed process) at step 6; rank 0
   must fail with a clear error within the 5 s timeout (it writes ``killed_rank0.err``);
-* ``resumed``: resumed from ``CKPT`` (the ``killed`` run's checkpoint at step 4) by two workers.
+* ``resumed``: resumed from ``CKPT`` (the ``killed`` run's checkpoint at step 4) by two workers, with a
+  validation at step 6 (which saves ``validation.ckpt``).
 """
 
 import os
@@ -23,7 +24,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
-from diloco_fit import Regression  # noqa: E402
+from diloco_fit import Regression, SeenInValidation, Validated  # noqa: E402
 
 from lightning_converge.strategies import AsyncDiLoCoStrategy  # noqa: E402
 from lightning_converge.strategies.diloco import AsyncDiLoCoError  # noqa: E402
@@ -50,6 +51,7 @@ class SlowRank(L.Callback):
             deadline = time.monotonic() + 120
             while not self.signal.exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
+            time.sleep(1.0)  # a first round clearly slower than the fast worker's, whatever the load
         time.sleep(self.seconds)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -77,11 +79,11 @@ def strategy(timeout: float = TIMEOUT_SECONDS, **options) -> AsyncDiLoCoStrategy
     return result
 
 
-def fit(strategy, max_steps, callbacks=(), ckpt_path=None):
-    model = Regression("AdamW")
+def fit(strategy, max_steps, callbacks=(), ckpt_path=None, model=None, **trainer_options):
+    model = model or Regression("AdamW")
     trainer = L.Trainer(
         accelerator="cpu",
-        devices=int(os.environ["WORLD_SIZE"]),
+        devices=int(os.environ["WORLD_SIZE"]),  # before fit: still set
         strategy=strategy,
         max_steps=max_steps,
         logger=False,
@@ -89,6 +91,7 @@ def fit(strategy, max_steps, callbacks=(), ckpt_path=None):
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_progress_bar=False,
         enable_model_summary=False,
+        **trainer_options,
     )
     trainer.fit(model, ckpt_path=ckpt_path)
     return trainer, model
@@ -123,6 +126,8 @@ def save(out_dir, name, trainer, model, **extra):
 
 if __name__ == "__main__":
     out_dir, name = Path(sys.argv[1]), sys.argv[2]
+    # Read now: Lightning's teardown takes the launcher's variables out of the environment.
+    rank, world_size = os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"]
     if name == "slow":
         slow = SlowRank(out_dir, fast_rounds=3, seconds=SLEEP_SECONDS)
         # The slow worker's stall is a silence: the timeout must outlast it.
@@ -133,7 +138,17 @@ if __name__ == "__main__":
         try:
             fit(strategy(inner_steps=2), 7, [every_4_steps, DieAtStep(rank=1, step=6)])
         except AsyncDiLoCoError as error:
-            (out_dir / f"killed_rank{os.environ['LOCAL_RANK']}.err").write_text(str(error))
+            (out_dir / f"killed_rank{rank}.err").write_text(str(error))
             raise
-    elif name == "resumed":
-        save(out_dir, f"{name}_{os.environ['WORLD_SIZE']}", *fit(strategy(inner_steps=2), 8, ckpt_path=sys.argv[3]))
+    elif name == "resumed":  # with a validation at step 6 (the model gains a validation set)
+        seen = SeenInValidation(out_dir / "validation.ckpt")
+        run = fit(
+            strategy(inner_steps=2),
+            8,
+            [seen],
+            ckpt_path=sys.argv[3],
+            model=Validated("AdamW"),
+            val_check_interval=6,
+            check_val_every_n_epoch=None,
+        )
+        save(out_dir, f"{name}_{world_size}", *run, seen_in_validation=seen.seen)

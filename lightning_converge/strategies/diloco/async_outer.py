@@ -116,8 +116,7 @@ def dynamic_inner_steps(speeds: Sequence[Optional[float]], inner_steps: int) -> 
         return [inner_steps] * len(speeds)
     fastest = max(known)
     return [
-        inner_steps if speed is None or speed <= 0 else max(1, round(inner_steps * speed / fastest))
-        for speed in speeds
+        inner_steps if speed is None or speed <= 0 else max(1, round(inner_steps * speed / fastest)) for speed in speeds
     ]
 
 
@@ -182,9 +181,7 @@ class AsyncOuterServer:
             params, "sgd" if delayed else outer_optimizer, kernel_lr, outer_momentum, device, backend
         )
         self._pieces = [(index, 0, p.numel()) for index, p in enumerate(self.outer.params)]
-        self.delayed_sum: Optional[list[Tensor]] = (
-            [torch.zeros_like(p) for p in self.outer.params] if delayed else None
-        )
+        self.delayed_sum: Optional[list[Tensor]] = [torch.zeros_like(p) for p in self.outer.params] if delayed else None
         self._penalty = staleness_penalty
         self._max_staleness = max_staleness
         self._inner_steps = inner_steps
@@ -222,9 +219,7 @@ class AsyncOuterServer:
         return dynamic_inner_steps([self.workers[r].speed for r in ranks], self._inner_steps)[ranks.index(worker)]
 
     @torch.no_grad()
-    def arrive(
-        self, worker: int, pseudo_gradient: Tensor, inner_steps: int, speed: Optional[float] = None
-    ) -> Arrival:
+    def arrive(self, worker: int, pseudo_gradient: Tensor, inner_steps: int, speed: Optional[float] = None) -> Arrival:
         """Apply ``worker``'s flat pseudo-gradient (measured from the parameters it last pulled, after
         ``inner_steps`` inner steps at ``speed`` steps a second); the worker then pulls (:meth:`pull`)."""
         record = self.workers.setdefault(worker, WorkerRecord())
@@ -311,4 +306,3 @@ class AsyncOuterServer:
                     saved["speed"],
                     None if pulled is None else [t.to(self.outer.device) for t in pulled],
                 )
-

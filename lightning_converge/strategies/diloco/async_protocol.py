@@ -79,15 +79,28 @@ def missing_worker_error(owner: str, missing: list[int], timeout: timedelta, cau
     )
 
 
-def serve_locally(server: AsyncOuterServer, lock: threading.Lock, worker: int, pseudo_gradient: Optional[Tensor],
-                  inner_steps: int, speed: Optional[float], final: bool) -> Reply:
+def serve_locally(
+    server: AsyncOuterServer,
+    lock: threading.Lock,
+    worker: int,
+    pseudo_gradient: Optional[Tensor],
+    inner_steps: int,
+    speed: Optional[float],
+    final: bool,
+) -> Reply:
     """Rank 0's own worker: the round trip without the wire (``pseudo_gradient`` None: nothing to apply)."""
     with lock:
         return _answer(server, worker, pseudo_gradient, inner_steps, speed, final)
 
 
-def _answer(server: AsyncOuterServer, worker: int, pseudo_gradient: Optional[Tensor], inner_steps: int,
-            speed: Optional[float], final: bool) -> Reply:
+def _answer(
+    server: AsyncOuterServer,
+    worker: int,
+    pseudo_gradient: Optional[Tensor],
+    inner_steps: int,
+    speed: Optional[float],
+    final: bool,
+) -> Reply:
     arrival = None if pseudo_gradient is None else server.arrive(worker, pseudo_gradient, inner_steps, speed)
     record = server.workers.setdefault(worker, WorkerRecord())
     params = None
@@ -114,8 +127,16 @@ class ServerThread:
         on_arrival: called with each applied or dropped :class:`Arrival` (tests record the order).
     """
 
-    def __init__(self, server: AsyncOuterServer, lock: threading.Lock, group: dist.ProcessGroup, world_size: int,
-                 timeout: timedelta, owner: str, on_arrival: Optional[Callable[[Arrival], None]] = None) -> None:
+    def __init__(
+        self,
+        server: AsyncOuterServer,
+        lock: threading.Lock,
+        group: dist.ProcessGroup,
+        world_size: int,
+        timeout: timedelta,
+        owner: str,
+        on_arrival: Optional[Callable[[Arrival], None]] = None,
+    ) -> None:
         self._server = server
         self._lock = lock
         self._group = group
@@ -124,6 +145,7 @@ class ServerThread:
         self._on_arrival = on_arrival
         self._active = set(range(1, world_size))
         self.error: Optional[BaseException] = None
+        self._aborts: list[dist.Work] = []
         self._thread = threading.Thread(target=self._run, name="async-diloco-server", daemon=True)
 
     def start(self) -> None:
@@ -152,8 +174,8 @@ class ServerThread:
                     missing = sorted(r for r in self._active if now - last_seen[r] >= self._timeout.total_seconds())
                     self._fail(missing or sorted(self._active), str(error))
                     return
-                worker, inner_steps, speed, final, numel = (int(v) if i != 2 else float(v)
-                                                            for i, v in enumerate(header.tolist()))
+                worker, inner_steps, speed, final, numel = header.tolist()
+                worker, inner_steps, numel = int(worker), int(inner_steps), int(numel)
                 last_seen[worker] = time.monotonic()
                 pseudo_gradient = None
                 if numel:
@@ -161,8 +183,9 @@ class ServerThread:
                     dist.recv(pseudo_gradient, src=worker, group=self._group, tag=TAG_PSEUDO_GRADIENT)
                 with self._lock:
                     before = self._server.arrivals
-                    reply = _answer(self._server, worker, pseudo_gradient, inner_steps,
-                                    None if speed < 0 else speed, bool(final))
+                    reply = _answer(
+                        self._server, worker, pseudo_gradient, inner_steps, None if speed < 0 else speed, bool(final)
+                    )
                     arrived = self._server.arrivals > before
                 if arrived and self._on_arrival is not None:
                     self._on_arrival(Arrival(worker, reply.version, reply.staleness, reply.applied))
@@ -176,8 +199,11 @@ class ServerThread:
     def _fail(self, missing: list[int], cause: str) -> None:
         self.error = missing_worker_error(self._owner, missing, self._timeout, cause)
         abort = torch.tensor([STATUS_ABORT, 0, 0, 0, 0, 0, missing[0]], dtype=torch.float64)
-        for rank in sorted(self._active - set(missing)):
+        # Kept, so the message outlives this call: the thread ends here, the sends complete when each is read.
+        self._aborts = [
             dist.isend(abort, dst=rank, group=self._group, tag=TAG_REPLY)
+            for rank in sorted(self._active - set(missing))
+        ]
 
 
 def _send_reply(reply: Reply, worker: int, group: dist.ProcessGroup) -> None:
@@ -190,14 +216,23 @@ def _send_reply(reply: Reply, worker: int, group: dist.ProcessGroup) -> None:
         dist.send(reply.params, dst=worker, group=group, tag=TAG_PARAMETERS)
 
 
-def round_trip(pseudo_gradient: Optional[Tensor], numel: int, inner_steps: int, speed: Optional[float], final: bool,
-               group: dist.ProcessGroup, timeout: timedelta, owner: str) -> Reply:
+def round_trip(
+    pseudo_gradient: Optional[Tensor],
+    numel: int,
+    inner_steps: int,
+    speed: Optional[float],
+    final: bool,
+    group: dist.ProcessGroup,
+    timeout: timedelta,
+    owner: str,
+) -> Reply:
     """A worker other than rank 0: send its flat fp32 CPU ``pseudo_gradient`` (None: nothing to apply) and
     take the server's reply and, unless ``final``, the ``numel`` global parameters."""
     rank = dist.get_rank()
     size = 0 if pseudo_gradient is None else pseudo_gradient.numel()
-    header = torch.tensor([rank, inner_steps, -1.0 if speed is None else speed, float(final), size],
-                          dtype=torch.float64)
+    header = torch.tensor(
+        [rank, inner_steps, -1.0 if speed is None else speed, float(final), size], dtype=torch.float64
+    )
     try:
         dist.send(header, dst=SERVER_RANK, group=group, tag=TAG_ARRIVAL)
         if size:

@@ -297,7 +297,12 @@ class AsyncDiLoCoStrategy(DDPStrategy):
         """Fires when training starts, after a resumed state is restored: rank 0 starts serving."""
         if self._server is not None and self.world_size > 1:
             self._server_thread = ServerThread(
-                self._server, self._lock, self._control, self.world_size, self._timeout, type(self).__name__,
+                self._server,
+                self._lock,
+                self._control,
+                self.world_size,
+                self._timeout,
+                type(self).__name__,
                 on_arrival=self.on_arrival,
             )
             self._server_thread.start()
@@ -409,8 +414,17 @@ class AsyncDiLoCoStrategy(DDPStrategy):
             self.optimizers[0].load_state_dict(worker["optimizer"])
             _optimizer_to_device(self.optimizers[0], self.root_device)
             self._origin = [t.to(self._outer_device) for t in worker["origin"]]
-            for name in ("_round_length", "_steps_in_round", "_version", "rounds", "pseudo_gradients_sent",
-                         "staleness", "bytes_sent", "bytes_received", "wait_seconds"):
+            for name in (
+                "_round_length",
+                "_steps_in_round",
+                "_version",
+                "rounds",
+                "pseudo_gradients_sent",
+                "staleness",
+                "bytes_sent",
+                "bytes_received",
+                "wait_seconds",
+            ):
                 setattr(self, name, worker[name.lstrip("_")])
         else:
             self._origin = [t.to(self._outer_device, torch.float32, copy=True) for t in server_state["global_params"]]
@@ -450,8 +464,9 @@ class AsyncDiLoCoStrategy(DDPStrategy):
             if progressed and self.on_arrival is not None:
                 self.on_arrival(Arrival(SERVER_RANK, reply.version, reply.staleness, reply.applied))
         else:
-            reply = round_trip(grad, numel, self._steps_in_round, speed, final, self._control, self._timeout,
-                               type(self).__name__)
+            reply = round_trip(
+                grad, numel, self._steps_in_round, speed, final, self._control, self._timeout, type(self).__name__
+            )
             sent = 0 if grad is None else grad.numel() * grad.element_size()
             received = 0 if reply.params is None else reply.params.numel() * reply.params.element_size()
             self.bytes_sent += sent
