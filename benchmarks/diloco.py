@@ -91,30 +91,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import itertools
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
-import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _char_lm  # noqa: E402
 import _dist  # noqa: E402
+from _char_lm import StepRecord, bytes_sent_so_far, links, megabytes, validation_loss  # noqa: E402
 from _curves import StopAtLoss, first_step_at_or_below, mean_over_ranks, trailing_mean  # noqa: E402
-from _common import machine, markdown_table, quiet_trainer, result_paths  # noqa: E402
-from examples.char_lm import CharGPT, StdlibText  # noqa: E402
-from lightning_converge.optim import AdamW  # noqa: E402
+from _common import machine, markdown_table, result_paths  # noqa: E402
 from lightning_converge.strategies import DiLoCoStrategy, StreamingDiLoCoStrategy  # noqa: E402
 from lightning_converge.kernels.dispatch import BACKEND_ENV  # noqa: E402
 
-FILES = ("*.py",)  # the standard library's top-level modules, as in benchmarks/compression.py
 # The issue's targets, two workers, DiLoCo at H = --h against DDP.
 MAX_LOSS_GAP = 0.03
 MIN_FEWER_BYTES = 50.0
@@ -174,11 +170,6 @@ def methods(world_size: int, args: argparse.Namespace) -> list[Method]:
     return [Method(), *(Method(h) for h in args.inner_steps), *variants]
 
 
-def links(shaped: bool) -> tuple[str, ...]:
-    """The links every method trains on, in order: the plain loopback, then (when it can be had) the shaped one."""
-    return ("loopback", "shaped") if shaped else ("loopback",)
-
-
 def budget(world_size: int, args: argparse.Namespace) -> int:
     return args.steps if world_size == 2 else args.steps_4
 
@@ -191,79 +182,20 @@ def window_of(steps: int) -> int:
 # ---------------------------------------------------------------- one rank (inside the launched processes)
 
 
-def ddp_bytes_per_step(model: torch.nn.Module) -> int:
-    """What DDP hands its all-reduce every step: every gradient, in the parameters' dtype."""
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-
-
-def bytes_sent_so_far(trainer: L.Trainer) -> int:
-    if isinstance(trainer.strategy, DiLoCoStrategy):
-        return trainer.strategy.bytes_sent
-    return trainer.global_step * ddp_bytes_per_step(trainer.lightning_module)
-
-
-class StepRecord(L.Callback):
-    """Per optimizer step on this rank: the training loss, the bytes sent so far and the seconds from the
-    start of training to the step's end. With ``count_loopback``, the loopback qdisc's byte counter when
-    training starts (run it on one rank, inside the shaped namespace)."""
-
-    def __init__(self, count_loopback: bool) -> None:
-        self.count_loopback = count_loopback
-        self.loss: list[float] = []
-        self.bytes_sent: list[int] = []
-        self.step_end_seconds: list[float] = []
-        self.loopback_bytes: list[int] = []
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        if self.count_loopback:
-            self.loopback_bytes.append(_dist.loopback_bytes(None))
-        self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.step_end_seconds.append(time.perf_counter() - self.start)
-        self.bytes_sent.append(bytes_sent_so_far(trainer))
-        self.loss.append(float(outputs["loss"]))
-
-
-@torch.no_grad()
-def validation_loss(model: CharGPT, data: StdlibText, batches: int) -> float:
-    """Mean loss over the first ``batches`` validation batches (the same bytes for every method)."""
-    model.eval()
-    return statistics.fmean(model.loss(batch).item() for batch in itertools.islice(data.val_dataloader(), batches))
-
-
-def fit(method: Method, world_size: int, max_steps: int, args: argparse.Namespace, callbacks: list,
-        batch_size: Optional[int] = None, init_checkpoint: Optional[Path] = None, strategy=None) -> tuple:
-    L.seed_everything(args.seed, verbose=False)
-    optimizer = functools.partial(AdamW, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    model = CharGPT(
-        dim=args.dim, depth=args.depth, heads=args.heads, seq_len=args.seq_len,
-        warmup_steps=max(1, max_steps // 10), optimizer=optimizer,
-        init_checkpoint=None if init_checkpoint is None else str(init_checkpoint),
-    )
-    data = StdlibText(FILES, seq_len=args.seq_len, batch_size=batch_size or args.batch_size)
-    trainer = quiet_trainer(
-        devices=world_size, strategy=strategy or method.strategy(args), max_steps=max_steps, limit_val_batches=0,
-        callbacks=callbacks,
-    )
-    trainer.fit(model, data)
-    return model, data, trainer
-
-
 def pretrain(args: argparse.Namespace, path: Path) -> None:
     """The common start of every method: ``--pretrain-steps`` steps of one process on both workers' batch
     (AdamW, warm-up then cosine decay, as every run), saved as a checkpoint the runs load (weights only:
     each run starts a fresh inner optimizer, as DiLoCo starts from a pretrained model in the paper)."""
     torch.set_num_threads(args.threads)
     # One process, no process group: the launcher's environment stays clean for the ranks it starts.
-    _, _, trainer = fit(Method(), 1, args.pretrain_steps, args, callbacks=[], batch_size=2 * args.batch_size,
-                        strategy="auto")
+    _, _, trainer = _char_lm.fit("auto", 1, args.pretrain_steps, args, callbacks=[],
+                                 batch_size=2 * args.batch_size)
     trainer.save_checkpoint(path, weights_only=True)
 
 
 def ddp_final_loss(out: Path, world_size: int, steps: int) -> float:
     """DDP's final training loss on the plain loopback (mean over ranks, smoothed): the timed runs' target."""
-    losses = [json.loads((out / f"0_loopback_rank{rank}.json").read_text())["loss"] for rank in range(world_size)]
+    losses = [record["loss"] for record in _char_lm.read_rank_records(out, 0, "loopback", world_size)]
     return trailing_mean(mean_over_ranks(losses), window_of(steps))[-1]
 
 
@@ -283,32 +215,32 @@ def train_methods_on_this_rank(args: argparse.Namespace) -> None:
     to_run, steps = methods(world_size, args), budget(world_size, args)
     for method in to_run:
         warm_up_method, warm_up_steps = method.warm_up()
-        fit(warm_up_method, world_size, warm_up_steps, args, callbacks=[], init_checkpoint=args.worker_init)
-    for link in links(args.worker_shaped):
-        if args.worker_shaped:
-            _dist.use_link(link == "shaped", args.rate_mbit, rank)
-        for index, method in enumerate(to_run):
-            record = StepRecord(count_loopback=link == "shaped" and rank == 0)
-            callbacks, max_steps = [record], steps
-            if link == "shaped" and method.inner_steps is not None:  # DDP, index 0, has run on both links
-                target = ddp_final_loss(args.worker_out, world_size, steps)
-                callbacks.append(StopAtLoss(target, window_of(steps)))
-                max_steps = round(args.max_step_factor * steps)
-            model, data, trainer = fit(method, world_size, max_steps, args, callbacks=callbacks,
-                                       init_checkpoint=args.worker_init)
-            if record.count_loopback:
-                record.loopback_bytes.append(_dist.loopback_bytes(None))
-            result = dict(
-                parameters=sum(p.numel() for p in model.parameters()),
-                loss=record.loss,
-                bytes_sent=record.bytes_sent,
-                bytes_sent_total=bytes_sent_so_far(trainer),  # with the syncs when training ends
-                step_end_seconds=record.step_end_seconds,
-                loopback_bytes=record.loopback_bytes,
-                parameter_checksum=sum(p.double().sum().item() for p in model.parameters()),
-                val_loss=validation_loss(model, data, args.val_batches) if rank == 0 and link == "loopback" else None,
-            )
-            (args.worker_out / f"{index}_{link}_rank{rank}.json").write_text(json.dumps(result))
+        _char_lm.fit(warm_up_method.strategy(args), world_size, warm_up_steps, args, callbacks=[],
+                     init_checkpoint=args.worker_init)
+
+    def train_one(index: int, method: Method, link: str) -> dict:
+        record = StepRecord(count_loopback=link == "shaped" and rank == 0)
+        callbacks, max_steps = [record], steps
+        if link == "shaped" and method.inner_steps is not None:  # DDP, index 0, has run on both links
+            target = ddp_final_loss(args.worker_out, world_size, steps)
+            callbacks.append(StopAtLoss(target, window_of(steps)))
+            max_steps = round(args.max_step_factor * steps)
+        model, data, trainer = _char_lm.fit(method.strategy(args), world_size, max_steps, args, callbacks=callbacks,
+                                            init_checkpoint=args.worker_init)
+        if record.count_loopback:
+            record.loopback_bytes.append(_dist.loopback_bytes(None))
+        return dict(
+            parameters=sum(p.numel() for p in model.parameters()),
+            loss=record.loss,
+            bytes_sent=record.bytes_sent,
+            bytes_sent_total=bytes_sent_so_far(trainer),  # with the syncs when training ends
+            step_end_seconds=record.step_end_seconds,
+            loopback_bytes=record.loopback_bytes,
+            parameter_checksum=sum(p.double().sum().item() for p in model.parameters()),
+            val_loss=validation_loss(model, data, args.val_batches) if rank == 0 and link == "loopback" else None,
+        )
+
+    _char_lm.train_on_links(to_run, args.worker_shaped, args.rate_mbit, rank, args.worker_out, train_one)
 
 
 # ---------------------------------------------------------------- the launcher's side
@@ -329,7 +261,7 @@ def train(args: argparse.Namespace, world_size: int, netns: Optional[str], work_
     for link in links(netns is not None):
         runs[link] = {}
         for index, method in enumerate(methods(world_size, args)):
-            ranks = [json.loads((out / f"{index}_{link}_rank{rank}.json").read_text()) for rank in range(world_size)]
+            ranks = _char_lm.read_rank_records(out, index, link, world_size)
             rank0 = ranks[0]
             runs[link][method.name] = dict(
                 parameters=rank0["parameters"],
@@ -418,10 +350,6 @@ def judge_targets(summary: dict[str, dict], shaped: bool, args: argparse.Namespa
             measured=f"{peak_ratio:.4f} of it (1/{1 / peak_ratio:.2f})", passed=peak_ratio <= 1 / args.num_fragments,
         ))
     return verdicts
-
-
-def megabytes(value: float) -> str:
-    return f"{value / 1e6:.1f} MB" if value >= 1e6 else f"{value / 1e6:.3f} MB"
 
 
 def speedup_cell(speedup: Optional[float], missing: str) -> str:
@@ -516,15 +444,7 @@ def parse_args() -> argparse.Namespace:
                         help="the outer Nesterov SGD's momentum (the paper's, and the strategy's default: 0.9)")
     parser.add_argument("--no-variants", action="store_true",
                         help="DDP and DiLoCo at each --inner-steps only (no int8, delay=1, streaming; for sweeps)")
-    parser.add_argument("--dim", type=int, default=192)
-    parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per worker and step")
-    parser.add_argument("--lr", type=float, default=2e-3, help="the inner AdamW's peak learning rate")
-    parser.add_argument("--val-batches", type=int, default=40, help="validation batches for the final loss")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
+    _char_lm.add_model_arguments(parser)
     parser.add_argument("--rate-mbit", type=float, default=100.0, help="the shaped link's rate")
     parser.add_argument("--probe-mb", type=float, default=8.0, help="all-reduce size that checks the link")
     parser.add_argument("--no-shaping", action="store_true", help="skip the shaped link")
