@@ -203,8 +203,8 @@ def test_package_imports_without_triton():
 
 
 def test_every_elementwise_kernel_compiles_for_cuda():
-    """The interpreter accepts code the compiler rejects (pointer casts, constexpr tuples):
-    compile each multi-tensor kernel for an sm_90 GPU, which needs no GPU, in a process
+    """The interpreter accepts code the compiler rejects (pointer casts, constexpr tuples, globals):
+    compile each multi-tensor kernel, the compressors' included, for an sm_90 GPU, which needs no GPU, in a process
     without ``TRITON_INTERPRET``."""
     script = """
 import importlib, inspect
@@ -241,6 +241,16 @@ for module, (name, operands, reads_step, options) in KERNELS.items():
         else:  # hyperparameters: float64 for the update rules
             signature[parameter] = "*fp64" if update_rule else "*fp32"
     triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+
+# The blockwise compressors: value, encoding, per-block scales, and the residual with error feedback.
+COMPRESSORS = {"int8_quantize": ("_int8_quantize_kernel", tl.int8), "sign_quantize": ("_sign_quantize_kernel", tl.uint8)}
+for module, (name, encoded) in COMPRESSORS.items():
+    kernel = getattr(importlib.import_module(f"lightning_converge.kernels.triton.{module}"), name)
+    for feedback in (False, True):
+        dtypes = (tl.bfloat16, encoded, tl.float32) + ((tl.float32,) if feedback else ())
+        constexprs = dict(BLOCK=256, DTYPES=dtypes, FEEDBACK=feedback)
+        signature = {"tensors": "*i64", "blocks": "*i64", **{name: "constexpr" for name in constexprs}}
+        triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
 """
     environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment)
