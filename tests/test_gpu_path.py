@@ -460,3 +460,33 @@ def test_grokfast_kernel_leaves_the_slow_of_non_finite_elements_alone_on_every_b
             torch.testing.assert_close(got, expected, equal_nan=True)
             if lamb == 0.0:
                 torch.testing.assert_close(expected, grad, rtol=0, atol=0, equal_nan=True)
+
+
+def test_diloco_outer_step_builds_no_host_tensors_and_reads_nothing_back(monkeypatch):
+    """The built-in outer step (Nesterov, reference backend) with an outer lr that changes every step:
+    its lr and momentum are slots refilled in place, and it equals torch.optim.SGD's step."""
+    from lightning_converge.strategies.diloco.outer import OuterState
+
+    params = _params_with_grads(5)
+    outer = OuterState(params, "nesterov", lambda step: 0.7 / (1 + step), 0.9, torch.device("cpu"), "reference")
+    expected_params = [p.detach().clone() for p in params]
+    sgd = torch.optim.SGD(expected_params, lr=0.7, momentum=0.9, nesterov=True)
+    pieces = [(index, 0, p.numel()) for index, p in enumerate(params)]
+    per_step = []
+    generator = torch.Generator().manual_seed(6)
+    for inner_step in range(5):
+        averaged = torch.randn(sum(p.numel() for p in params), generator=generator)
+        if inner_step == 0:  # the first step allocates the slots
+            outer.step(pieces, averaged, inner_step)
+        else:
+            with no_host_reads(monkeypatch) as ops:
+                outer.step(pieces, averaged, inner_step)
+            per_step.append(ops)
+        for group in sgd.param_groups:
+            group["lr"] = 0.7 / (1 + inner_step)
+        for p, chunk in zip(expected_params, averaged.split([p.numel() for p in expected_params])):
+            p.grad = chunk.view_as(p)
+        sgd.step()
+    _assert_steady_and_sync_free(per_step)
+    for p, q in zip(outer.params, expected_params):
+        torch.testing.assert_close(p, q)
