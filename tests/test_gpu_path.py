@@ -490,3 +490,32 @@ def test_diloco_outer_step_builds_no_host_tensors_and_reads_nothing_back(monkeyp
     _assert_steady_and_sync_free(per_step)
     for p, q in zip(outer.params, expected_params):
         torch.testing.assert_close(p, q)
+
+
+def test_onebit_adam_step_after_freeze_reads_nothing_back(one_rank_group, monkeypatch):
+    """1-bit Adam's compressed steps once the variance froze, with a late parameter still warming up
+    on its own: which parameters have settled is known without reading a step count back."""
+    from lightning_converge.strategies.onebit_adam import OneBitAdamStrategy
+
+    freeze_step = 3
+    strategy = OneBitAdamStrategy(freeze_step=freeze_step, block_size=8)
+    early, late = _params_with_grads(7)[:2], _params_with_grads(8)[2]
+    optimizer = AdamW([*early, late], lr=1e-2, backend="reference")
+    late_grad, late.grad = late.grad, None
+    for _ in range(freeze_step):  # the warm-up stage: the late parameter has no gradient yet
+        optimizer.step()
+    generator = torch.Generator().manual_seed(9)
+    per_step = []
+    for step in range(freeze_step):  # the late parameter warms up during the compression stage
+        for p in early:
+            p.grad = torch.randn(p.shape, generator=generator)
+        late.grad = late_grad.clone()
+        if step == 0:  # the variance freezes here: the state takes its variance_step
+            strategy.compressed_step(optimizer)
+            continue
+        with no_host_reads(monkeypatch) as ops:
+            strategy.compressed_step(optimizer)
+        per_step.append(ops)
+    _assert_steady_and_sync_free(per_step)
+    assert "variance_step" not in optimizer.state[late]
+    assert [int(optimizer.state[p]["step"]) for p in (*early, late)] == [2 * freeze_step] * 2 + [freeze_step]

@@ -14,6 +14,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import StrategyRegistry
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils.weak import WeakIdKeyDictionary
 
 from lightning_converge.comm import Layout, OneBitCompressor
 from lightning_converge.comm.base import check_int
@@ -118,6 +119,10 @@ class OneBitAdamStrategy(CommHookDDPStrategy):
         self.freeze_step = freeze_step
         self.compressor = OneBitCompressor(error_feedback=True, block_size=block_size)
         self._scalars = ScalarSlots()  # the update's hyperparameters, refilled in place every step
+        # Host copies of the optimizer's step counts (0-d tensors on the parameters' device), by step
+        # tensor: each is read back once (a restored state brings new tensors), then counted here, so
+        # deciding which parameters have settled reads nothing back at each step.
+        self._host_steps: WeakIdKeyDictionary = WeakIdKeyDictionary()
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -200,7 +205,12 @@ class OneBitAdamStrategy(CommHookDDPStrategy):
     def _variance_settled(self, state: Optional[dict[str, Any]]) -> bool:
         if not state:
             return False
-        return "variance_step" in state or int(state["step"]) >= self.freeze_step
+        if "variance_step" in state:
+            return True
+        step = state["step"]
+        if step not in self._host_steps:
+            self._host_steps[step] = int(step)
+        return self._host_steps[step] >= self.freeze_step
 
     def _onebit_adam_step(self, optimizer: AdamW, groups: list[tuple[dict[str, Any], list[Tensor]]]) -> None:
         params = [p for _, group_params in groups for p in group_params]
@@ -241,6 +251,9 @@ class OneBitAdamStrategy(CommHookDDPStrategy):
         finally:
             for p, grad in zip(hidden, hidden_grads):
                 p.grad = grad
+        for p in warming:  # each took one step (a parameter without state before: its first)
+            step = optimizer.state[p]["step"]
+            self._host_steps[step] = self._host_steps.get(step, 0) + 1
 
     def comm_state_dict(self) -> dict[str, Any]:
         return {**super().comm_state_dict(), "compressor": self.compressor.state_dict()}
