@@ -15,7 +15,15 @@ import torch
 
 pytest.importorskip("triton")
 
-from lightning_converge.kernels import adamw, diloco_outer_step, ema_update, grokfast_ema, int8_quantize, sign_quantize
+from lightning_converge.kernels import (
+    adamw,
+    diloco_outer_step,
+    ema_update,
+    grokfast_ema,
+    int8_quantize,
+    onebit_adam_update,
+    sign_quantize,
+)
 from lightning_converge.kernels.triton.common import BLOCK, register_launch_hook
 from lightning_converge.optim import ADOPT, AdamW, Adan, AdEMAMix, Lion
 
@@ -76,7 +84,13 @@ def test_elementwise_kernels_launch_once_for_all_tensors():
             ema_update(tensors[0], tensors[1], decay=torch.tensor(0.9), backend="triton")
             grokfast_ema(tensors[0], tensors[1], alpha=torch.tensor(0.9), lamb=torch.tensor(2.0), backend="triton")
             diloco_outer_step(*tensors, lr=torch.tensor(0.7), momentum=torch.tensor(0.9), backend="triton")
-        assert len(grids) == 3
+            steps = [torch.tensor(3.0)] * count
+            hyperparameters = dict(lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0)
+            onebit_adam_update(
+                tensors[0], tensors[1], [t.abs() for t in tensors[2]], steps, steps, backend="triton",
+                **{name: torch.tensor(value, dtype=torch.float64) for name, value in hyperparameters.items()},
+            )
+        assert len(grids) == 4
 
 
 def test_removed_hook_sees_no_launch():
