@@ -177,3 +177,16 @@ def test_compressors_launch_once_per_group_and_match_the_reference(kernel, encod
         for name, actual_list, expected_list in zip(("encoded", "scales", "residuals"), actual, expected):
             for index, (got, wanted) in enumerate(zip(actual_list or [], expected_list or [])):
                 torch.testing.assert_close(got, wanted, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}[{index}]: {m}")
+
+
+def test_compressor_arguments_are_checked_before_launching():
+    values = [torch.randn(10)]
+    outputs = dict(quantized=[torch.empty(10, dtype=torch.int8)], scales=[torch.empty(2)])
+    with counting_launches() as grids:
+        with pytest.raises(ValueError, match="each residual must have the shape of its value"):
+            int8_quantize(values, [torch.zeros(9)], *outputs.values(), block_size=8, backend="triton")
+        with pytest.raises(ValueError, match="flat contiguous tensors"):
+            int8_quantize([torch.randn(2, 5)], None, *outputs.values(), block_size=8, backend="triton")
+        with pytest.raises(ValueError, match="power-of-two block_size >= 8, got 12"):
+            int8_quantize(values, None, *outputs.values(), block_size=12, backend="triton")
+    assert grids == []
