@@ -4,8 +4,8 @@
 hook registered with :func:`register_launch_hook` sees each launch (the tests
 count launches per optimizer step with it), and every one of them goes through
 :func:`launch_over_tensors`: the update rules (through :func:`launch_update_rule`),
-weight EMA, Grokfast, DiLoCo's outer step and the blockwise compressors (int8,
-sign). It runs a kernel over *all* tensors of a list at once, as torch's fused
+1-bit Adam's update, weight EMA, Grokfast, DiLoCo's outer step and the blockwise
+compressors (int8, sign). It runs a kernel over *all* tensors of a list at once, as torch's fused
 optimizers do (multi-tensor apply): tensors are grouped by device and dtypes, and
 each group takes one launch (two with cautious masking), however many tensors it
 holds. A kernel finds its tensors through two int64 tables:
