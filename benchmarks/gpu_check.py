@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.metadata
 import inspect
 import json
@@ -229,12 +230,22 @@ def expected_launches(options: dict[str, bool]) -> int:
     return 2 if options.get("cautious") else 1
 
 
+def run_counting_launches(run: Callable[[], Any]) -> tuple[Any, int]:
+    """Run ``run``: its result, and how many Triton launches it made (seen by the pack's launch hook)."""
+    from lightning_converge.kernels.triton.common import register_launch_hook
+
+    grids = []
+    handle = register_launch_hook(lambda kernel, grid: grids.append(grid))
+    try:
+        return run(), len(grids)
+    finally:
+        handle.remove()
+
+
 def check_kernels(device, shapes) -> list[dict]:
     """Each kernel's Triton implementation against its reference: one row per kernel, options and dtype,
     with the call's Triton launches and (on CUDA) its host syncs."""
     import torch
-
-    from lightning_converge.kernels.triton.common import register_launch_hook
 
     rows = []
     for name, kernel in exported_kernels().items():
@@ -255,24 +266,19 @@ def check_kernels(device, shapes) -> list[dict]:
                     with warnings.catch_warnings():  # ADOPT's clip at step 1: log(0) under the interpreter
                         warnings.simplefilter("ignore", RuntimeWarning)
                         expected_out = kernel.reference(*expected, **kwargs, **options)
-                        grids = []
-                        handle = register_launch_hook(lambda kernel_, grid: grids.append(grid))
-                        try:
-                            actual_out = triton_impl(*args, **kwargs, **options)
-                        finally:
-                            handle.remove()
+                        call = functools.partial(triton_impl, *args, **kwargs, **options)
+                        actual_out, launches = run_counting_launches(call)
                     max_abs, units = compare([*args, actual_out], [*expected, expected_out])
-                    launches_ok = len(grids) == expected_launches(options)
+                    launches_ok = launches == expected_launches(options)
                     row.update(
                         status="pass" if units <= 1.0 and launches_ok else "FAIL",
                         max_abs_diff=max_abs,
                         error_in_tolerances=units,
                         tensors=len(shapes),
-                        launches=len(grids),
+                        launches=launches,
                         expected_launches=expected_launches(options),
                     )
                     if device.type == "cuda":  # the values move again: only syncs are looked at
-                        call = lambda: triton_impl(*args, **kwargs, **options)  # noqa: E731
                         row.update(**count_host_syncs(call, device), sync_error_mode=run_in_sync_error_mode(call))
                 except Exception as error:  # noqa: BLE001 -- a row, not a crash: the other kernels still get checked
                     row.update(status="error", detail=f"{type(error).__name__}: {error}"[:300])
