@@ -4,9 +4,13 @@ What it measures (on one CUDA device)
     1. kernels: every Triton kernel of :mod:`lightning_converge.kernels` (each exported
        :class:`~lightning_converge.kernels.Kernel`) against its ``reference`` on the
        same inputs: fp32 and bf16 tensors of odd sizes, tensors at different steps,
-       each boolean option (cautious, nesterov, ...) both ways. The inputs are built
-       from the kernel's signature (argument names say what each list holds). A
-       kernel without a Triton version is listed as such.
+       each boolean option (cautious, nesterov, ...) both ways; the compressors (int8,
+       sign) included. The inputs are built from the kernel's signature (argument
+       names say what each list holds). A kernel without a Triton version is listed
+       as such. Each call's Triton launches are counted (the pack's launch hook): all
+       tensors of a call form one group, so one launch (two with cautious masking),
+       whatever the number of tensors; on CUDA, a second call's host syncs are
+       counted ("warn" mode) and a third runs under ``set_sync_debug_mode("error")``.
     2. optimizer steps: ``optimizer.step()`` of our rules (backend ``"triton"``, and
        AdamW also ``"compiled"``) and ``torch.optim.AdamW(fused=True)`` on GPT-like
        fp32 parameters: about 25 M parameters in about 50 tensors and 300 M in about
@@ -19,10 +23,11 @@ What it measures (on one CUDA device)
     4. host syncs per step: one step of each optimizer, and one call of each callback
        hook below, under ``torch.cuda.set_sync_debug_mode("warn")``; every
        synchronizing CUDA call is counted with the line that made it ("error" mode
-       would stop at the first).
+       would stop at the first). Each optimizer then takes one more step under
+       ``set_sync_debug_mode("error")``, which must not raise.
     5. callbacks: a ``Trainer.fit`` on the 25 M-parameter set per callback: our EMA
        (``on_train_batch_end``), Lightning's ``EMAWeightAveraging`` (same hook, when
-       this Lightning has it) and our Grokfast (``on_before_optimizer_step``); the
+       this Lightning has it) and our Grokfast, EMA and MA filters (``on_before_optimizer_step``); the
        time of the hook per step (synchronized before and after), next to a step with
        no callback.
     6. DiLoCo's exchange thread: the int8 and fp32 pseudo-gradient exchanges on the
@@ -33,7 +38,8 @@ What it measures (on one CUDA device)
 
 Targets, printed as met / NOT met: our AdamW <= 1.1x the step time of torch fused
 AdamW at 500 tensors; every rule >= 80% of the copy bandwidth at 300 M parameters;
-zero host syncs in an optimizer step or a callback hook.
+zero host syncs in an optimizer step, a kernel call or a callback hook; one Triton
+launch per group of tensors in each kernel call.
 
 How to run (from the repository root, after ``make setup TORCH_SPEC=torch``; needs
 torch, triton and lightning only)
@@ -55,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.metadata
 import inspect
 import json
@@ -222,8 +229,27 @@ def compare(actual: Any, expected: Any) -> tuple[float, float]:
     return worst_abs, worst_units
 
 
+def expected_launches(options: dict[str, bool]) -> int:
+    """Triton launches of one kernel call whose tensors form one group: two with cautious masking
+    (a count pass, then the update), else one."""
+    return 2 if options.get("cautious") else 1
+
+
+def run_counting_launches(run: Callable[[], Any]) -> tuple[Any, int]:
+    """Run ``run``: its result, and how many Triton launches it made (seen by the pack's launch hook)."""
+    from lightning_converge.kernels.triton.common import register_launch_hook
+
+    grids = []
+    handle = register_launch_hook(lambda kernel, grid: grids.append(grid))
+    try:
+        return run(), len(grids)
+    finally:
+        handle.remove()
+
+
 def check_kernels(device, shapes) -> list[dict]:
-    """Each kernel's Triton implementation against its reference: one row per kernel, options and dtype."""
+    """Each kernel's Triton implementation against its reference: one row per kernel, options and dtype,
+    with the call's Triton launches and (on CUDA) its host syncs."""
     import torch
 
     rows = []
@@ -245,11 +271,20 @@ def check_kernels(device, shapes) -> list[dict]:
                     with warnings.catch_warnings():  # ADOPT's clip at step 1: log(0) under the interpreter
                         warnings.simplefilter("ignore", RuntimeWarning)
                         expected_out = kernel.reference(*expected, **kwargs, **options)
-                        actual_out = triton_impl(*args, **kwargs, **options)
+                        call = functools.partial(triton_impl, *args, **kwargs, **options)
+                        actual_out, launches = run_counting_launches(call)
                     max_abs, units = compare([*args, actual_out], [*expected, expected_out])
+                    launches_ok = launches == expected_launches(options)
                     row.update(
-                        status="pass" if units <= 1.0 else "FAIL", max_abs_diff=max_abs, error_in_tolerances=units
+                        status="pass" if units <= 1.0 and launches_ok else "FAIL",
+                        max_abs_diff=max_abs,
+                        error_in_tolerances=units,
+                        tensors=len(shapes),
+                        launches=launches,
+                        expected_launches=expected_launches(options),
                     )
+                    if device.type == "cuda":  # the values move again: only syncs are looked at
+                        row.update(**count_host_syncs(call, device), sync_error_mode=run_in_sync_error_mode(call))
                 except Exception as error:  # noqa: BLE001 -- a row, not a crash: the other kernels still get checked
                     row.update(status="error", detail=f"{type(error).__name__}: {error}"[:300])
                 rows.append(row)
@@ -287,6 +322,22 @@ def count_host_syncs(run: Callable[[], Any], device) -> dict:
     syncs = [w for w in caught if SYNC_WARNING in str(w.message)]
     where = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs})
     return dict(host_syncs=len(syncs), where=where[:8])
+
+
+def run_in_sync_error_mode(run: Callable[[], Any]) -> str:
+    """Run ``run`` (on CUDA) under ``torch.cuda.set_sync_debug_mode("error")``: ``"clean"``, or the
+    error the first synchronizing call raised."""
+    import torch
+
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    except RuntimeError as error:
+        return f"raised: {error}"[:300]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return "clean"
 
 
 def count_launches(run: Callable[[], Any], device) -> dict:
@@ -408,6 +459,8 @@ def measure_optimizers(args, device, parameter_sets=PARAMETER_SETS, copy_mb: int
                 launches=count_launches(step, device),
                 **count_host_syncs(step, device),
             )
+            if device.type == "cuda":
+                rows[name]["sync_error_mode"] = run_in_sync_error_mode(step)
         sets.append(dict(params=count, tensors=len(shapes), copy_gb_per_s=copy_gb_per_s,
                          roofline_gb_per_s=roofline, rows=rows))  # fmt: skip
         del params, contenders, steps
@@ -503,6 +556,8 @@ def measure_callbacks(args, device, parameter_set=PARAMETER_SETS[0], steps: int 
     candidates: dict[str, tuple[Any, str, dict, int]] = {
         "ours EMA": (EMA, "on_train_batch_end", dict(decay=0.999), 12),
         "ours Grokfast": (Grokfast, "on_before_optimizer_step", dict(alpha=0.98, lamb=2.0), 16),
+        # MA: reads the gradient, the leaving ring slot and the sum; writes the slot, the sum and the gradient.
+        "ours Grokfast MA": (Grokfast, "on_before_optimizer_step", dict(filter="ma", window_size=8, lamb=5.0), 24),
     }
     try:
         from lightning.pytorch.callbacks import EMAWeightAveraging
@@ -647,7 +702,18 @@ def targets(report: dict) -> list[dict]:
             measured=f"{row['bandwidth_fraction']:.0%}" if row else optimizers.get("skipped", "not measured"),
             met=row["bandwidth_fraction"] >= TARGET_BANDWIDTH_FRACTION if row else None,
         ))  # fmt: skip
+    launched = [row for row in report["kernels"] if "launches" in row]
+    found.append(dict(
+        target="one triton launch per group of tensors (two with cautious masking) in every kernel call",
+        measured=(f"{sum(r['launches'] == r['expected_launches'] for r in launched)} of {len(launched)} calls"
+                  if launched else "not measured"),
+        met=all(r["launches"] == r["expected_launches"] for r in launched) if launched else None,
+    ))  # fmt: skip
     syncs = {}
+    for row in report["kernels"]:
+        if row.get("host_syncs") is not None:
+            options = ", ".join(f"{k}={v}" for k, v in row["options"].items()) or "defaults"
+            syncs[f"kernel {row['kernel']} ({options}, {row['dtype']})"] = row
     for measured_set in sets or []:
         for name, row in measured_set["rows"].items():
             if name.startswith("ours"):
@@ -660,8 +726,11 @@ def targets(report: dict) -> list[dict]:
         return found + [dict(target="zero host syncs in an optimizer step or callback hook", measured=reason, met=None)]
     for name, row in syncs.items():
         where = f" at {', '.join(row['where'])}" if row["where"] else ""
-        found.append(dict(target=f"zero host syncs: {name}", measured=f"{row['host_syncs']}{where}",
-                          met=None if row["host_syncs"] is None else row["host_syncs"] == 0))  # fmt: skip
+        # Where it ran, the call under set_sync_debug_mode("error") must not have raised either.
+        error_mode = row.get("sync_error_mode", "clean")
+        measured = f"{row['host_syncs']}{where}" + ("" if error_mode == "clean" else f"; error mode {error_mode}")
+        found.append(dict(target=f"zero host syncs: {name}", measured=measured,
+                          met=None if row["host_syncs"] is None else row["host_syncs"] == 0 and error_mode == "clean"))  # fmt: skip
     return found
 
 
@@ -673,11 +742,14 @@ def markdown(report: dict) -> str:
 
     lines = [f"Kernels: Triton against the reference on {report['kernel_device']}"]
     lines += table(
-        ["kernel", "options", "dtype", "status", "max |diff|", "error / tolerance"],
+        ["kernel", "options", "dtype", "status", "max |diff|", "error / tolerance", "launches (expected) for tensors",
+         "host syncs"],
         [[r["kernel"], ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "defaults", r["dtype"] or "",
           r["status"] + (f": {r['detail']}" if r.get("detail") else ""),
           f"{r['max_abs_diff']:.2e}" if "max_abs_diff" in r else "",
-          f"{r['error_in_tolerances']:.2f}" if "error_in_tolerances" in r else ""] for r in report["kernels"]],
+          f"{r['error_in_tolerances']:.2f}" if "error_in_tolerances" in r else "",
+          f"{r['launches']} ({r['expected_launches']}) for {r['tensors']}" if "launches" in r else "",
+          r.get("host_syncs", "")] for r in report["kernels"]],
     )  # fmt: skip
     optimizers = report["optimizers"]
     if "skipped" in optimizers:

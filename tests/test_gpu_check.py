@@ -73,6 +73,10 @@ def test_dry_run_checks_every_exported_kernel(dry_run):
         assert {} in [row["options"] for row in kernel_rows]
         expected_status = "pass" if triton_installed else "skipped"
         assert all(row["status"] == expected_status for row in kernel_rows), kernel_rows
+        if triton_installed:  # several tensors, one launch (two with cautious masking): the pack's launcher
+            for row in kernel_rows:
+                assert row["tensors"] > 1
+                assert row["launches"] == row["expected_launches"] == (2 if row["options"].get("cautious") else 1)
 
 
 def test_dry_run_skips_the_timings_and_leaves_targets_unchecked(dry_run):
@@ -81,7 +85,10 @@ def test_dry_run_skips_the_timings_and_leaves_targets_unchecked(dry_run):
     assert report["kernel_device"] == "cpu (TRITON_INTERPRET=1)"
     for section in ("optimizers", "callbacks"):
         assert report[section] == {"skipped": "--dry-run"}
-    assert report["targets"] and all(target["met"] is None for target in report["targets"])
+    # The timed targets are not checked; the launch counts are, under the interpreter too.
+    launch_targets = [t for t in report["targets"] if t["target"].startswith("one triton launch per group")]
+    assert [t["met"] for t in launch_targets] == [True if importlib.util.find_spec("triton") else None]
+    assert all(target["met"] is None for target in report["targets"] if target not in launch_targets)
     assert {"torch", "triton", "lightning", "device"} <= report["machine"].keys()
     # The printed tables: every kernel, the skipped sections, the targets, and where the JSON went.
     for name in exported_kernels():
@@ -152,7 +159,9 @@ def test_the_timed_sections_run_end_to_end_on_tiny_sizes(monkeypatch):
             assert row["ratio_vs_torch_fused"] == pytest.approx(row["median_ms"] / fused)
             assert row["host_syncs"] is None and row["launches"]["kernels"] is None
     callbacks = report["callbacks"]["rows"]
-    assert {"no callback", "ours EMA", "ours Grokfast", "Lightning EMAWeightAveraging"} <= callbacks.keys()
+    assert {"no callback", "ours EMA", "ours Grokfast", "ours Grokfast MA", "Lightning EMAWeightAveraging"} <= (
+        callbacks.keys()
+    )
     assert all(row["hook_ms"] > 0 for name, row in callbacks.items() if name != "no callback")
 
     # Each target is decided by its measured value against its threshold.
@@ -172,3 +181,21 @@ def test_the_timed_sections_run_end_to_end_on_tiny_sizes(monkeypatch):
     table = gpu_check.markdown(report)
     for name in [*sets[0]["rows"], *callbacks]:
         assert f"| {name} |" in table
+
+
+def test_a_kernel_call_with_more_launches_than_groups_fails_the_check(monkeypatch):
+    """A kernel that launched per tensor would show more launches than expected: its rows fail, and so
+    does the launch target (here the expectation is lowered below what the one-group launch makes)."""
+    pytest.importorskip("triton")
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import gpu_check
+
+    monkeypatch.setattr(gpu_check, "exported_kernels", lambda: {"ema_update": kernels.ema_update})
+    rows = gpu_check.check_kernels(torch.device("cpu"), gpu_check.DRY_RUN_SHAPES)
+    assert [row["launches"] for row in rows] == [1, 1] and all(row["status"] == "pass" for row in rows)
+    monkeypatch.setattr(gpu_check, "expected_launches", lambda options: 0)
+    rows = gpu_check.check_kernels(torch.device("cpu"), gpu_check.DRY_RUN_SHAPES)
+    assert all(row["status"] == "FAIL" for row in rows)
+    report = dict(kernels=rows, optimizers=dict(skipped="--dry-run"), callbacks=dict(skipped="--dry-run"))
+    launch_target = [t for t in gpu_check.targets(report) if t["target"].startswith("one triton launch")]
+    assert [(t["measured"], t["met"]) for t in launch_target] == [("0 of 2 calls", False)]

@@ -219,30 +219,85 @@ class _TinyModel(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
-def test_ema_update_builds_no_host_tensors_and_reads_nothing_back(monkeypatch, tmp_path):
-    """Each EMA update under a real Trainer (a decay schedule, so the decay changes every update)."""
-    callback = EMA(decay=lambda updates: 0.5 + 0.4 * updates / (updates + 1), backend="reference")
+def _guarded_fit(monkeypatch, tmp_path, callback, hook_name: str, first_guarded_step: int, max_steps: int = 7):
+    """Fit ``_TinyModel`` with ``callback`` under a real Trainer; each call of the callback's hook
+    ``hook_name`` from ``trainer.global_step == first_guarded_step`` on runs under :func:`no_host_reads`
+    (Lightning's logging patched out: it is not the callback's work). Returns the recorded calls."""
     per_step = []
-    hook = callback.on_train_batch_end
+    hook = getattr(callback, hook_name)
 
     def guarded(trainer, pl_module, *args):
-        if trainer.global_step <= 1:  # the average starts as a copy of the weights
+        if trainer.global_step < first_guarded_step:
             return hook(trainer, pl_module, *args)
         with monkeypatch.context() as patch:
-            patch.setattr(pl_module, "log", lambda *a, **k: None)  # Lightning's logging is not the update
+            patch.setattr(pl_module, "log", lambda *a, **k: None)
             with no_host_reads(monkeypatch) as ops:
                 hook(trainer, pl_module, *args)
         per_step.append(ops)
 
-    monkeypatch.setattr(callback, "on_train_batch_end", guarded)
+    monkeypatch.setattr(callback, hook_name, guarded)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)), batch_size=2)
     trainer = pl.Trainer(
-        max_steps=7, callbacks=[callback], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
+        max_steps=max_steps, callbacks=[callback], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
     )
     trainer.fit(_TinyModel(), data)
+    return per_step
+
+
+def test_ema_update_builds_no_host_tensors_and_reads_nothing_back(monkeypatch, tmp_path):
+    """Each EMA update under a real Trainer (a decay schedule, so the decay changes every update);
+    the average starts as a copy of the weights at steps 0 and 1."""
+    callback = EMA(decay=lambda updates: 0.5 + 0.4 * updates / (updates + 1), backend="reference")
+    per_step = _guarded_fit(monkeypatch, tmp_path, callback, "on_train_batch_end", first_guarded_step=2)
     assert len(per_step) == 6
     _assert_steady_and_sync_free(per_step)
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_grokfast_ma_step_builds_no_host_tensors_and_reads_nothing_back(warmup, monkeypatch, tmp_path):
+    """Each MA filter step under a real Trainer, while the window fills and once it is full (window 3,
+    7 steps), with a lamb schedule: the finiteness flag and the ring position stay on the device."""
+    callback = Grokfast(filter="ma", window_size=3, lamb=lambda step: 1.0 + step, warmup=warmup, backend="reference")
+    per_step = _guarded_fit(monkeypatch, tmp_path, callback, "on_before_optimizer_step", first_guarded_step=1)
+    assert len(per_step) == 6
+    _assert_steady_and_sync_free(per_step)
+
+
+def test_grokfast_ma_skips_a_non_finite_step_on_the_device(monkeypatch):
+    """An overflow step changes neither the gradients nor the window, decided without a host read; the
+    next finite step is the second gradient pushed: slow = (g1 + g3) / 2, written out here."""
+    module, trainer = _Module(), _Trainer()
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    lamb = 3.0
+    callback = Grokfast(filter="ma", window_size=2, lamb=lamb, warmup=False, backend="reference")
+    callback.on_train_start(trainer, module)
+    params = list(module.parameters())
+    first = [torch.randn_like(p) for p in params]
+    for p, g in zip(params, first):
+        p.grad = g.clone()
+    callback.on_before_optimizer_step(trainer, module, optimizer)
+    state = copy.deepcopy(callback.state_dict())
+
+    overflow = [torch.randn_like(p) for p in params]
+    overflow[0][0, 0], overflow[1][1] = float("inf"), float("nan")
+    for p, g in zip(params, overflow):
+        p.grad = g.clone()
+    with no_host_reads(monkeypatch):
+        callback.on_before_optimizer_step(trainer, module, optimizer)
+    for p, g in zip(params, overflow):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0, equal_nan=True)
+    for key in ("window", "window_sum", "pushed"):
+        for name, tensor in callback.state_dict()[key].items():
+            assert torch.equal(tensor, state[key][name]), (key, name)
+
+    third = [torch.randn_like(p) for p in params]
+    for p, g in zip(params, third):
+        p.grad = g.clone()
+    with no_host_reads(monkeypatch):
+        callback.on_before_optimizer_step(trainer, module, optimizer)
+    for p, g1, g3 in zip(params, first, third):
+        torch.testing.assert_close(p.grad, g3 + lamb * (g1 + g3) / 2)
 
 
 # ---------------------------------------------------------------------------
@@ -405,3 +460,62 @@ def test_grokfast_kernel_leaves_the_slow_of_non_finite_elements_alone_on_every_b
             torch.testing.assert_close(got, expected, equal_nan=True)
             if lamb == 0.0:
                 torch.testing.assert_close(expected, grad, rtol=0, atol=0, equal_nan=True)
+
+
+def test_diloco_outer_step_builds_no_host_tensors_and_reads_nothing_back(monkeypatch):
+    """The built-in outer step (Nesterov, reference backend) with an outer lr that changes every step:
+    its lr and momentum are slots refilled in place, and it equals torch.optim.SGD's step."""
+    from lightning_converge.strategies.diloco.outer import OuterState
+
+    params = _params_with_grads(5)
+    outer = OuterState(params, "nesterov", lambda step: 0.7 / (1 + step), 0.9, torch.device("cpu"), "reference")
+    expected_params = [p.detach().clone() for p in params]
+    sgd = torch.optim.SGD(expected_params, lr=0.7, momentum=0.9, nesterov=True)
+    pieces = [(index, 0, p.numel()) for index, p in enumerate(params)]
+    per_step = []
+    generator = torch.Generator().manual_seed(6)
+    for inner_step in range(5):
+        averaged = torch.randn(sum(p.numel() for p in params), generator=generator)
+        if inner_step == 0:  # the first step allocates the slots
+            outer.step(pieces, averaged, inner_step)
+        else:
+            with no_host_reads(monkeypatch) as ops:
+                outer.step(pieces, averaged, inner_step)
+            per_step.append(ops)
+        for group in sgd.param_groups:
+            group["lr"] = 0.7 / (1 + inner_step)
+        for p, chunk in zip(expected_params, averaged.split([p.numel() for p in expected_params])):
+            p.grad = chunk.view_as(p)
+        sgd.step()
+    _assert_steady_and_sync_free(per_step)
+    for p, q in zip(outer.params, expected_params):
+        torch.testing.assert_close(p, q)
+
+
+def test_onebit_adam_step_after_freeze_reads_nothing_back(one_rank_group, monkeypatch):
+    """1-bit Adam's compressed steps once the variance froze, with a late parameter still warming up
+    on its own: which parameters have settled is known without reading a step count back."""
+    from lightning_converge.strategies.onebit_adam import OneBitAdamStrategy
+
+    freeze_step = 3
+    strategy = OneBitAdamStrategy(freeze_step=freeze_step, block_size=8)
+    early, late = _params_with_grads(7)[:2], _params_with_grads(8)[2]
+    optimizer = AdamW([*early, late], lr=1e-2, backend="reference")
+    late_grad, late.grad = late.grad, None
+    for _ in range(freeze_step):  # the warm-up stage: the late parameter has no gradient yet
+        optimizer.step()
+    generator = torch.Generator().manual_seed(9)
+    per_step = []
+    for step in range(freeze_step):  # the late parameter warms up during the compression stage
+        for p in early:
+            p.grad = torch.randn(p.shape, generator=generator)
+        late.grad = late_grad.clone()
+        if step == 0:  # the variance freezes here: the state takes its variance_step
+            strategy.compressed_step(optimizer)
+            continue
+        with no_host_reads(monkeypatch) as ops:
+            strategy.compressed_step(optimizer)
+        per_step.append(ops)
+    _assert_steady_and_sync_free(per_step)
+    assert "variance_step" not in optimizer.state[late]
+    assert [int(optimizer.state[p]["step"]) for p in (*early, late)] == [2 * freeze_step] * 2 + [freeze_step]

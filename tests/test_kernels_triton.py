@@ -22,7 +22,16 @@ import torch
 
 pytest.importorskip("triton")
 
-from lightning_converge.kernels import Kernel, adamw, adan, ademamix, adopt, lion, resolve_backend  # noqa: E402
+from lightning_converge.kernels import (  # noqa: E402
+    Kernel,
+    adamw,
+    adan,
+    ademamix,
+    adopt,
+    lion,
+    onebit_adam_update,
+    resolve_backend,
+)
 from lightning_converge.kernels.dispatch import math_dtype  # noqa: E402
 
 SHAPES = [(7,), (33, 5), (129,)]
@@ -144,6 +153,32 @@ def test_triton_matches_reference(rule_name, options, dtype, weight_decay):
             torch._foreach_add_(inputs[-1], 1.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+def test_onebit_adam_update_matches_the_reference(dtype):
+    """1-bit Adam's update (moments read, not written; the variance's bias correction at the step it
+    froze), tensors at different steps, an lr that changes between calls."""
+    generator = torch.Generator().manual_seed(3)
+    draw = torch.float64 if dtype == torch.float64 else torch.float32
+    params = [torch.randn(shape, generator=generator, dtype=draw).to(dtype) for shape in SHAPES]
+    exp_avgs = [torch.randn(shape, generator=generator, dtype=math_dtype(p)) for shape, p in zip(SHAPES, params)]
+    exp_avg_sqs = [torch.rand(shape, generator=generator, dtype=math_dtype(p)) for shape, p in zip(SHAPES, params)]
+    steps = [torch.tensor(step) for step in (2.0, 12.0, 1003.0)]
+    variance_steps = [torch.tensor(step) for step in (1.0, 10.0, 100.0)]
+    for lr in (1e-2, 3e-3):
+        hyperparameters = {
+            name: torch.tensor(value, dtype=torch.float64)
+            for name, value in dict(lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1).items()
+        }
+        moments = [[t.clone() for t in exp_avgs], [t.clone() for t in exp_avg_sqs]]
+        expected = [p.clone() for p in params]
+        onebit_adam_update.reference(expected, *moments, steps, variance_steps, **hyperparameters)
+        onebit_adam_update(params, *moments, steps, variance_steps, backend="triton", **hyperparameters)
+        for index, (actual, wanted) in enumerate(zip(params, expected)):
+            _assert_close(actual, wanted, f"lr {lr}, params[{index}]")
+        for got, before in zip([*moments[0], *moments[1]], [*exp_avgs, *exp_avg_sqs]):
+            assert torch.equal(got, before)
+
+
 def test_non_contiguous_and_empty_tensors():
     """Transposed tensors are updated in place through contiguous copies, a one-element
     tensor like any other, and empty ones are skipped."""
@@ -203,8 +238,8 @@ def test_package_imports_without_triton():
 
 
 def test_every_elementwise_kernel_compiles_for_cuda():
-    """The interpreter accepts code the compiler rejects (pointer casts, constexpr tuples):
-    compile each multi-tensor kernel for an sm_90 GPU, which needs no GPU, in a process
+    """The interpreter accepts code the compiler rejects (pointer casts, constexpr tuples, globals):
+    compile each multi-tensor kernel, the compressors' included, for an sm_90 GPU, which needs no GPU, in a process
     without ``TRITON_INTERPRET``."""
     script = """
 import importlib, inspect
@@ -241,6 +276,25 @@ for module, (name, operands, reads_step, options) in KERNELS.items():
         else:  # hyperparameters: float64 for the update rules
             signature[parameter] = "*fp64" if update_rule else "*fp32"
     triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+
+# 1-bit Adam's update: the parameter, both moments, the step and the step the variance froze at.
+kernel = importlib.import_module("lightning_converge.kernels.triton.onebit_adam")._onebit_adam_update_kernel
+constexprs = dict(BLOCK=1024, DTYPES=(tl.bfloat16,) + (tl.float32,) * 4)
+signature = {
+    parameter: "constexpr" if parameter in constexprs else "*i64" if parameter in ("tensors", "blocks") else "*fp64"
+    for parameter in inspect.signature(kernel.fn).parameters
+}
+triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+
+# The blockwise compressors: value, encoding, per-block scales, and the residual with error feedback.
+COMPRESSORS = {"int8_quantize": ("_int8_quantize_kernel", tl.int8), "sign_quantize": ("_sign_quantize_kernel", tl.uint8)}
+for module, (name, encoded) in COMPRESSORS.items():
+    kernel = getattr(importlib.import_module(f"lightning_converge.kernels.triton.{module}"), name)
+    for feedback in (False, True):
+        dtypes = (tl.bfloat16, encoded, tl.float32) + ((tl.float32,) if feedback else ())
+        constexprs = dict(BLOCK=256, DTYPES=dtypes, FEEDBACK=feedback)
+        signature = {"tensors": "*i64", "blocks": "*i64", **{name: "constexpr" for name in constexprs}}
+        triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
 """
     environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment)

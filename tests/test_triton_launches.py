@@ -15,7 +15,15 @@ import torch
 
 pytest.importorskip("triton")
 
-from lightning_converge.kernels import adamw, diloco_outer_step, ema_update, grokfast_ema
+from lightning_converge.kernels import (
+    adamw,
+    diloco_outer_step,
+    ema_update,
+    grokfast_ema,
+    int8_quantize,
+    onebit_adam_update,
+    sign_quantize,
+)
 from lightning_converge.kernels.triton.common import BLOCK, register_launch_hook
 from lightning_converge.optim import ADOPT, AdamW, Adan, AdEMAMix, Lion
 
@@ -76,7 +84,13 @@ def test_elementwise_kernels_launch_once_for_all_tensors():
             ema_update(tensors[0], tensors[1], decay=torch.tensor(0.9), backend="triton")
             grokfast_ema(tensors[0], tensors[1], alpha=torch.tensor(0.9), lamb=torch.tensor(2.0), backend="triton")
             diloco_outer_step(*tensors, lr=torch.tensor(0.7), momentum=torch.tensor(0.9), backend="triton")
-        assert len(grids) == 3
+            steps = [torch.tensor(3.0)] * count
+            hyperparameters = dict(lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0)
+            onebit_adam_update(
+                tensors[0], tensors[1], [t.abs() for t in tensors[2]], steps, steps, backend="triton",
+                **{name: torch.tensor(value, dtype=torch.float64) for name, value in hyperparameters.items()},
+            )
+        assert len(grids) == 4
 
 
 def test_removed_hook_sees_no_launch():
@@ -120,10 +134,59 @@ def test_one_launch_matches_the_reference_across_blocks_and_dtype_groups():
 
 
 def test_unsupported_dtype_is_a_clear_error():
-    with pytest.raises(TypeError, match="triton kernels take tensors of .*got torch.int8"):
+    with pytest.raises(TypeError, match="triton kernels take tensors of .*got torch.int16"):
         ema_update(
-            [torch.zeros(3, dtype=torch.int8)],
-            [torch.ones(3, dtype=torch.int8)],
+            [torch.zeros(3, dtype=torch.int16)],
+            [torch.ones(3, dtype=torch.int16)],
             decay=torch.tensor(0.5),
             backend="triton",
         )
+
+
+# The compressors: (kernel, dtype of the encoding, elements per encoded element).
+COMPRESSORS = [(int8_quantize, torch.int8, 1), (sign_quantize, torch.uint8, 8)]
+
+
+def _compress(kernel, values, residuals, encoded_dtype, per_encoded, block_size, backend):
+    """Run a blockwise compressor on copies of ``residuals``; return its outputs, residuals last."""
+    encoded = [torch.full((-(-v.numel() // per_encoded),), 7, dtype=encoded_dtype) for v in values]
+    scales = [torch.full((-(-v.numel() // block_size),), -1.0) for v in values]
+    residuals = None if residuals is None else [r.clone() for r in residuals]
+    kernel(values, residuals, encoded, scales, block_size=block_size, backend=backend)
+    return encoded, scales, residuals
+
+
+@pytest.mark.parametrize("feedback", [False, True], ids=["plain", "feedback"])
+@pytest.mark.parametrize("kernel, encoded_dtype, per_encoded", COMPRESSORS, ids=["int8", "sign"])
+def test_compressors_launch_once_per_group_and_match_the_reference(kernel, encoded_dtype, per_encoded, feedback):
+    """Several flat tensors of odd sizes (several blocks, a partial last block and byte, one element,
+    an empty one) in fp32 and bf16 take one launch per dtype group, however many tensors, and
+    write what the reference writes (sign compression's scales are means, summed in another order:
+    they, and the residuals made from them, agree to an ulp of the scale)."""
+    block_size = 32
+    generator = torch.Generator().manual_seed(5)
+    for count in (3, 9):
+        sizes = [(3 * block_size + 5, 13, 1, 0, block_size)[index % 5] for index in range(count)]
+        dtypes = [(torch.float32, torch.bfloat16)[index % 2] for index in range(count)]
+        values = [torch.randn(size, generator=generator).to(dtype) for size, dtype in zip(sizes, dtypes)]
+        residuals = [0.1 * torch.randn(size, generator=generator) for size in sizes] if feedback else None
+        expected = _compress(kernel, values, residuals, encoded_dtype, per_encoded, block_size, "reference")
+        with counting_launches() as grids:
+            actual = _compress(kernel, values, residuals, encoded_dtype, per_encoded, block_size, "triton")
+        assert len(grids) == 2  # fp32 and bf16 values; the empty tensor is skipped
+        for name, actual_list, expected_list in zip(("encoded", "scales", "residuals"), actual, expected):
+            for index, (got, wanted) in enumerate(zip(actual_list or [], expected_list or [])):
+                torch.testing.assert_close(got, wanted, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}[{index}]: {m}")
+
+
+def test_compressor_arguments_are_checked_before_launching():
+    values = [torch.randn(10)]
+    outputs = dict(quantized=[torch.empty(10, dtype=torch.int8)], scales=[torch.empty(2)])
+    with counting_launches() as grids:
+        with pytest.raises(ValueError, match="each residual must have the shape of its value"):
+            int8_quantize(values, [torch.zeros(9)], *outputs.values(), block_size=8, backend="triton")
+        with pytest.raises(ValueError, match="flat contiguous tensors"):
+            int8_quantize([torch.randn(2, 5)], None, *outputs.values(), block_size=8, backend="triton")
+        with pytest.raises(ValueError, match="power-of-two block_size >= 8, got 12"):
+            int8_quantize(values, None, *outputs.values(), block_size=12, backend="triton")
+    assert grids == []

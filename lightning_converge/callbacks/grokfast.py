@@ -47,8 +47,10 @@ class Grokfast(pl.Callback):
     ``alpha`` and ``lamb`` into 1 and 0 (which change nothing) and the kernel leaves
     the slow of inf/NaN elements alone; the flag is read back only at steps where a
     parameter gets its first gradient (its slow starts as its first finite
-    gradient). The MA filter reads the flag back once per step (its ring position
-    is a host-side count). The filter keeps copies of gradients,
+    gradient). The MA filter is decided on the device too: its ring position is a
+    device-side count of the finite steps, a non-finite step writes the ring slot
+    back with what it held and leaves the running sum and the gradients as they
+    were. The filter keeps copies of gradients,
     never references to the live ``.grad`` tensors, which are zeroed in place or freed.
 
     State, by parameter name, in :meth:`state_dict` (tensors and plain values only),
@@ -84,11 +86,12 @@ class Grokfast(pl.Callback):
         self.backend = validate_backend(backend)
         # "ema": the slow gradient. "ma": the last window_size gradients (a ring, in the
         # gradients' dtype, so the running sum subtracts exactly what it added), their
-        # fp32 running sum, and how many gradients each parameter has pushed.
+        # fp32 running sum, and how many gradients each parameter has pushed (a 0-d int64
+        # tensor next to the gradients: the ring position is chosen on the device).
         self._slow: dict[str, Tensor] = {}
         self._window: dict[str, Tensor] = {}
         self._window_sum: dict[str, Tensor] = {}
-        self._pushed: dict[str, int] = {}
+        self._pushed: dict[str, Tensor] = {}
         self._names_by_id: dict[int, str] = {}
         self._scalars = ScalarSlots()  # alpha and lamb on the gradients' device, refilled each step
 
@@ -97,7 +100,7 @@ class Grokfast(pl.Callback):
         map parameters to their names and move restored state next to its parameter."""
         params = dict(pl_module.named_parameters())
         self._names_by_id = {id(p): name for name, p in params.items()}
-        for states in (self._slow, self._window, self._window_sum):
+        for states in (self._slow, self._window, self._window_sum, self._pushed):
             for name, tensor in states.items():
                 if name not in params:
                     raise ValueError(f"Grokfast state names parameter {name!r}, which the model does not have")
@@ -123,10 +126,8 @@ class Grokfast(pl.Callback):
                 # Read back only while a parameter is new: its slow starts as its first finite gradient.
                 return
             slows = self._filter_ema(names, grads, _check_alpha(self.alpha(step)), lamb, finite)
-        elif finite:  # reads the flag back: the ring's position counts finite steps on the host
-            slows = self._filter_ma(names, grads, lamb)
         else:
-            return
+            slows = self._filter_ma(names, grads, lamb, finite)
         pl_module.log("grokfast/slow_norm", torch.linalg.vector_norm(torch.stack(torch._foreach_norm(slows))))
 
     def _filter_ema(
@@ -144,22 +145,25 @@ class Grokfast(pl.Callback):
         grokfast_ema(grads, slows, alpha=alpha_slot, lamb=lamb_slot, backend=self.backend)
         return slows
 
-    def _filter_ma(self, names: Sequence[str], grads: list[Tensor], lamb: float) -> list[Tensor]:
+    def _filter_ma(self, names: Sequence[str], grads: list[Tensor], lamb: float, finite: Tensor) -> list[Tensor]:
         slows = []
         for name, grad in zip(names, grads):
             if name not in self._window:
                 self._window[name] = grad.new_zeros((self.window_size, *grad.shape))
                 self._window_sum[name] = torch.zeros_like(grad, dtype=torch.float32)
-                self._pushed[name] = 0
-            # The slot of the gradient leaving the window (zeros while the window fills).
-            oldest = self._window[name][self._pushed[name] % self.window_size]
-            window_sum = self._window_sum[name].sub_(oldest).add_(grad)
-            oldest.copy_(grad)
-            self._pushed[name] += 1
-            filled = min(self._pushed[name], self.window_size)
-            slow = window_sum / filled if self.filter_type == "mean" else window_sum
-            if filled == self.window_size or not self.warmup:
-                grad.add_(slow, alpha=lamb)
+                self._pushed[name] = torch.zeros((), dtype=torch.int64, device=grad.device)
+            window, window_sum, pushed = self._window[name], self._window_sum[name], self._pushed[name]
+            # The slot of the gradient leaving the window (zeros while the window fills), indexed on the device.
+            position = (pushed % self.window_size).reshape(1)
+            oldest = window.index_select(0, position).squeeze(0)
+            # A non-finite step pushes nothing: the slot gets its own value back, the sum stays.
+            window.index_copy_(0, position, torch.where(finite, grad, oldest).unsqueeze(0))
+            window_sum.copy_(torch.where(finite, window_sum - oldest + grad, window_sum))
+            pushed.add_(finite)
+            filled = pushed.clamp(max=self.window_size)
+            slow = window_sum / filled.clamp(min=1) if self.filter_type == "mean" else window_sum
+            apply = finite & (filled == self.window_size) if self.warmup else finite
+            grad.copy_(torch.where(apply, grad.add(slow, alpha=lamb), grad))
             slows.append(slow)
         return slows
 
@@ -190,7 +194,8 @@ class Grokfast(pl.Callback):
             )
         self._window = dict(state_dict["window"])
         self._window_sum = dict(state_dict["window_sum"])
-        self._pushed = dict(state_dict["pushed"])
+        # Checkpoints of earlier versions count pushes in Python ints.
+        self._pushed = {name: torch.as_tensor(count, dtype=torch.int64) for name, count in state_dict["pushed"].items()}
 
 
 def _check_alpha(value: float) -> float:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Sequence
 
 from torch import Tensor
 
 from lightning_converge.kernels.adamw import adam_bias_corrections
-from lightning_converge.kernels.dispatch import kernel
+from lightning_converge.kernels.dispatch import kernel, math_dtype
 
 
 def onebit_bias_corrections(
@@ -43,9 +44,15 @@ def onebit_adam_update(
     left untouched: the momentum ``exp_avg`` was updated and exchanged by the
     caller, and ``exp_avg_sq`` stopped changing at step ``variance_step``, so its
     bias correction is that step's (both from :func:`onebit_bias_corrections`).
-    ``steps`` count this step. Math in fp32.
+    ``steps`` count this step. Math in the moments' precision, as AdamW's: fp32 for fp32, bf16
+    and fp16 parameters, fp64 for fp64 ones.
     """
     for p, m, v, bc1, bc2_sqrt in zip(params, exp_avgs, exp_avg_sqs, bias_correction1, bias_correction2_sqrt):
         denom = v.sqrt() / bc2_sqrt + eps
         update = m / bc1 / denom
-        p.copy_(p.float() * (1 - lr * weight_decay) - lr * update)
+        p.copy_(p.to(math_dtype(p)) * (1 - lr * weight_decay) - lr * update)
+
+
+onebit_adam_update.register_triton(
+    lambda: importlib.import_module("lightning_converge.kernels.triton.onebit_adam").onebit_adam_update
+)

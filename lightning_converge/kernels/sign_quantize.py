@@ -46,7 +46,8 @@ def sign_quantize(
             # Eight shifted columns, not a reduction over rows of 8: compiled, 30x faster.
             packed_rows.append(sum(bytes_of_bits[:, bit] << bit for bit in range(8)))
             scale_rows.append(scale.view(-1))
-            sent_rows.append((torch.where(positive, 1.0, -1.0) * scale).view(-1))
+            # scale * sign, written without Python numbers (no scalar tensors made on the host).
+            sent_rows.append(torch.where(positive, scale, -scale).view(-1))
         packed_out.copy_(torch.cat(packed_rows))
         scale_out.copy_(torch.cat(scale_rows))
         if residuals is not None:

@@ -118,6 +118,11 @@ class OneBitAdamStrategy(CommHookDDPStrategy):
         self.freeze_step = check_int("freeze_step", freeze_step, 1, owner=type(self).__name__)
         self.compressor = OneBitCompressor(error_feedback=True, block_size=block_size)
         self._scalars = ScalarSlots()  # the update's hyperparameters, refilled in place every step
+        # Host copies of the optimizer's step counts (0-d tensors on the parameters' device): by the
+        # step tensor's id, the tensor (held, so its id is not reused; a restored state brings new
+        # ones) and its count. Each is read back once, then counted here, so deciding which
+        # parameters have settled reads nothing back at each step. Plain values: the strategy pickles.
+        self._host_steps: dict[int, tuple[Tensor, int]] = {}
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -200,7 +205,14 @@ class OneBitAdamStrategy(CommHookDDPStrategy):
     def _variance_settled(self, state: Optional[dict[str, Any]]) -> bool:
         if not state:
             return False
-        return "variance_step" in state or int(state["step"]) >= self.freeze_step
+        return "variance_step" in state or self._host_step(state["step"]) >= self.freeze_step
+
+    def _host_step(self, step: Tensor) -> int:
+        """The value of the step count ``step``, read back the first time this tensor is seen."""
+        entry = self._host_steps.get(id(step))
+        if entry is None or entry[0] is not step:
+            entry = self._host_steps[id(step)] = (step, int(step))
+        return entry[1]
 
     def _onebit_adam_step(self, optimizer: AdamW, groups: list[tuple[dict[str, Any], list[Tensor]]]) -> None:
         params = [p for _, group_params in groups for p in group_params]
@@ -231,6 +243,8 @@ class OneBitAdamStrategy(CommHookDDPStrategy):
         flat = self.exchange.average(torch.cat([g.reshape(-1) for g in grads]))
         pieces = flat.split([g.numel() for g in grads])
         torch._foreach_copy_(grads, [piece.view_as(g) for piece, g in zip(pieces, grads)])
+        # Steps taken so far (known from the settled check: no read back); 0 for a parameter without state.
+        steps_before = [self._host_step(optimizer.state[p]["step"]) if optimizer.state.get(p) else 0 for p in warming]
         warming_ids = {id(p) for p in warming}
         hidden = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in warming_ids]
         hidden_grads = [p.grad for p in hidden]
@@ -241,6 +255,9 @@ class OneBitAdamStrategy(CommHookDDPStrategy):
         finally:
             for p, grad in zip(hidden, hidden_grads):
                 p.grad = grad
+        for p, count in zip(warming, steps_before):  # each took one step (a new state's first)
+            step = optimizer.state[p]["step"]
+            self._host_steps[id(step)] = (step, count + 1)
 
     def comm_state_dict(self) -> dict[str, Any]:
         return {**super().comm_state_dict(), "compressor": self.compressor.state_dict()}

@@ -2,9 +2,10 @@
 
 **Launching.** Every triton kernel of the pack is started by :func:`launch`, so a
 hook registered with :func:`register_launch_hook` sees each launch (the tests
-count launches per optimizer step with it). The elementwise passes (update rules,
-weight EMA, Grokfast, DiLoCo's outer step) go through :func:`launch_over_tensors`,
-which runs a kernel over *all* tensors of a list at once, as torch's fused
+count launches per optimizer step with it), and every one of them goes through
+:func:`launch_over_tensors`: the update rules (through :func:`launch_update_rule`),
+1-bit Adam's update, weight EMA, Grokfast, DiLoCo's outer step and the blockwise
+compressors (int8, sign). It runs a kernel over *all* tensors of a list at once, as torch's fused
 optimizers do (multi-tensor apply): tensors are grouped by device and dtypes, and
 each group takes one launch (two with cautious masking), however many tensors it
 holds. A kernel finds its tensors through two int64 tables:
@@ -12,13 +13,17 @@ holds. A kernel finds its tensors through two int64 tables:
 * the tensor table, one row per tensor: the address of each operand
   (``data_ptr()``), then the tensor's number of elements;
 * the block table, one row per program: the tensor it works on and the offset of
-  its first element in that tensor.
+  its first element in that tensor (programs cover ``BLOCK`` elements: 1024 for
+  the elementwise passes, the compressors' block size for theirs).
 
 Inside the kernel :func:`tensor_block` reads this program's row and
 :func:`operand` turns an address into a typed pointer
 (``.to(tl.pointer_type(dtype))``, with the dtypes given as the constexpr tuple
 ``DTYPES``); per-tensor scalars (step counts) are operands too, read with a plain
-``tl.load``. The block table depends only on the tensors' sizes and is cached.
+``tl.load``, and so are outputs of another length than the first operand (a
+compressor's per-block scales, its packed bits), which a program indexes by its
+block's number in the tensor (:func:`block_in_tensor`). The block table depends
+only on the tensors' sizes and is cached.
 
 **Precision.** The update rules compute in fp32 for fp32, bf16 and fp16 tensors
 and in fp64 for fp64 tensors (:func:`load_math`); their hyperparameters arrive as
@@ -61,14 +66,16 @@ _TRITON_DTYPES = {
     torch.float16: tl.float16,
     torch.int64: tl.int64,
     torch.int32: tl.int32,
+    torch.int8: tl.int8,
+    torch.uint8: tl.uint8,
 }
 
 # An OrderedDict, as torch keeps its hooks: RemovableHandle holds a weak reference to it.
 _launch_hooks: OrderedDict[int, Callable[[Any, tuple[int, ...]], None]] = OrderedDict()
 
-# Block tables by (device, sizes of the tensors), tensor tables by (device, addresses and sizes):
+# Block tables by (device, block size, sizes of the tensors), tensor tables by (device, addresses and sizes):
 # both are the same from step to step.
-_block_tables: OrderedDict[tuple[torch.device, tuple[int, ...]], Tensor] = OrderedDict()
+_block_tables: OrderedDict[tuple[torch.device, int, tuple[int, ...]], Tensor] = OrderedDict()
 _tensor_tables: OrderedDict[tuple[torch.device, tuple[tuple[int, ...], ...]], Tensor] = OrderedDict()
 _TABLE_CACHE_SIZE = 64
 
@@ -103,15 +110,15 @@ def _to_device(table: Tensor, device: torch.device) -> Tensor:
     return table.pin_memory().to(device, non_blocking=True)
 
 
-def _block_table(numels: Sequence[int], device: torch.device) -> Tensor:
-    """One row per program: (tensor index, offset of its first element), ``BLOCK`` elements apart."""
-    key = (device, tuple(numels))
+def _block_table(numels: Sequence[int], device: torch.device, block: int) -> Tensor:
+    """One row per program: (tensor index, offset of its first element), ``block`` elements apart."""
+    key = (device, block, tuple(numels))
     table = _block_tables.get(key)
     if table is None:
-        blocks_per_tensor = torch.tensor([triton.cdiv(numel, BLOCK) for numel in numels], dtype=torch.int64)
+        blocks_per_tensor = torch.tensor([triton.cdiv(numel, block) for numel in numels], dtype=torch.int64)
         tensor = torch.repeat_interleave(torch.arange(len(numels)), blocks_per_tensor)
         first_block = torch.cumsum(blocks_per_tensor, 0) - blocks_per_tensor
-        start = (torch.arange(len(tensor)) - first_block[tensor]) * BLOCK
+        start = (torch.arange(len(tensor)) - first_block[tensor]) * block
         table = _to_device(torch.stack([tensor, start], dim=1), device)
         _block_tables[key] = table
         if len(_block_tables) > _TABLE_CACHE_SIZE:
@@ -144,12 +151,17 @@ def launch_over_tensors(
     updated: Sequence[int],
     per_tensor_scalars: Sequence[Sequence[Tensor]] = (),
     passes: Sequence[dict[str, Any]] = ({},),
+    block: int = BLOCK,
+    shaped: int | None = None,
     **constexprs: Any,
 ) -> None:
     """Run the elementwise ``kernel`` over every tensor of ``operands``, one launch per group and pass.
 
     ``operands`` holds one list per operand (parameters, gradients, each state...),
-    tensor ``i`` of each having the shape of ``operands[0][i]``; the operands whose
+    tensor ``i`` of the first ``shaped`` of them (all by default) having the shape of
+    ``operands[0][i]``; the others are outputs of their own length that the kernel
+    indexes by block (per-block scales, packed bits). Each program covers ``block``
+    elements of the first operand (a power of two). The operands whose
     indices are in ``updated`` are written in place (a non-contiguous one through a
     contiguous copy that is written back). ``per_tensor_scalars`` holds lists of 0-d
     tensors, one per tensor (step counts). ``scalars`` are the same for every
@@ -166,7 +178,7 @@ def launch_over_tensors(
     rows = list(zip(*operands, *per_tensor_scalars))
     groups: dict[tuple[Any, ...], list[int]] = {}
     for index, row in enumerate(rows):
-        tensors, first = row[: len(operands)], row[0]
+        tensors, first = row[: len(operands) if shaped is None else shaped], row[0]
         if any(t.shape != first.shape for t in tensors):
             raise ValueError(
                 f"tensor {index}: every operand must have the shape {tuple(first.shape)} of the first, "
@@ -183,7 +195,7 @@ def launch_over_tensors(
         table = _tensor_table(
             tuple(tuple(t.data_ptr() for t in row) + (numel,) for row, numel in zip(dense_rows, numels)), device
         )
-        blocks = _block_table(numels, device)
+        blocks = _block_table(numels, device, block)
         group_scalars = [
             torch.zeros(len(indices), dtype=torch.int32, device=device) if value is COUNTS else value
             for value in scalars
@@ -192,7 +204,7 @@ def launch_over_tensors(
         dtype_constexpr = tuple(_triton_dtype(dtype) for dtype in dtypes)
         for constexprs_of_pass in passes:
             launch(
-                kernel, (len(blocks),), *args, BLOCK=BLOCK, DTYPES=dtype_constexpr, **constexprs_of_pass, **constexprs
+                kernel, (len(blocks),), *args, BLOCK=block, DTYPES=dtype_constexpr, **constexprs_of_pass, **constexprs
             )
         for index, dense_row in zip(indices, dense_rows):
             for position in updated:
@@ -258,11 +270,9 @@ def operand(tensors, tensor, INDEX: tl.constexpr, DTYPES: tl.constexpr):
 
 
 @triton.jit
-def block_offsets(numel, BLOCK: tl.constexpr):
-    """This program's element offsets, and the mask of those inside the tensor."""
-    # int64, so tensors of more than 2**31 elements are addressed correctly.
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    return offsets, offsets < numel
+def block_in_tensor(blocks, BLOCK: tl.constexpr):
+    """The number of this program's block within its tensor (0 for the tensor's first ``BLOCK`` elements)."""
+    return tl.load(blocks + 2 * tl.program_id(0).to(tl.int64) + 1) // BLOCK
 
 
 @triton.jit

@@ -6,8 +6,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lightning_converge.kernels.triton.blockwise import launch_per_block
-from lightning_converge.kernels.triton.common import block_offsets, load_f32, store
+from lightning_converge.kernels.triton.blockwise import ENCODED, RESIDUAL, SCALES, VALUE, launch_blockwise
+from lightning_converge.kernels.triton.common import block_in_tensor, load_f32, operand, store, tensor_block
 
 
 @triton.jit
@@ -20,19 +20,17 @@ def round_half_even(x):
 
 
 @triton.jit
-def _int8_quantize_kernel(
-    value_ptr, residual_ptr, q_ptr, scale_ptr, numel, BLOCK: tl.constexpr, FEEDBACK: tl.constexpr
-):
-    offsets, mask = block_offsets(numel, BLOCK)
-    x = load_f32(value_ptr, offsets, mask)
+def _int8_quantize_kernel(tensors, blocks, BLOCK: tl.constexpr, DTYPES: tl.constexpr, FEEDBACK: tl.constexpr):
+    tensor, offsets, mask, _ = tensor_block(tensors, blocks, DTYPES, BLOCK)
+    x = load_f32(operand(tensors, tensor, VALUE, DTYPES), offsets, mask)
     if FEEDBACK:
-        x = x + load_f32(residual_ptr, offsets, mask)
+        x = x + load_f32(operand(tensors, tensor, RESIDUAL, DTYPES), offsets, mask)
     scale = tl.max(tl.abs(x), axis=0) / 127
     q = round_half_even(x / tl.where(scale > 0, scale, 1.0))
-    tl.store(q_ptr + offsets, q.to(tl.int8), mask=mask)
-    tl.store(scale_ptr + tl.program_id(0), scale)
+    tl.store(operand(tensors, tensor, ENCODED, DTYPES) + offsets, q.to(tl.int8), mask=mask)
+    tl.store(operand(tensors, tensor, SCALES, DTYPES) + block_in_tensor(blocks, BLOCK), scale)
     if FEEDBACK:
-        store(residual_ptr, offsets, x - q * scale, mask)
+        store(operand(tensors, tensor, RESIDUAL, DTYPES), offsets, x - q * scale, mask)
 
 
 def int8_quantize(
@@ -43,5 +41,8 @@ def int8_quantize(
     *,
     block_size: int,
 ) -> None:
-    """Same contract as the reference, for flat contiguous tensors and a power-of-two ``block_size``."""
-    launch_per_block(_int8_quantize_kernel, values, residuals, [quantized, scales], block_size)
+    """Same contract as the reference, for flat contiguous tensors and a power-of-two ``block_size``;
+    one launch per group of tensors."""
+    launch_blockwise(
+        _int8_quantize_kernel, values, residuals, quantized, scales, block_size, encoded_like_values=True
+    )

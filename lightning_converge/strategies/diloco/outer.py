@@ -19,7 +19,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_converge.checks import check_in_range, is_number
-from lightning_converge.kernels import diloco_outer_step, scalar
+from lightning_converge.kernels import diloco_outer_step
+from lightning_converge.kernels.dispatch import ScalarSlots
 from lightning_converge.schedules import Schedule
 from lightning_converge.strategies.diloco.fragments import Piece, pieces_of
 
@@ -107,6 +108,7 @@ class OuterState:
         self._lr = outer_lr
         self._momentum = outer_momentum
         self._backend = backend
+        self._scalars = ScalarSlots()  # the built-in step's lr and momentum on ``device``, refilled each step
         self.optimizer: Optional[Optimizer] = None
         self.momentum_buffers: list[Tensor] = []
         if isinstance(outer_optimizer, str):
@@ -132,8 +134,8 @@ class OuterState:
                 global_params,
                 grads,
                 pieces_of(self.momentum_buffers, pieces),
-                lr=scalar(self._lr(inner_step), self.device),
-                momentum=scalar(self._momentum, self.device),
+                lr=self._scalars("lr", self._lr(inner_step), self.device),
+                momentum=self._scalars("momentum", self._momentum, self.device),
                 nesterov=self._nesterov,
                 backend=self._backend,
             )

@@ -53,8 +53,8 @@ from torch.optim import Optimizer
 
 from lightning_converge.checks import check_choice
 from lightning_converge.comm import Compressor
-from lightning_converge.kernels import ema_update, scalar
-from lightning_converge.kernels.dispatch import validate_backend
+from lightning_converge.kernels import ema_update
+from lightning_converge.kernels.dispatch import ScalarSlots, validate_backend
 from lightning_converge.schedules import Schedule, as_schedule
 from lightning_converge.strategies.ddp_options import check_unwrapped, reject_options
 from lightning_converge.strategies.diloco.exchange import PendingSync, PseudoGradientExchange, as_compressor
@@ -209,6 +209,7 @@ class DiLoCoStrategy(DDPStrategy):
         self._delay = delay
         self._outer_device = available_device(outer_state_device, "outer_state_device")
         self._backend = validate_backend(backend)
+        self._scalars = ScalarSlots()  # the mixing decay on the local parameters' device, refilled at each pull
         self._mixing_alpha = 0.0
         self._fragment_assignment = "contiguous"
         if not callable(inner_steps):
@@ -528,7 +529,7 @@ class DiLoCoStrategy(DDPStrategy):
         ema_update(
             local_params,
             [g.to(device) for g in pieces_of(self._outer.params, fragment.pieces)],
-            decay=scalar(mixing_alpha, device),
+            decay=self._scalars("mixing_alpha", mixing_alpha, device),
             backend=self._backend,
         )
         fragment.in_sync = mixing_alpha == 0.0
