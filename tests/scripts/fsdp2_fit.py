@@ -1,0 +1,158 @@
+"""Fit a small two-block model under FSDP2 (Lightning's ModelParallelStrategy, 2 gloo processes) and under DDP.
+
+Run by tests/test_fsdp2.py as ``python fsdp2_fit.py OUT_DIR CONFIG [SAVE_DISTRIBUTED]`` (Lightning's launcher
+starts rank 1). Each rank saves, per run, the full parameters after fit and its callbacks' state.
+"""
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from lightning_converge import optim
+from lightning_converge.callbacks import EMA, LAWA, Anneal, GradES, Grokfast, PostHocEMA
+
+WIDTH = 8
+
+
+class Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = torch.nn.Linear(WIDTH, WIDTH)
+        self.ffn = torch.nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x):
+        return x + self.ffn(torch.tanh(self.attn(x)))
+
+
+class TwoBlocks(L.LightningModule):
+    def __init__(self, optimizer_name: str = "AdamW", sharded: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.Sequential(Block(), Block())
+        self.head = torch.nn.Linear(WIDTH, 1)  # a (1, 8) weight: rank 1's shard is empty
+        self.optimizer_name = optimizer_name
+        self.sharded = sharded
+        self.scale = 1.0  # annealed by Anneal
+
+    def configure_model(self):
+        if not self.sharded:
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+    def forward(self, x):
+        return self.head(self.blocks(x)) * self.scale
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self(x), y), sync_dist=True)
+
+    def train_dataloader(self):
+        # rank r takes samples r, r+2, ... in order, under both strategies
+        data = dataset()
+        sampler = DistributedSampler(data, self.trainer.world_size, self.trainer.global_rank, shuffle=False)
+        return DataLoader(data, batch_size=4, sampler=sampler)
+
+    def val_dataloader(self):
+        data = dataset()
+        sampler = DistributedSampler(data, self.trainer.world_size, self.trainer.global_rank, shuffle=False)
+        return DataLoader(data, batch_size=8, sampler=sampler)
+
+    def configure_optimizers(self):
+        return getattr(optim, self.optimizer_name)(self.parameters(), lr=1e-2, weight_decay=0.01)
+
+
+def dataset() -> TensorDataset:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(24, WIDTH, generator=gen)  # 3 steps an epoch on each of 2 ranks
+    return TensorDataset(x, x.sum(1, keepdim=True).sin())
+
+
+def make_callbacks(config: str) -> list:
+    if config == "callbacks":
+        return [
+            Grokfast(alpha=0.9, lamb=1.0),
+            EMA(decay=0.8),
+            LAWA(k=2, every_n_steps=2, device=None, validate_with="live", keep_average_on_train_end=False),
+            PostHocEMA(sigma_rels=(0.1, 0.2), every_n_steps=2, validate_with="live"),
+            Anneal("scale", schedule=lambda step: 1.0 + 0.01 * step),
+        ]
+    if config == "grokfast_ma":
+        return [Grokfast(filter="ma", window_size=2, lamb=1.0), EMA(decay=0.8, switch_every_epoch=True)]
+    raise ValueError(config)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu().clone()
+
+
+def full_state(state):
+    if isinstance(state, torch.Tensor):
+        return full(state)
+    if isinstance(state, dict):
+        return {key: full_state(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return [full_state(value) for value in state]
+    return state
+
+
+def fit(config: str, sharded: bool, max_epochs: int, save_distributed: bool, ckpt_path=None, save_to=None,
+        checkpoint_dir=None, optimizer_name="AdamW") -> dict:
+    model = TwoBlocks(optimizer_name, sharded)
+    callbacks = make_callbacks(config) if config != "optimizer" else []
+    extra = [] if checkpoint_dir is None else [ModelCheckpoint(checkpoint_dir, save_top_k=-1, every_n_epochs=1)]
+    strategy = (
+        ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=save_distributed)
+        if sharded
+        else "ddp"
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_epochs=max_epochs,
+        callbacks=callbacks + extra,
+        logger=False,
+        enable_checkpointing=checkpoint_dir is not None,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, ckpt_path=ckpt_path)
+    if save_to is not None:
+        trainer.save_checkpoint(save_to)
+    return {
+        "rank": trainer.global_rank,
+        "params": {name: full(p) for name, p in model.named_parameters()},
+        "callbacks": {type(cb).__name__: full_state(cb.state_dict()) for cb in callbacks},
+    }
+
+
+def main(out_dir: Path, config: str, save_distributed: bool) -> None:
+    runs = {"ddp": fit(config, False, 2, save_distributed)}
+    ckpt_dir = out_dir / f"{config}_{save_distributed}"
+    runs["fsdp"] = fit(config, True, 2, save_distributed, checkpoint_dir=ckpt_dir)
+    during = next(ckpt_dir.glob("epoch=0*"))
+    runs["resumed_during"] = fit(config, True, 2, save_distributed, ckpt_path=during)
+    after = out_dir / f"{config}_{save_distributed}_after.ckpt"
+    runs["first"] = fit(config, True, 1, save_distributed, save_to=after)
+    runs["resumed_after"] = fit(config, True, 2, save_distributed, ckpt_path=after)
+    torch.save(runs, out_dir / f"{config}_{save_distributed}_rank{runs['ddp']['rank']}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "1")
