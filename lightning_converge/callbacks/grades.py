@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_converge.checks import check_choice, check_in_range, check_int, check_probability
 from lightning_converge.schedules import ScheduleLike, as_schedule
+from lightning_converge.sharding import is_sharded
 
 METRICS = ("grad_l1", "update_l1")
 
@@ -90,6 +91,10 @@ class GradES(pl.Callback):
     frozen matrices no longer produce. The statistics are averaged across ranks
     before deciding, so every rank freezes the same matrices at the same step.
     Strategies that wrap the model otherwise (FSDP, DeepSpeed) are refused at the first freeze.
+    Sharded parameters (FSDP2's DTensors, Lightning's ``ModelParallelStrategy``) are
+    refused when training starts: ``fully_shard`` fixes at its first forward which
+    parameters each group all-gathers and reduce-scatters, and nothing re-plans the
+    group after a freeze, so freezing there is not known to be safe.
 
     When it runs: ``setup`` finds the monitored matrices (and rejects patterns that
     match none); ``on_train_start``, after any checkpoint is restored, re-freezes
@@ -172,7 +177,17 @@ class GradES(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Fires once before the first step, after any checkpoint is restored: fix the
-        grace period in steps and re-freeze what a resumed run had frozen."""
+        grace period in steps and re-freeze what a resumed run had frozen. Raises ``ValueError`` on
+        sharded (DTensor) monitored parameters, before any step."""
+        # configure_model (where fully_shard runs) comes after setup: look at the parameters as they are now.
+        sharded = [name for name, p in pl_module.named_parameters() if name in self._monitored and is_sharded(p)]
+        if sharded:
+            raise ValueError(
+                f"GradES cannot freeze sharded parameters ({_preview(sharded)} are DTensors, sharded by "
+                f"{type(trainer.strategy).__name__}): FSDP2 plans each fully_shard group's all-gather and "
+                "reduce-scatter over its parameters once, and freezing one of them (requires_grad=False) is not "
+                "supported there; train without GradES or with strategy='ddp'"
+            )
         total_steps = trainer.estimated_stepping_batches
         if self.grace_period > 0 and math.isinf(total_steps):
             raise ValueError(

@@ -1,7 +1,11 @@
 """Fit a small two-block model under FSDP2 (Lightning's ModelParallelStrategy, 2 gloo processes) and under DDP.
 
-Run by tests/test_fsdp2.py as ``python fsdp2_fit.py OUT_DIR CONFIG [SAVE_DISTRIBUTED]`` (Lightning's launcher
-starts rank 1). Each rank saves, per run, the full parameters after fit and its callbacks' state.
+Run by tests/test_fsdp2.py as ``python fsdp2_fit.py OUT_DIR SAVE_DISTRIBUTED`` (0 or 1: the
+ModelParallelStrategy's ``save_distributed_checkpoint``; Lightning's launcher starts rank 1). With every
+callback attached (Grokfast's EMA filter with 1, its MA filter and Switch EMA with 0): DDP for two epochs,
+FSDP2 for two epochs (a checkpoint taken during fit, after the first epoch), FSDP2 resumed from it, FSDP2 for
+one epoch saved after fit, and FSDP2 resumed from that. Each rank saves, per run, the full parameters after
+fit and its callbacks' state (full tensors); then the error GradES raises under FSDP2.
 """
 
 import sys
@@ -81,18 +85,14 @@ def dataset() -> TensorDataset:
     return TensorDataset(x, x.sum(1, keepdim=True).sin())
 
 
-def make_callbacks(config: str) -> list:
-    if config == "callbacks":
-        return [
-            Grokfast(alpha=0.9, lamb=1.0),
-            EMA(decay=0.8),
-            LAWA(k=2, every_n_steps=2, device=None, validate_with="live", keep_average_on_train_end=False),
-            PostHocEMA(sigma_rels=(0.1, 0.2), every_n_steps=2, validate_with="live"),
-            Anneal("scale", schedule=lambda step: 1.0 + 0.01 * step),
-        ]
-    if config == "grokfast_ma":
-        return [Grokfast(filter="ma", window_size=2, lamb=1.0), EMA(decay=0.8, switch_every_epoch=True)]
-    raise ValueError(config)
+def make_callbacks(save_distributed: bool) -> list:
+    return [
+        Grokfast(alpha=0.9, lamb=1.0) if save_distributed else Grokfast(filter="ma", window_size=2, lamb=1.0),
+        EMA(decay=0.8, switch_every_epoch=not save_distributed),
+        LAWA(k=2, every_n_steps=2, device=None, validate_with="live", keep_average_on_train_end=False),
+        PostHocEMA(sigma_rels=(0.1, 0.2), every_n_steps=2, validate_with="live"),
+        Anneal("scale", schedule=lambda step: 1.0 + 0.01 * step),
+    ]
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
@@ -109,10 +109,10 @@ def full_state(state):
     return state
 
 
-def fit(config: str, sharded: bool, max_epochs: int, save_distributed: bool, ckpt_path=None, save_to=None,
-        checkpoint_dir=None, optimizer_name="AdamW") -> dict:
+def fit(sharded: bool, max_epochs: int, save_distributed: bool, ckpt_path=None, save_to=None, checkpoint_dir=None,
+        callbacks=None, optimizer_name="AdamW") -> dict:
     model = TwoBlocks(optimizer_name, sharded)
-    callbacks = make_callbacks(config) if config != "optimizer" else []
+    callbacks = make_callbacks(save_distributed) if callbacks is None else callbacks
     extra = [] if checkpoint_dir is None else [ModelCheckpoint(checkpoint_dir, save_top_k=-1, every_n_epochs=1)]
     strategy = (
         ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=save_distributed)
@@ -142,17 +142,21 @@ def fit(config: str, sharded: bool, max_epochs: int, save_distributed: bool, ckp
     }
 
 
-def main(out_dir: Path, config: str, save_distributed: bool) -> None:
-    runs = {"ddp": fit(config, False, 2, save_distributed)}
-    ckpt_dir = out_dir / f"{config}_{save_distributed}"
-    runs["fsdp"] = fit(config, True, 2, save_distributed, checkpoint_dir=ckpt_dir)
+def main(out_dir: Path, save_distributed: bool) -> None:
+    runs = {"ddp": fit(False, 2, save_distributed)}
+    ckpt_dir = out_dir / f"checkpoints_{save_distributed}"
+    runs["fsdp"] = fit(True, 2, save_distributed, checkpoint_dir=ckpt_dir)
     during = next(ckpt_dir.glob("epoch=0*"))
-    runs["resumed_during"] = fit(config, True, 2, save_distributed, ckpt_path=during)
-    after = out_dir / f"{config}_{save_distributed}_after.ckpt"
-    runs["first"] = fit(config, True, 1, save_distributed, save_to=after)
-    runs["resumed_after"] = fit(config, True, 2, save_distributed, ckpt_path=after)
-    torch.save(runs, out_dir / f"{config}_{save_distributed}_rank{runs['ddp']['rank']}.pt")
+    runs["resumed_during"] = fit(True, 2, save_distributed, ckpt_path=during)
+    after = out_dir / f"after_{save_distributed}.ckpt"
+    runs["first"] = fit(True, 1, save_distributed, save_to=after)
+    runs["resumed_after"] = fit(True, 2, save_distributed, ckpt_path=after)
+    try:
+        fit(True, 1, save_distributed, callbacks=[GradES(patterns=["attn"], grace_period=0.0)])
+    except ValueError as error:
+        runs["grades_error"] = str(error)
+    torch.save(runs, out_dir / f"{int(save_distributed)}_rank{runs['ddp']['rank']}.pt")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "1")
+    main(Path(sys.argv[1]), sys.argv[2] == "1")

@@ -1,0 +1,76 @@
+"""Callbacks on FSDP2 (Lightning's ModelParallelStrategy with ``fully_shard``, 2 gloo processes on CPU).
+
+One launch of tests/scripts/fsdp2_fit.py per ``save_distributed_checkpoint`` setting runs every scenario
+(every callback attached to one Trainer) and saves what each rank saw; the tests compare the sharded runs
+against plain DDP on the same data, and resumed runs against the straight one.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPTS = Path(__file__).parent / "scripts"
+CALLBACKS = ("Grokfast", "EMA", "LAWA", "PostHocEMA", "Anneal")
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["distributed_checkpoint", "full_checkpoint"])
+def ranks(request, tmp_path_factory):
+    """Both ranks' results for one save_distributed_checkpoint setting."""
+    out_dir = tmp_path_factory.mktemp("fsdp2")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "LIGHTNING_CONVERGE_BACKEND": "reference"}
+    subprocess.run(
+        [sys.executable, str(SCRIPTS / "fsdp2_fit.py"), str(out_dir), str(int(request.param))],
+        check=True, env=env, timeout=600,
+    )
+    return [torch.load(out_dir / f"{int(request.param)}_rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+
+
+def assert_same(a, b, where: str) -> None:
+    """Exactly equal tensors (or plain values), walking dicts and lists."""
+    if isinstance(a, torch.Tensor):
+        assert a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("run", ["fsdp", "resumed_during", "resumed_after"])
+def test_callbacks_under_fsdp2_train_ddps_model(ranks, run):
+    """FSDP2 with every callback equals DDP (model and every callback's state, which the script gathers
+    into full tensors), straight and resumed from checkpoints taken during and after fit."""
+    for rank, results in enumerate(ranks):
+        assert set(results[run]["callbacks"]) == set(CALLBACKS)
+        assert_same(results["ddp"]["params"], results[run]["params"], f"rank {rank} {run} params")
+        assert_same(results["ddp"]["callbacks"], results[run]["callbacks"], f"rank {rank} {run} callbacks")
+
+
+@pytest.mark.distributed
+def test_callbacks_changed_training(ranks):
+    """The comparison above means something: the callbacks moved the model away from its start, and the
+    run of one epoch differs from the run of two."""
+    results = ranks[0]
+    assert any(not torch.equal(a, b) for a, b in zip(results["first"]["params"].values(), results["fsdp"]["params"].values()))
+    ema = results["fsdp"]["callbacks"]["EMA"]["averages"]
+    assert ema["head.weight"].shape == (1, 8)  # the full tensor, though rank 1's shard of it is empty
+
+
+@pytest.mark.distributed
+def test_grades_refuses_sharded_parameters_before_training(ranks):
+    for results in ranks:
+        error = results["grades_error"]
+        assert "GradES cannot freeze sharded parameters" in error and "blocks.0.attn.weight" in error
+        assert "ModelParallelStrategy" in error
