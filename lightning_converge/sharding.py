@@ -14,6 +14,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -55,6 +56,16 @@ def local_shard(full_tensor: Tensor, like: Tensor) -> Tensor:
     return full_tensor.contiguous()
 
 
+def reshard(module: torch.nn.Module) -> None:
+    """Make every ``fully_shard``-ed part of ``module`` hold its sharded parameters again (frees the gathered
+    ones; no communication), so its next forward gathers the shards afresh. Code that writes into the shards
+    calls it first: a forward without backward (FSDP2's root after a forward with gradients enabled) leaves
+    gathered copies that the next forward would use as they are."""
+    for part in module.modules():
+        if isinstance(part, FSDPModule):
+            part.reshard()
+
+
 def full_states(states: Mapping[str, Tensor], likes: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """``states`` (per-shard state by parameter name) with each shard of a sharded ``likes[name]`` gathered."""
     return {name: full(state, likes[name]) if name in likes else state for name, state in states.items()}
@@ -82,5 +93,6 @@ def load_full_state_dict(module: torch.nn.Module, state_dict: Mapping[str, Tenso
     missing = [name for name in named if name not in state_dict]
     if missing:
         raise KeyError(f"the state dict lacks {missing[:3]} ({len(missing)} tensors of the module missing)")
+    reshard(module)
     for name, tensor in named.items():
         local(tensor).copy_(local_shard(state_dict[name], tensor))

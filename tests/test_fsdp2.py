@@ -8,6 +8,7 @@ against plain DDP on the same data, and resumed runs against the straight one.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,12 @@ import torch
 
 SCRIPTS = Path(__file__).parent / "scripts"
 CALLBACKS = ("Grokfast", "EMA", "LAWA", "PostHocEMA", "Anneal")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["distributed_checkpoint", "full_checkpoint"])
@@ -74,3 +81,42 @@ def test_grades_refuses_sharded_parameters_before_training(ranks):
         error = results["grades_error"]
         assert "GradES cannot freeze sharded parameters" in error and "blocks.0.attn.weight" in error
         assert "ModelParallelStrategy" in error
+
+
+@pytest.mark.distributed
+def test_evaluation_with_the_average_swaps_shards_in_place(ranks):
+    """Validation under FSDP2 sees EMA's average (its loss equals DDP's, which evaluates the average too);
+    swapping it in and out copies each rank's shards in place and communicates nothing, where a forward
+    pass (counted the same way) all-gathers."""
+    for results in ranks:
+        fsdp = results["fsdp"]
+        assert torch.equal(results["ddp"]["val_loss"], fsdp["val_loss"])
+        assert fsdp["forward_collectives"] > 0
+        assert fsdp["swap_collectives"] == 0
+        for live, swapped, out, average in zip(
+            fsdp["live_shards"], fsdp["swapped_in_shards"], fsdp["swapped_out_shards"], fsdp["average_shards"]
+        ):
+            assert torch.equal(swapped, average) and torch.equal(out, live)
+            assert average.numel() == 0 or not torch.equal(live, average)
+
+
+@pytest.fixture(scope="module")
+def optimizer_results(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("fsdp2_optim")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "LIGHTNING_CONVERGE_BACKEND": "reference"}
+    subprocess.run(
+        [sys.executable, str(SCRIPTS / "fsdp2_optim.py"), str(out_dir), str(free_port())],
+        check=True, env=env, timeout=600,
+    )
+    return torch.load(out_dir / "optim.pt")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("rule", ["AdamW", "AdamW_cautious", "Adan", "Lion", "Lion_cautious", "AdEMAMix", "ADOPT"])
+def test_optimizer_rule_on_dtensor_parameters_equals_ddp(optimizer_results, rule):
+    """Each rule stepping FSDP2's DTensor parameters trains DDP's model (cautious masking included: its
+    per-tensor count is over the whole tensor, not the shard), with state on each rank's shard."""
+    result = optimizer_results[rule]
+    for ddp, fsdp in zip(result["ddp"], result["fsdp"], strict=True):
+        assert torch.equal(ddp, fsdp)
+    assert result["state_on_shards"]

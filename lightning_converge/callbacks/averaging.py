@@ -93,6 +93,7 @@ from lightning_converge.sharding import (
     load_full_state_dict,
     local,
     local_shard,
+    reshard,
 )
 
 VALIDATE_WITH = ("average", "live")
@@ -321,6 +322,7 @@ class AveragingCallback(Callback):
                 return
             average = self._followed
         if self._sharded:
+            reshard(pl_module)
             with torch.no_grad():
                 self._stash = [tensor.clone() for tensor in self._live]
                 torch._foreach_copy_(self._live, average)
@@ -334,6 +336,8 @@ class AveragingCallback(Callback):
         if self._stash is None:
             return
         if self._sharded:
+            if self._module is not None:
+                reshard(self._module)
             with torch.no_grad():
                 torch._foreach_copy_(self._live, self._stash)
         else:
@@ -352,6 +356,8 @@ class AveragingCallback(Callback):
         if agreed_parameters(pl_module) is not None:
             pl_module.trainer.strategy.move_global_parameters(average)
             return
+        if self._sharded:
+            reshard(pl_module)
         for tensor, averaged in zip(self._live, average):
             tensor.copy_(averaged)
 

@@ -31,7 +31,7 @@ from torch import Tensor
 from lightning_converge.callbacks.averaging import AveragingCallback, accumulation_dtype, is_count
 from lightning_converge.kernels.dispatch import ScalarSlots, math_dtype
 from lightning_converge.kernels.ema import ema_update
-from lightning_converge.sharding import local_shard
+from lightning_converge.sharding import local_shard, reshard
 
 #: The largest ``sigma_rel`` a power-function profile has (at ``gamma`` = -0.382).
 MAX_SIGMA_REL = 0.3003
@@ -362,6 +362,8 @@ class PostHocEMA(AveragingCallback):
         reconstructed = self.reconstruct(sigma_rel, step)
         self._track(pl_module)
         self._selected = [local_shard(reconstructed[name], self._tracked[name]) for name in self._names]
+        if self._sharded:
+            reshard(pl_module)
         before = [tensor.clone() if self._sharded else tensor.data for tensor in self._live]
         try:
             with torch.no_grad():
@@ -372,6 +374,8 @@ class PostHocEMA(AveragingCallback):
                         tensor.data = averaged.to(device=tensor.device, dtype=tensor.dtype)
             yield
         finally:
+            if self._sharded:
+                reshard(pl_module)
             with torch.no_grad():
                 for tensor, data in zip(self._live, before):
                     if self._sharded:

@@ -17,10 +17,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.debug import CommDebugMode
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_converge import optim
 from lightning_converge.callbacks import EMA, LAWA, Anneal, GradES, Grokfast, PostHocEMA
+from lightning_converge.sharding import reshard
 
 WIDTH = 8
 
@@ -110,7 +112,7 @@ def full_state(state):
 
 
 def fit(sharded: bool, max_epochs: int, save_distributed: bool, ckpt_path=None, save_to=None, checkpoint_dir=None,
-        callbacks=None, optimizer_name="AdamW") -> dict:
+        callbacks=None, optimizer_name="AdamW", probe_swap=False) -> dict:
     model = TwoBlocks(optimizer_name, sharded)
     callbacks = make_callbacks(save_distributed) if callbacks is None else callbacks
     extra = [] if checkpoint_dir is None else [ModelCheckpoint(checkpoint_dir, save_top_k=-1, every_n_epochs=1)]
@@ -135,17 +137,46 @@ def fit(sharded: bool, max_epochs: int, save_distributed: bool, ckpt_path=None, 
     trainer.fit(model, ckpt_path=ckpt_path)
     if save_to is not None:
         trainer.save_checkpoint(save_to)
-    return {
+    result = {
+        "val_loss": trainer.callback_metrics["val_loss"].clone(),
         "rank": trainer.global_rank,
         "params": {name: full(p) for name, p in model.named_parameters()},
         "callbacks": {type(cb).__name__: full_state(cb.state_dict()) for cb in callbacks},
+    }
+    if probe_swap:  # last: it changes the model
+        result.update(swap_probe(model, next(cb for cb in callbacks if isinstance(cb, EMA))))
+    return result
+
+
+def swap_probe(model: TwoBlocks, ema: EMA) -> dict:
+    """Swap EMA's average in and out as evaluation does, counting collectives (and, for comparison, those of
+    a forward pass, which all-gathers the shards); what the shards hold while swapped in and after."""
+    x = dataset().tensors[0][:4]
+    reshard(model)
+    with torch.no_grad():  # after fit the model holds the average: move the live weights off it
+        for p in model.parameters():
+            p.to_local().add_(1.0)
+    live = [p.to_local().clone() for p in model.parameters()]
+    with CommDebugMode() as forward_comms:
+        model(x)  # with gradients enabled: FSDP2's root keeps its gathered parameters afterwards
+    with CommDebugMode() as swap_comms:
+        ema._swap_in(model)
+        swapped = [p.to_local().clone() for p in model.parameters()]
+        ema._swap_out()
+    return {
+        "forward_collectives": forward_comms.get_total_counts(),
+        "swap_collectives": swap_comms.get_total_counts(),
+        "live_shards": live,
+        "swapped_in_shards": swapped,
+        "swapped_out_shards": [p.to_local().clone() for p in model.parameters()],
+        "average_shards": [average.clone() for average in ema._average()],
     }
 
 
 def main(out_dir: Path, save_distributed: bool) -> None:
     runs = {"ddp": fit(False, 2, save_distributed)}
     ckpt_dir = out_dir / f"checkpoints_{save_distributed}"
-    runs["fsdp"] = fit(True, 2, save_distributed, checkpoint_dir=ckpt_dir)
+    runs["fsdp"] = fit(True, 2, save_distributed, checkpoint_dir=ckpt_dir, probe_swap=True)
     during = next(ckpt_dir.glob("epoch=0*"))
     runs["resumed_during"] = fit(True, 2, save_distributed, ckpt_path=during)
     after = out_dir / f"after_{save_distributed}.ckpt"
