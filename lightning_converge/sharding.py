@@ -56,6 +56,18 @@ def local_shard(full_tensor: Tensor, like: Tensor) -> Tensor:
     return full_tensor.contiguous()
 
 
+def refuse_sharded(module: torch.nn.Module, strategy: str, reason: str) -> None:
+    """Raise ``ValueError`` naming ``strategy`` and ``reason`` if ``module`` has sharded (DTensor) parameters:
+    for strategies that need every rank to hold whole parameters (called during set-up, before training)."""
+    sharded = [name for name, p in module.named_parameters() if isinstance(p, DTensor)]
+    if sharded:
+        raise ValueError(
+            f"{strategy} cannot train a sharded model: {sharded[:3]} ({len(sharded)} parameters) are DTensors "
+            f"(fully_shard / tensor parallelism in configure_model), and {reason}. Use Lightning's "
+            "ModelParallelStrategy for a sharded model, or leave the model whole (no fully_shard) with this strategy"
+        )
+
+
 def reshard(module: torch.nn.Module) -> None:
     """Make every ``fully_shard``-ed part of ``module`` hold its sharded parameters again (frees the gathered
     ones; no communication), so its next forward gathers the shards afresh. Code that writes into the shards

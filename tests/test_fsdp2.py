@@ -120,3 +120,14 @@ def test_optimizer_rule_on_dtensor_parameters_equals_ddp(optimizer_results, rule
     for ddp, fsdp in zip(result["ddp"], result["fsdp"], strict=True):
         assert torch.equal(ddp, fsdp)
     assert result["state_on_shards"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy, name", [("ddp_compressed", "CompressedDDPStrategy"), ("onebit_adam", "OneBitAdamStrategy")])
+def test_strategies_that_cannot_shard_refuse_a_sharded_model(ranks, strategy, name):
+    """A model sharded with fully_shard in configure_model, under a DDP-based strategy: a clear error at
+    set-up, naming the strategy, the sharded parameters and what to use instead."""
+    for results in ranks:
+        error = results[f"{strategy}_error"]
+        assert f"{name} cannot train a sharded model" in error
+        assert "blocks.0.attn.weight" in error and "ModelParallelStrategy" in error

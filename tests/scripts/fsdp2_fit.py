@@ -50,7 +50,8 @@ class TwoBlocks(L.LightningModule):
     def configure_model(self):
         if not self.sharded:
             return
-        mesh = self.device_mesh["data_parallel"]
+        # Under ModelParallelStrategy its data-parallel mesh; under a DDP strategy (refused) all ranks.
+        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
         for block in self.blocks:
             fully_shard(block, mesh=mesh)
         fully_shard(self, mesh=mesh)
@@ -112,15 +113,18 @@ def full_state(state):
 
 
 def fit(sharded: bool, max_epochs: int, save_distributed: bool, ckpt_path=None, save_to=None, checkpoint_dir=None,
-        callbacks=None, optimizer_name="AdamW", probe_swap=False) -> dict:
+        callbacks=None, optimizer_name="AdamW", probe_swap=False, strategy=None) -> dict:
     model = TwoBlocks(optimizer_name, sharded)
     callbacks = make_callbacks(save_distributed) if callbacks is None else callbacks
     extra = [] if checkpoint_dir is None else [ModelCheckpoint(checkpoint_dir, save_top_k=-1, every_n_epochs=1)]
-    strategy = (
-        ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=save_distributed)
-        if sharded
-        else "ddp"
-    )
+    if strategy is None:
+        strategy = (
+            ModelParallelStrategy(
+                data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=save_distributed
+            )
+            if sharded
+            else "ddp"
+        )
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
@@ -186,6 +190,11 @@ def main(out_dir: Path, save_distributed: bool) -> None:
         fit(True, 1, save_distributed, callbacks=[GradES(patterns=["attn"], grace_period=0.0)])
     except ValueError as error:
         runs["grades_error"] = str(error)
+    for name in ("ddp_compressed", "onebit_adam"):  # strategies that cannot shard, given a sharded model
+        try:
+            fit(True, 1, save_distributed, callbacks=[], strategy=name)
+        except ValueError as error:
+            runs[f"{name}_error"] = str(error)
     torch.save(runs, out_dir / f"{int(save_distributed)}_rank{runs['ddp']['rank']}.pt")
 
 
