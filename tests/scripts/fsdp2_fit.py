@@ -5,7 +5,7 @@ ModelParallelStrategy's ``save_distributed_checkpoint``; Lightning's launcher st
 callback attached (Grokfast's EMA filter with 1, its MA filter and Switch EMA with 0): DDP for two epochs,
 FSDP2 for two epochs (a checkpoint taken during fit, after the first epoch), FSDP2 resumed from it, FSDP2 for
 one epoch saved after fit, and FSDP2 resumed from that. Each rank saves, per run, the full parameters after
-fit and its callbacks' state (full tensors); then the error GradES raises under FSDP2.
+fit and its callbacks' state (full tensors); then the errors of the strategies that cannot shard.
 """
 
 import sys
@@ -89,12 +89,16 @@ def dataset() -> TensorDataset:
 
 
 def make_callbacks(save_distributed: bool) -> list:
+    freeze_below = 0.0066 if save_distributed else 0.0059
     return [
         Grokfast(alpha=0.9, lamb=1.0) if save_distributed else Grokfast(filter="ma", window_size=2, lamb=1.0),
         EMA(decay=0.8, switch_every_epoch=not save_distributed),
         LAWA(k=2, every_n_steps=2, device=None, validate_with="live", keep_average_on_train_end=False),
         PostHocEMA(sigma_rels=(0.1, 0.2), every_n_steps=2, validate_with="live"),
         Anneal("scale", schedule=lambda step: 1.0 + 0.01 * step),
+        # Judges from step 2 (grace period 0.3 of 6 steps), freezes at step 2 only: the threshold lies between
+        # the four matrices' mean update sizes there (measured under DDP), so some freeze and training goes on.
+        GradES(tau=lambda step: freeze_below if step == 2 else 0.0, normalize=True, patterns=["attn", "ffn"]),
     ]
 
 
@@ -186,10 +190,6 @@ def main(out_dir: Path, save_distributed: bool) -> None:
     after = out_dir / f"after_{save_distributed}.ckpt"
     runs["first"] = fit(True, 1, save_distributed, save_to=after)
     runs["resumed_after"] = fit(True, 2, save_distributed, ckpt_path=after)
-    try:
-        fit(True, 1, save_distributed, callbacks=[GradES(patterns=["attn"], grace_period=0.0)])
-    except ValueError as error:
-        runs["grades_error"] = str(error)
     for name in ("ddp_compressed", "onebit_adam"):  # strategies that cannot shard, given a sharded model
         try:
             fit(True, 1, save_distributed, callbacks=[], strategy=name)
