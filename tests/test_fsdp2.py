@@ -133,3 +133,14 @@ def test_strategies_that_cannot_shard_refuse_a_sharded_model(ranks, strategy, na
         error = results[f"{strategy}_error"]
         assert f"{name} cannot train a sharded model" in error
         assert "blocks.0.attn.weight" in error and "ModelParallelStrategy" in error
+
+
+@pytest.mark.distributed
+def test_freezing_a_whole_fully_shard_group_mid_training(optimizer_results):
+    """What GradES does to a sharded matrix (requires_grad=False, grad=None), to every parameter of one
+    fully_shard group after two steps: FSDP2 trains on as a whole model does, and the group stays put."""
+    result = optimizer_results["frozen_group"]
+    for whole, fsdp in zip(result["whole"], result["fsdp"], strict=True):
+        assert torch.equal(whole, fsdp)
+    for at_freeze, after in zip(result["fsdp_at_freeze"], result["fsdp"][2:4]):
+        assert torch.equal(at_freeze, after)

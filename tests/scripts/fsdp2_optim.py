@@ -4,7 +4,8 @@ under DDP, on 2 gloo processes started here (``torch.multiprocessing``), without
 ``python fsdp2_optim.py OUT_DIR PORT``: for each rule, one model is sharded with ``fully_shard`` and one is
 wrapped in ``DistributedDataParallel``, both from the same initial weights; each rank feeds both the same
 batches for a few steps. Rank 0 saves, per rule, the full parameters of both and whether every optimizer
-state tensor of the sharded run is a DTensor holding only this rank's shard.
+state tensor of the sharded run is a DTensor holding only this rank's shard; and a run that freezes a
+whole fully_shard group mid-training, against the same freeze on a whole model.
 """
 
 import os
@@ -48,6 +49,46 @@ def train(net: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> 
         optimizer.step()
 
 
+def shard(net: torch.nn.Module, mesh) -> torch.nn.Module:
+    for layer in net:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(net, mesh=mesh)
+
+
+def freeze_whole_group(mesh, rank: int) -> dict:
+    """Freeze every parameter of one fully_shard group (the middle Linear) after two steps, as GradES does
+    (requires_grad=False, grad=None): against a whole model whose gradients are averaged by hand."""
+    whole, sharded = model(), shard(model(), mesh)
+    results = {}
+    for name, net in (("whole", whole), ("fsdp", sharded)):
+        optimizer = optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1)
+        gen = torch.Generator().manual_seed(10 + rank)
+        for step in range(STEPS):
+            if step == 2:
+                for p in net[2].parameters():
+                    p.requires_grad_(False)
+                    p.grad = None
+            x = torch.randn(6, 5, generator=gen)
+            loss = torch.nn.functional.mse_loss(net(x), x.sum(1, keepdim=True).sin())
+            optimizer.zero_grad()
+            loss.backward()
+            if net is whole:
+                for p in net.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= 2
+            optimizer.step()
+            if step == 1:
+                results[f"{name}_at_freeze"] = [full(p) for p in net[2].parameters()]
+        results[name] = [full(p) for p in net.parameters()]
+    return results
+
+
+def full(p: torch.Tensor) -> torch.Tensor:
+    return (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+
+
 def run(rank: int, out_dir: str, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -56,11 +97,7 @@ def run(rank: int, out_dir: str, port: int) -> None:
     for name, make in RULES.items():
         ddp = DistributedDataParallel(model())
         train(ddp, make(ddp.parameters()), rank)
-        sharded = model()
-        for layer in sharded:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(sharded, mesh=mesh)
+        sharded = shard(model(), mesh)
         optimizer = make(sharded.parameters())
         train(sharded, optimizer, rank)
         states = [
@@ -73,6 +110,7 @@ def run(rank: int, out_dir: str, port: int) -> None:
                 isinstance(value, DTensor) and value.to_local().shape == p.to_local().shape for value, p in states
             ),
         }
+    results["frozen_group"] = freeze_whole_group(mesh, rank)
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "optim.pt"))
     dist.destroy_process_group()
