@@ -49,7 +49,9 @@ def local_shard(full_tensor: Tensor, like: Tensor) -> Tensor:
     if not isinstance(like, DTensor):
         return full_tensor
     if tuple(full_tensor.shape) != tuple(like.shape):
-        raise ValueError(f"a restored state of shape {tuple(full_tensor.shape)} for a parameter of shape {tuple(like.shape)}")
+        raise ValueError(
+            f"a restored state of shape {tuple(full_tensor.shape)} for a parameter of shape {tuple(like.shape)}"
+        )
     shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
     for dim, (size, start) in enumerate(zip(shape, offset)):
         full_tensor = full_tensor.narrow(dim, min(start, full_tensor.shape[dim]), size)
@@ -81,11 +83,6 @@ def reshard(module: torch.nn.Module) -> None:
 def full_states(states: Mapping[str, Tensor], likes: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """``states`` (per-shard state by parameter name) with each shard of a sharded ``likes[name]`` gathered."""
     return {name: full(state, likes[name]) if name in likes else state for name, state in states.items()}
-
-
-def local_states(states: Mapping[str, Tensor], likes: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The inverse of :func:`full_states`: this rank's shards of restored full states."""
-    return {name: local_shard(state, likes[name]) if name in likes else state for name, state in states.items()}
 
 
 def full_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:

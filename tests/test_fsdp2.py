@@ -33,7 +33,9 @@ def ranks(request, tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "LIGHTNING_CONVERGE_BACKEND": "reference"}
     subprocess.run(
         [sys.executable, str(SCRIPTS / "fsdp2_fit.py"), str(out_dir), str(int(request.param))],
-        check=True, env=env, timeout=600,
+        check=True,
+        env=env,
+        timeout=600,
     )
     return [torch.load(out_dir / f"{int(request.param)}_rank{rank}.pt", weights_only=False) for rank in (0, 1)]
 
@@ -66,11 +68,13 @@ def test_callbacks_under_fsdp2_train_ddps_model(ranks, run):
 
 
 @pytest.mark.distributed
-def test_callbacks_changed_training(ranks):
-    """The comparison above means something: the callbacks moved the model away from its start, and the
-    run of one epoch differs from the run of two."""
+def test_second_epoch_changed_the_model_and_state_is_saved_whole(ranks):
+    """The resumed runs' equality means something: the second epoch (the part they resume) changed the
+    model. The state the callbacks save is the full tensors, also of a parameter whose shard is empty."""
     results = ranks[0]
-    assert any(not torch.equal(a, b) for a, b in zip(results["first"]["params"].values(), results["fsdp"]["params"].values()))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(results["first"]["params"].values(), results["fsdp"]["params"].values())
+    )
     ema = results["fsdp"]["callbacks"]["EMA"]["averages"]
     assert ema["head.weight"].shape == (1, 8)  # the full tensor, though rank 1's shard of it is empty
 
@@ -108,7 +112,9 @@ def optimizer_results(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "LIGHTNING_CONVERGE_BACKEND": "reference"}
     subprocess.run(
         [sys.executable, str(SCRIPTS / "fsdp2_optim.py"), str(out_dir), str(free_port())],
-        check=True, env=env, timeout=600,
+        check=True,
+        env=env,
+        timeout=600,
     )
     return torch.load(out_dir / "optim.pt")
 
@@ -125,7 +131,9 @@ def test_optimizer_rule_on_dtensor_parameters_equals_ddp(optimizer_results, rule
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("strategy, name", [("ddp_compressed", "CompressedDDPStrategy"), ("onebit_adam", "OneBitAdamStrategy")])
+@pytest.mark.parametrize(
+    "strategy, name", [("ddp_compressed", "CompressedDDPStrategy"), ("onebit_adam", "OneBitAdamStrategy")]
+)
 def test_strategies_that_cannot_shard_refuse_a_sharded_model(ranks, strategy, name):
     """A model sharded with fully_shard in configure_model, under a DDP-based strategy: a clear error at
     set-up, naming the strategy, the sharded parameters and what to use instead."""

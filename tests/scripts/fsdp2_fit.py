@@ -116,8 +116,18 @@ def full_state(state):
     return state
 
 
-def fit(sharded: bool, max_epochs: int, save_distributed: bool, ckpt_path=None, save_to=None, checkpoint_dir=None,
-        callbacks=None, optimizer_name="AdamW", probe_swap=False, strategy=None) -> dict:
+def fit(
+    sharded: bool,
+    max_epochs: int,
+    save_distributed: bool,
+    ckpt_path=None,
+    save_to=None,
+    checkpoint_dir=None,
+    callbacks=None,
+    optimizer_name="AdamW",
+    probe_swap=False,
+    strategy=None,
+) -> dict:
     model = TwoBlocks(optimizer_name, sharded)
     callbacks = make_callbacks(save_distributed) if callbacks is None else callbacks
     extra = [] if checkpoint_dir is None else [ModelCheckpoint(checkpoint_dir, save_top_k=-1, every_n_epochs=1)]

@@ -36,7 +36,9 @@ STEPS = 4
 def model() -> torch.nn.Module:
     torch.manual_seed(0)
     # The last Linear's (1, 7) weight leaves rank 1 an empty shard; odd sizes leave uneven shards.
-    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 7), torch.nn.Tanh(), torch.nn.Linear(7, 1))
+    return torch.nn.Sequential(
+        torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 7), torch.nn.Tanh(), torch.nn.Linear(7, 1)
+    )
 
 
 def train(net: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> None:
@@ -100,9 +102,7 @@ def run(rank: int, out_dir: str, port: int) -> None:
         sharded = shard(model(), mesh)
         optimizer = make(sharded.parameters())
         train(sharded, optimizer, rank)
-        states = [
-            (value, p) for p, state in optimizer.state.items() for key, value in state.items() if key != "step"
-        ]
+        states = [(value, p) for p, state in optimizer.state.items() for key, value in state.items() if key != "step"]
         results[name] = {
             "ddp": [p.detach().clone() for p in ddp.module.parameters()],
             "fsdp": [p.full_tensor() for p in sharded.parameters()],
