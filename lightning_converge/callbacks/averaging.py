@@ -65,11 +65,13 @@ are DTensors. The callbacks track each rank's local shard
 moves no bytes between ranks, and evaluation copies the averaged shards into the
 parameters' storage in place (and back), gathering nothing. Checkpoints differ in
 one point: ``checkpoint["state_dict"]`` stays what Lightning writes (the model's
-weights, sharded through the distributed checkpoint or gathered on rank 0), never
-replaced by the average; the average under :attr:`checkpoint_key`, the live
-weights under ``"live_state_dict"`` and the callback's ``state_dict()`` hold full
-tensors, gathered when the checkpoint is saved, and a resumed fit cuts each rank's
-shards out of them. DeepSpeed is not supported.
+weights as they are, sharded through the distributed checkpoint or gathered on
+rank 0: the live weights, or the average while evaluation holds it, the live
+weights then under ``"live_state_dict"``), never replaced by the average. The
+average under :attr:`checkpoint_key`, the live weights under ``"live_state_dict"``
+and the callback's ``state_dict()`` hold full tensors, gathered when the
+checkpoint is saved, and a resumed fit cuts each rank's shards out of them.
+DeepSpeed is not supported.
 """
 
 from __future__ import annotations
@@ -371,6 +373,13 @@ class AveragingCallback(Callback):
         self._swap_in(pl_module)
         average = full_state_dict(pl_module.state_dict())  # sharded: gathered (every rank saves)
         self._swap_out()
+        if self._sharded:
+            # Lightning's state_dict holds the model as it is: the live weights, or the average while it is
+            # swapped in for evaluation, and then the live weights go beside it (gathered).
+            live = full_state_dict(pl_module.state_dict()) if swapped else None
+        else:
+            # The strategy's view of the live weights: under DiLoCo the global parameters, not this worker's.
+            live = pl_module.trainer.strategy.lightning_module_state_dict()
         if swapped:
             self._swap_in(pl_module)
         checkpoint[self.checkpoint_key] = average
@@ -378,11 +387,10 @@ class AveragingCallback(Callback):
         if self._kept_live is not None:  # the model holds the average since train end
             if full:
                 checkpoint[LIVE_STATE_DICT_KEY] = full_state_dict(self._kept_live)
-        elif self.validate_with == "average" and not self._sharded:  # sharded: Lightning's state_dict stays
-            # The strategy's view of the live weights: under DiLoCo the global parameters, not this worker's.
-            live = pl_module.trainer.strategy.lightning_module_state_dict()
-            checkpoint["state_dict"] = average
-            if full:
+        elif self.validate_with == "average":
+            if not self._sharded:
+                checkpoint["state_dict"] = average
+            if full and live is not None:
                 checkpoint.setdefault(LIVE_STATE_DICT_KEY, live)  # a callback that kept them knows better
 
     # -- Lightning hooks -----------------------------------------------------------------
