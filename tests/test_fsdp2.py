@@ -80,6 +80,17 @@ def test_second_epoch_changed_the_model_and_state_is_saved_whole(ranks):
 
 
 @pytest.mark.distributed
+def test_checkpoint_saved_during_validation_keeps_the_live_weights(ranks):
+    """Saved while validation holds EMA's average in the shards: the live weights (gathered) under
+    ``live_state_dict``, the average under ``ema_state_dict``, both full tensors."""
+    for results in ranks:
+        during = results["fsdp"]["during_validation"]
+        assert_same(during["live"], during["saved_live"], "live_state_dict")
+        assert_same(during["held"], during["saved_average"], "ema_state_dict")
+        assert any(not torch.equal(during["live"][name], during["held"][name]) for name in during["live"])
+
+
+@pytest.mark.distributed
 def test_grades_freezes_the_same_matrices_at_the_same_steps_as_ddp(ranks):
     """GradES adds up its per-shard statistics over the shards: it freezes what DDP freezes, when DDP does
     (the callbacks' states compared above hold ``frozen_at``), and FSDP2 then leaves those matrices alone."""

@@ -116,6 +116,24 @@ def full_state(state):
     return state
 
 
+class SaveDuringValidation(L.Callback):
+    """Saves a checkpoint at the first validation batch (EMA's average swapped in), recording the full
+    weights the model holds before validation (listed before EMA: its hook runs first) and during it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.record: dict = {}
+
+    def on_validation_start(self, trainer, pl_module):
+        if not self.record:
+            self.record["live"] = {name: full(p) for name, p in pl_module.named_parameters()}
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if "held" not in self.record:
+            self.record["held"] = {name: full(p) for name, p in pl_module.named_parameters()}
+            trainer.save_checkpoint(self.path)
+
+
 def fit(
     sharded: bool,
     max_epochs: int,
@@ -127,9 +145,11 @@ def fit(
     optimizer_name="AdamW",
     probe_swap=False,
     strategy=None,
+    save_during_validation=None,
 ) -> dict:
     model = TwoBlocks(optimizer_name, sharded)
     callbacks = make_callbacks(save_distributed) if callbacks is None else callbacks
+    saver = None if save_during_validation is None else SaveDuringValidation(save_during_validation)
     extra = [] if checkpoint_dir is None else [ModelCheckpoint(checkpoint_dir, save_top_k=-1, every_n_epochs=1)]
     if strategy is None:
         strategy = (
@@ -144,7 +164,7 @@ def fit(
         devices=2,
         strategy=strategy,
         max_epochs=max_epochs,
-        callbacks=callbacks + extra,
+        callbacks=([] if saver is None else [saver]) + callbacks + extra,
         logger=False,
         enable_checkpointing=checkpoint_dir is not None,
         enable_progress_bar=False,
@@ -161,6 +181,14 @@ def fit(
         "params": {name: full(p) for name, p in model.named_parameters()},
         "callbacks": {type(cb).__name__: full_state(cb.state_dict()) for cb in callbacks},
     }
+    if saver is not None:
+        path = saver.path / "meta.pt" if save_distributed else saver.path  # Lightning's metadata file
+        saved = torch.load(path, weights_only=False)
+        result["during_validation"] = {
+            **saver.record,
+            "saved_live": saved["live_state_dict"],
+            "saved_average": saved["ema_state_dict"],
+        }
     if probe_swap:  # last: it changes the model
         result.update(swap_probe(model, next(cb for cb in callbacks if isinstance(cb, EMA))))
     return result
@@ -194,7 +222,14 @@ def swap_probe(model: TwoBlocks, ema: EMA) -> dict:
 def main(out_dir: Path, save_distributed: bool) -> None:
     runs = {"ddp": fit(False, 2, save_distributed)}
     ckpt_dir = out_dir / f"checkpoints_{save_distributed}"
-    runs["fsdp"] = fit(True, 2, save_distributed, checkpoint_dir=ckpt_dir, probe_swap=True)
+    runs["fsdp"] = fit(
+        True,
+        2,
+        save_distributed,
+        checkpoint_dir=ckpt_dir,
+        probe_swap=True,
+        save_during_validation=out_dir / f"during_validation_{save_distributed}.ckpt",
+    )
     during = next(ckpt_dir.glob("epoch=0*"))
     runs["resumed_during"] = fit(True, 2, save_distributed, ckpt_path=during)
     after = out_dir / f"after_{save_distributed}.ckpt"
