@@ -55,7 +55,8 @@ class Grokfast(pl.Callback):
     Sharded parameters (FSDP2's DTensors): the filter works on each rank's shard of the
     gradients, its state has the shards' shapes, and a step sends nothing; the state
     is gathered into full tensors when a checkpoint is saved and cut into this rank's
-    shards when training resumes.
+    shards when training resumes. ``grokfast/slow_norm`` is then the norm over this
+    rank's shards (rank 0's is logged), not over the whole gradients.
 
     State, by parameter name, in :meth:`state_dict` (tensors and plain values only),
     so a resumed run continues exactly. Under strategies where each rank steps on
