@@ -57,8 +57,21 @@ the same model; Switch EMA switches the global parameters
 average (or the global parameters until there is one), the same on every worker.
 ``include_buffers`` is refused there: the workers' buffers are not synchronized.
 
-Sharded strategies (FSDP, DeepSpeed) are not supported: the tensors are swapped
-and averaged as the module holds them.
+Sharded parameters (FSDP2)
+--------------------------
+Under FSDP2 (``fully_shard``, Lightning's ``ModelParallelStrategy``) the parameters
+are DTensors. The callbacks track each rank's local shard
+(:mod:`lightning_converge.sharding`): the average has the shard's shape, an update
+moves no bytes between ranks, and evaluation copies the averaged shards into the
+parameters' storage in place (and back), gathering nothing. Checkpoints differ in
+one point: ``checkpoint["state_dict"]`` stays what Lightning writes (the model's
+weights as they are, sharded through the distributed checkpoint or gathered on
+rank 0: the live weights, or the average while evaluation holds it, the live
+weights then under ``"live_state_dict"``), never replaced by the average. The
+average under :attr:`checkpoint_key`, the live weights under ``"live_state_dict"``
+and the callback's ``state_dict()`` hold full tensors, gathered when the
+checkpoint is saved, and a resumed fit cuts each rank's shards out of them.
+DeepSpeed is not supported.
 """
 
 from __future__ import annotations
@@ -75,6 +88,15 @@ from torch import Tensor
 from lightning_converge.checks import check_choice, is_count  # noqa: F401  (is_count: the averaging callbacks')
 from lightning_converge.kernels.dispatch import validate_backend
 from lightning_converge.kernels.finite import all_finite
+from lightning_converge.sharding import (
+    any_sharded,
+    full_state_dict,
+    full_states,
+    load_full_state_dict,
+    local,
+    local_shard,
+    reshard,
+)
 
 VALIDATE_WITH = ("average", "live")
 #: Top-level checkpoint key of the live weights, when ``state_dict`` holds the average.
@@ -156,7 +178,11 @@ class AveragingCallback(Callback):
         self.backend = validate_backend(backend)
         self._module: Optional[pl.LightningModule] = None  # whose tensors are tracked (None: collect again)
         self._names: list[str] = []
-        self._live: list[Tensor] = []  # the module's tracked parameters and buffers, in `_names` order
+        # The module's tracked parameters and buffers, in `_names` order, as the module holds them ...
+        self._tracked: dict[str, Tensor] = {}
+        # ... and this rank's shards of them (the tensors themselves when not sharded).
+        self._live: list[Tensor] = []
+        self._sharded = False  # whether some tracked parameter is a DTensor
         # What the average follows, in `_names` order: `_live`, or the global parameters under DiLoCo.
         self._followed: list[Tensor] = []
         # DiLoCo: its outer steps when the average last followed the global parameters (None: not yet set).
@@ -193,6 +219,18 @@ class AveragingCallback(Callback):
     def _untrack(self) -> None:
         """Collect the tracked tensors again on next use (after a restore, or for a new fit)."""
         self._module = None
+        self._tracked = {}
+
+    def _restored(self, name: str, state: Tensor) -> Tensor:
+        """A restored state of the tracked tensor ``name`` (a full tensor), as the callback keeps it: this
+        rank's shard when the tensor is sharded, on the state's device."""
+        tracked = self._tracked[name]
+        return local_shard(state, tracked).to(self._state_device(local(tracked)))
+
+    def _saved(self, states: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Per-tensor states by name, as ``state_dict`` saves them: full tensors (shards gathered: every rank
+        saves a checkpoint, so every rank calls this)."""
+        return full_states(states, self._tracked)
 
     def _track(self, pl_module: pl.LightningModule) -> None:
         """Collect the tensors to average from ``pl_module``, once per module and restore."""
@@ -205,7 +243,9 @@ class AveragingCallback(Callback):
         if not named:
             raise ValueError(f"{self._name}: {type(pl_module).__name__} has no parameters to average")
         self._names = [name for name, _ in named]
-        self._live = [tensor for _, tensor in named]
+        self._tracked = dict(named)
+        self._live = [local(tensor) for _, tensor in named]
+        self._sharded = any_sharded(self._tracked.values())
         agreed = agreed_parameters(pl_module)
         if agreed is None:
             self._followed = self._live
@@ -271,7 +311,9 @@ class AveragingCallback(Callback):
 
         The tensors keep their identity (optimizers, DDP and hooks still see the
         same objects); only their ``.data`` changes. An average of the tensor's
-        dtype and device is handed over without a copy.
+        dtype and device is handed over without a copy. Sharded parameters are
+        written in place instead (FSDP2 gathers from the storage it owns), each
+        rank its own shards: nothing is gathered.
         """
         if self._stash is not None:
             return
@@ -281,6 +323,12 @@ class AveragingCallback(Callback):
             if self._followed is self._live:
                 return
             average = self._followed
+        if self._sharded:
+            reshard(pl_module)
+            with torch.no_grad():
+                self._stash = [tensor.clone() for tensor in self._live]
+                torch._foreach_copy_(self._live, average)
+            return
         self._stash = [tensor.data for tensor in self._live]
         for tensor, averaged in zip(self._live, average):
             tensor.data = averaged.to(device=tensor.device, dtype=tensor.dtype)
@@ -289,8 +337,14 @@ class AveragingCallback(Callback):
         """Give the module its live weights back (a no-op unless swapped in)."""
         if self._stash is None:
             return
-        for tensor, live in zip(self._live, self._stash):
-            tensor.data = live
+        if self._sharded:
+            if self._module is not None:
+                reshard(self._module)
+            with torch.no_grad():
+                torch._foreach_copy_(self._live, self._stash)
+        else:
+            for tensor, live in zip(self._live, self._stash):
+                tensor.data = live
         self._stash = None
 
     @torch.no_grad()
@@ -304,6 +358,8 @@ class AveragingCallback(Callback):
         if agreed_parameters(pl_module) is not None:
             pl_module.trainer.strategy.move_global_parameters(average)
             return
+        if self._sharded:
+            reshard(pl_module)
         for tensor, averaged in zip(self._live, average):
             tensor.copy_(averaged)
 
@@ -315,20 +371,26 @@ class AveragingCallback(Callback):
             return
         swapped = self._stash is not None  # saved during evaluation, the average swapped in
         self._swap_in(pl_module)
-        average = pl_module.state_dict()
+        average = full_state_dict(pl_module.state_dict())  # sharded: gathered (every rank saves)
         self._swap_out()
-        # The strategy's view of the live weights: under DiLoCo the global parameters, not this worker's.
-        live = pl_module.trainer.strategy.lightning_module_state_dict()
+        if self._sharded:
+            # Lightning's state_dict holds the model as it is: the live weights, or the average while it is
+            # swapped in for evaluation, and then the live weights go beside it (gathered).
+            live = full_state_dict(pl_module.state_dict()) if swapped else None
+        else:
+            # The strategy's view of the live weights: under DiLoCo the global parameters, not this worker's.
+            live = pl_module.trainer.strategy.lightning_module_state_dict()
         if swapped:
             self._swap_in(pl_module)
         checkpoint[self.checkpoint_key] = average
         full = "optimizer_states" in checkpoint  # not weights-only: it can resume training
         if self._kept_live is not None:  # the model holds the average since train end
             if full:
-                checkpoint[LIVE_STATE_DICT_KEY] = self._kept_live
+                checkpoint[LIVE_STATE_DICT_KEY] = full_state_dict(self._kept_live)
         elif self.validate_with == "average":
-            checkpoint["state_dict"] = average
-            if full:
+            if not self._sharded:
+                checkpoint["state_dict"] = average
+            if full and live is not None:
                 checkpoint.setdefault(LIVE_STATE_DICT_KEY, live)  # a callback that kept them knows better
 
     # -- Lightning hooks -----------------------------------------------------------------
@@ -395,7 +457,7 @@ class AveragingCallback(Callback):
         # state_dict, which Lightning has just loaded, is the average: training goes on from the live weights,
         # validate/test/predict(ckpt_path=...) evaluate the checkpoint's model.
         if live is not None and trainer.state.fn == TrainerFn.FITTING:
-            pl_module.load_state_dict(live)
+            load_full_state_dict(pl_module, live)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]

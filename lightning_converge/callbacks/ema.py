@@ -113,8 +113,7 @@ class EMA(AveragingCallback):
         if self._averages:
             self._check_restored(self._averages)
             self._averages = {
-                name: self._averages[name].to(self._state_device(live)) for name, live in zip(self._names, self._live)
-            }
+name: self._restored(name, self._averages[name]) for name in self._names}
         else:
             self._averages = {
                 name: followed.detach().to(
@@ -168,7 +167,7 @@ class EMA(AveragingCallback):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "averages": dict(self._averages),
+            "averages": self._saved(self._averages),
             "num_updates": self._num_updates,
             "outer_steps_followed": self._followed_version,
         }

@@ -8,6 +8,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, Strategy
 from torch import Tensor
 from torch.nn import Parameter
@@ -15,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_converge.checks import check_choice, check_in_range, check_int, check_probability
 from lightning_converge.schedules import ScheduleLike, as_schedule
+from lightning_converge.sharding import is_sharded, local
 
 METRICS = ("grad_l1", "update_l1")
 
@@ -90,6 +92,13 @@ class GradES(pl.Callback):
     frozen matrices no longer produce. The statistics are averaged across ranks
     before deciding, so every rank freezes the same matrices at the same step.
     Strategies that wrap the model otherwise (FSDP, DeepSpeed) are refused at the first freeze.
+    Sharded parameters (FSDP2's DTensors, Lightning's ``ModelParallelStrategy``): each
+    rank measures its shards, and the per-matrix partial sums are added up over the
+    shards (one all-reduce of one number per matrix), so every rank freezes the same
+    matrices at the same step as under DDP. FSDP2 needs nothing more to freeze: a
+    sharded parameter set to ``requires_grad=False`` gets no gradient from the next
+    backward on (verified in the tests against DDP). Parameters sharded over a mesh of
+    more than one dimension (HSDP, tensor parallelism) are refused when training starts.
 
     When it runs: ``setup`` finds the monitored matrices (and rejects patterns that
     match none); ``on_train_start``, after any checkpoint is restored, re-freezes
@@ -134,6 +143,8 @@ class GradES(pl.Callback):
         self.verbose = verbose
         self.frozen_at: dict[str, int] = {}
         self._monitored: dict[str, Parameter] = {}
+        # Sharded (DTensor) monitored matrices: the process group their shards span, else None.
+        self._shard_group: Optional[dist.ProcessGroup] = None
         self._grace_steps = 0
         self._stopped_at: Optional[int] = None
         # The step a check batch started at, None in other batches (set in on_train_batch_start).
@@ -173,6 +184,11 @@ class GradES(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Fires once before the first step, after any checkpoint is restored: fix the
         grace period in steps and re-freeze what a resumed run had frozen."""
+        # configure_model (where fully_shard runs) comes after setup and replaces the parameters with
+        # DTensors: take the monitored ones as they are now.
+        params = dict(pl_module.named_parameters())
+        self._monitored = {name: params[name] for name in self._monitored}
+        self._shard_group = _shard_group(self._monitored)
         total_steps = trainer.estimated_stepping_batches
         if self.grace_period > 0 and math.isinf(total_steps):
             raise ValueError(
@@ -212,10 +228,11 @@ class GradES(pl.Callback):
         if not names:
             return
         params = [self._monitored[name] for name in names]
+        # On this rank's shards of sharded matrices: partial sums, added up over the shards after the batch.
         if self.metric == "grad_l1":
-            measured: Any = _l1_norms([p.grad for p in params], pl_module.device)
+            measured: Any = _l1_norms([None if p.grad is None else local(p.grad) for p in params], pl_module.device)
         else:
-            measured = [None if p.grad is None else p.detach().clone() for p in params]
+            measured = [None if p.grad is None else local(p).clone() for p in params]
         self._pending.append((names, measured))
 
     def on_train_batch_end(
@@ -229,7 +246,10 @@ class GradES(pl.Callback):
         # One statistic per measured matrix, optimizer step after optimizer step.
         stats = torch.cat([self._statistics(names, measured, pl_module.device) for names, measured in pending])
         # One all-reduce: every rank then holds the same numbers and takes the same decisions.
-        stats = trainer.strategy.reduce(stats, reduce_op="mean")
+        if self._shard_group is None:
+            stats = trainer.strategy.reduce(stats, reduce_op="mean")
+        else:  # each rank's shards' partial sums: their total is the matrix's
+            dist.all_reduce(stats, group=self._shard_group)
         names = [name for names, _ in pending for name in names]
         if self.normalize:
             stats = stats / torch.tensor([self._monitored[name].numel() for name in names], device=stats.device)
@@ -255,7 +275,7 @@ class GradES(pl.Callback):
             return measured
         params = [self._monitored[name] for name in names]
         with torch.no_grad():
-            updates = [None if before is None else before.sub_(p) for p, before in zip(params, measured)]
+            updates = [None if before is None else before.sub_(local(p)) for p, before in zip(params, measured)]
         return _l1_norms(updates, device)
 
     @property
@@ -320,6 +340,24 @@ def _rewrap_ddp(strategy: Strategy) -> None:
     # DDP refuses a module with nothing to train; with nothing to all-reduce, no wrapper is needed.
     if any(p.requires_grad for p in strategy.lightning_module.parameters()):
         strategy.configure_ddp()
+
+
+def _shard_group(params: dict[str, Tensor]) -> Optional[dist.ProcessGroup]:
+    """The process group the shards of the sharded ``params`` span (None when none is sharded). Raises
+    ``ValueError`` unless every one is sharded over the same 1-D mesh: then the sum over that group of
+    each rank's partial statistic is the matrix's, and the same on every rank."""
+    sharded = {name: p for name, p in params.items() if is_sharded(p)}
+    if not sharded:
+        return None
+    meshes = {p.device_mesh for p in sharded.values()}
+    whole = [name for name in params if name not in sharded]
+    if whole or len(meshes) != 1 or next(iter(meshes)).ndim != 1:
+        raise ValueError(
+            "GradES on sharded parameters needs every monitored matrix sharded over the same 1-D mesh "
+            f"(FSDP2's fully_shard over the data-parallel ranks), got {len(meshes)} meshes of dimensions "
+            f"{sorted(mesh.ndim for mesh in meshes)} and unsharded {_preview(whole)}"
+        )
+    return next(iter(meshes)).get_group()
 
 
 def _l1_norms(tensors: Sequence[Optional[Tensor]], device: torch.device) -> Tensor:

@@ -13,6 +13,7 @@ from lightning_converge.kernels.dispatch import ScalarSlots, validate_backend
 from lightning_converge.kernels.finite import all_finite
 from lightning_converge.kernels.grokfast import grokfast_ema
 from lightning_converge.schedules import ScheduleLike, as_schedule
+from lightning_converge.sharding import full, full_states, local, local_shard
 
 FILTERS = ("ema", "ma")
 FILTER_TYPES = ("mean", "sum")
@@ -52,6 +53,12 @@ class Grokfast(pl.Callback):
     back with what it held and leaves the running sum and the gradients as they
     were. The filter keeps copies of gradients,
     never references to the live ``.grad`` tensors, which are zeroed in place or freed.
+
+    Sharded parameters (FSDP2's DTensors): the filter works on each rank's shard of the
+    gradients, its state has the shards' shapes, and a step sends nothing; the state
+    is gathered into full tensors when a checkpoint is saved and cut into this rank's
+    shards when training resumes. ``grokfast/slow_norm`` is then the norm over this
+    rank's shards (rank 0's is logged), not over the whole gradients.
 
     State, by parameter name, in :meth:`state_dict` (tensors and plain values only),
     so a resumed run continues exactly. Under strategies where each rank steps on
@@ -93,18 +100,30 @@ class Grokfast(pl.Callback):
         self._window_sum: dict[str, Tensor] = {}
         self._pushed: dict[str, Tensor] = {}
         self._names_by_id: dict[int, str] = {}
+        self._params: dict[str, Tensor] = {}  # the module's parameters by name, as it holds them (DTensors or not)
         self._scalars = ScalarSlots()  # alpha and lamb on the gradients' device, refilled each step
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Fires once, after the strategy moved the model and any checkpoint was restored:
         map parameters to their names and move restored state next to its parameter."""
         params = dict(pl_module.named_parameters())
+        self._params = params
         self._names_by_id = {id(p): name for name, p in params.items()}
-        for states in (self._slow, self._window, self._window_sum, self._pushed):
+        for states in (self._slow, self._window_sum):
             for name, tensor in states.items():
                 if name not in params:
                     raise ValueError(f"Grokfast state names parameter {name!r}, which the model does not have")
-                states[name] = tensor.to(params[name].device)
+                states[name] = local_shard(tensor, params[name]).to(params[name].device)
+        for name, window in self._window.items():  # (window_size, *shape): cut each slot
+            if name not in params:
+                raise ValueError(f"Grokfast state names parameter {name!r}, which the model does not have")
+            self._window[name] = torch.stack([local_shard(slot, params[name]) for slot in window]).to(
+                params[name].device
+            )
+        for name, count in self._pushed.items():  # the MA ring's position, one count per parameter
+            if name not in params:
+                raise ValueError(f"Grokfast state names parameter {name!r}, which the model does not have")
+            self._pushed[name] = count.to(params[name].device)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -115,7 +134,7 @@ class Grokfast(pl.Callback):
             for p in group["params"]:
                 if p.grad is not None and id(p) in self._names_by_id:
                     names.append(self._names_by_id[id(p)])
-                    grads.append(p.grad)
+                    grads.append(local(p.grad))  # this rank's shard of a sharded gradient
         if not grads:
             return
         finite = all_finite(grads, backend=self.backend)  # a 0-d bool tensor on the gradients' device
@@ -168,13 +187,17 @@ class Grokfast(pl.Callback):
         return slows
 
     def state_dict(self) -> dict[str, Any]:
+        """The state by parameter name; shards of sharded parameters gathered (every rank saves)."""
         if self.filter == "ema":
-            return {"filter": "ema", "slow": dict(self._slow)}
+            return {"filter": "ema", "slow": full_states(self._slow, self._params)}
         return {
             "filter": "ma",
             "window_size": self.window_size,
-            "window": dict(self._window),
-            "window_sum": dict(self._window_sum),
+            "window": {
+                name: torch.stack([full(slot, self._params[name]) if name in self._params else slot for slot in window])
+                for name, window in self._window.items()
+            },
+            "window_sum": full_states(self._window_sum, self._params),
             "pushed": dict(self._pushed),
         }
 
@@ -184,6 +207,7 @@ class Grokfast(pl.Callback):
                 f"the checkpoint holds Grokfast state of filter={state_dict['filter']!r}, "
                 f"but this callback has filter={self.filter!r}"
             )
+        self._params = {}  # the restored state is full: nothing to gather until training starts
         if self.filter == "ema":
             self._slow = dict(state_dict["slow"])
             return

@@ -90,8 +90,7 @@ class LAWA(AveragingCallback):
         for snapshot in self._snapshots:
             self._check_restored(snapshot)
         self._snapshots = [
-            {name: snapshot[name].to(self._state_device(live)) for name, live in zip(self._names, self._live)}
-            for snapshot in self._snapshots
+            {name: self._restored(name, snapshot[name]) for name in self._names} for snapshot in self._snapshots
         ]
 
     def _average(self) -> Optional[list[Tensor]]:
@@ -127,7 +126,7 @@ class LAWA(AveragingCallback):
         self._snapshots = [*self._snapshots, snapshot][-self.k :]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"snapshots": [dict(snapshot) for snapshot in self._snapshots]}
+        return {"snapshots": [self._saved(snapshot) for snapshot in self._snapshots]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._snapshots = [dict(snapshot) for snapshot in state_dict["snapshots"]]

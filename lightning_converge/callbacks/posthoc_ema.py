@@ -31,6 +31,7 @@ from torch import Tensor
 from lightning_converge.callbacks.averaging import AveragingCallback, accumulation_dtype, is_count
 from lightning_converge.kernels.dispatch import ScalarSlots, math_dtype
 from lightning_converge.kernels.ema import ema_update
+from lightning_converge.sharding import local_shard, reshard
 
 #: The largest ``sigma_rel`` a power-function profile has (at ``gamma`` = -0.382).
 MAX_SIGMA_REL = 0.3003
@@ -216,8 +217,7 @@ class PostHocEMA(AveragingCallback):
                 for profile in snapshot.get("profiles", ()):
                     self._check_restored(profile)
             self._profiles = [
-                {name: profile[name].to(self._state_device(live)) for name, live in zip(self._names, self._live)}
-                for profile in self._profiles
+                {name: self._restored(name, profile[name]) for name in self._names} for profile in self._profiles
             ]
         else:
             self._profiles = [
@@ -282,8 +282,10 @@ class PostHocEMA(AveragingCallback):
 
     def _take_snapshot(self, trainer: pl.Trainer, final: bool = False) -> None:
         """Store every profile as it is now, on the host: in memory on every rank, or in a file by rank 0.
-        ``final``: taken because training ended, off the ``every_n_steps`` grid (dropped if training resumes)."""
+        ``final``: taken because training ended, off the ``every_n_steps`` grid (dropped if training resumes).
+        Sharded profiles are gathered first (every rank takes the snapshot): a snapshot is a full model."""
         entry: dict[str, Any] = {"step": self._num_updates, "final": final}
+        profiles = [self._saved(profile) for profile in self._profiles]
         if self.snapshot_dir is not None:
             entry["path"] = str(self.snapshot_dir / f"step={self._num_updates}.pt")
             if not trainer.is_global_zero:
@@ -292,7 +294,7 @@ class PostHocEMA(AveragingCallback):
         dtype = None if self.snapshot_dtype is None else SNAPSHOT_DTYPES[self.snapshot_dtype]
         profiles = [
             {name: average.to("cpu", dtype=dtype or average.dtype, copy=True) for name, average in profile.items()}
-            for profile in self._profiles
+            for profile in profiles
         ]
         if self.snapshot_dir is None:
             entry["profiles"] = profiles
@@ -355,18 +357,31 @@ class PostHocEMA(AveragingCallback):
     def swap_in(self, pl_module: pl.LightningModule, sigma_rel: float, step: Optional[int] = None) -> Iterator[None]:
         """Within the ``with`` block the module holds the reconstruction of ``sigma_rel`` (:meth:`reconstruct`),
         and ``trainer.validate`` / ``test`` with this callback evaluate it; on exit the module gets the
-        weights it held before back. The tensors keep their identity, as during evaluation with an average."""
+        weights it held before back. The tensors keep their identity, as during evaluation with an average;
+        sharded parameters get their shards of it copied in place."""
         reconstructed = self.reconstruct(sigma_rel, step)
         self._track(pl_module)
-        before = [tensor.data for tensor in self._live]
-        self._selected = [reconstructed[name] for name in self._names]
+        self._selected = [local_shard(reconstructed[name], self._tracked[name]) for name in self._names]
+        if self._sharded:
+            reshard(pl_module)
+        before = [tensor.clone() if self._sharded else tensor.data for tensor in self._live]
         try:
-            for tensor, averaged in zip(self._live, self._selected):
-                tensor.data = averaged.to(device=tensor.device, dtype=tensor.dtype)
+            with torch.no_grad():
+                for tensor, averaged in zip(self._live, self._selected):
+                    if self._sharded:
+                        tensor.copy_(averaged)
+                    else:
+                        tensor.data = averaged.to(device=tensor.device, dtype=tensor.dtype)
             yield
         finally:
-            for tensor, data in zip(self._live, before):
-                tensor.data = data
+            if self._sharded:
+                reshard(pl_module)
+            with torch.no_grad():
+                for tensor, data in zip(self._live, before):
+                    if self._sharded:
+                        tensor.copy_(data)
+                    else:
+                        tensor.data = data
             self._selected = None
 
     def evaluate(
@@ -406,7 +421,7 @@ class PostHocEMA(AveragingCallback):
         return {
             "sigma_rels": list(self.sigma_rels),
             "num_updates": self._num_updates,
-            "profiles": [dict(profile) for profile in self._profiles],
+            "profiles": [self._saved(profile) for profile in self._profiles],
             "snapshots": [dict(snapshot) for snapshot in self._snapshots],
         }
 

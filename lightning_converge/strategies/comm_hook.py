@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_converge.comm import CommStats, Exchange, Layout
+from lightning_converge.sharding import refuse_sharded
 from lightning_converge.strategies.rank_state import load_rank_states, remove_rank_states, save_rank_states
 
 
@@ -55,7 +56,9 @@ class CommHookDDPStrategy(DDPStrategy):
 
     * :meth:`configure_ddp`, during ``Trainer.fit`` set-up, right after Lightning
       wraps the module in ``DistributedDataParallel``: registers the communication
-      hook on the wrapped module.
+      hook on the wrapped module. Before wrapping, a model whose parameters are
+      sharded (DTensors: ``fully_shard`` in ``configure_model``) is refused with a
+      ``ValueError`` giving the strategy's ``why_not_sharded``.
     * the communication hook, during the backward pass of each micro-batch that
       synchronizes gradients (the last of a gradient-accumulation window: Lightning
       runs the others under ``no_sync``, which communicates nothing), once per DDP
@@ -87,6 +90,8 @@ class CommHookDDPStrategy(DDPStrategy):
     """
 
     checkpoint_key: ClassVar[str]
+    #: Why the strategy refuses sharded (DTensor) parameters, in the error raised at set-up.
+    why_not_sharded: ClassVar[str]
 
     def __init__(
         self,
@@ -141,6 +146,7 @@ class CommHookDDPStrategy(DDPStrategy):
         return self.lightning_module.trainer.global_step
 
     def configure_ddp(self) -> None:
+        refuse_sharded(self.lightning_module, type(self).__name__, self.why_not_sharded)
         super().configure_ddp()
         self._parameter_names = {id(p): name for name, p in self.lightning_module.named_parameters()}
         self.model.register_comm_hook(self, _run_comm_hook)

@@ -78,6 +78,10 @@ class CompressedDDPStrategy(CommHookDDPStrategy):
     """
 
     checkpoint_key = "compressed_ddp"
+    why_not_sharded = (
+        "it compresses DDP's gradient buckets of whole parameters (FSDP2 reduce-scatters sharded gradients "
+        "outside DDP's communication hook)"
+    )
 
     def __init__(
         self,

@@ -95,6 +95,10 @@ class OneBitAdamStrategy(CommHookDDPStrategy):
     """
 
     checkpoint_key = "onebit_adam"
+    why_not_sharded = (
+        "after freeze_step it compresses whole momentum tensors across ranks in place of DDP's gradient "
+        "all-reduce, which sharded parameters do not go through"
+    )
     # From freeze_step on, each rank's step sees its own gradients: Grokfast's state is saved per rank.
     gradients_differ_between_ranks = True
 
