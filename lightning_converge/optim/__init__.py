@@ -6,5 +6,6 @@ from lightning_converge.optim.adan import Adan
 from lightning_converge.optim.adopt import ADOPT
 from lightning_converge.optim.base import FusedOptimizer
 from lightning_converge.optim.lion import Lion
+from lightning_converge.optim.muon import Muon, muon_parameter_groups
 
-__all__ = ["ADOPT", "AdEMAMix", "Adan", "AdamW", "FusedOptimizer", "Lion"]
+__all__ = ["ADOPT", "AdEMAMix", "Adan", "AdamW", "FusedOptimizer", "Lion", "Muon", "muon_parameter_groups"]
