@@ -273,6 +273,17 @@ def test_kernels_match_the_reference(backend, dtype, nesterov):
     torch.testing.assert_close(params, expected_params, rtol=None if atol is None else 1e-6, atol=atol)
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_directions_round_to_nearest_bf16_as_torch(backend):
+    """With momentum 0 the direction is the gradient: what reaches the iteration is exactly
+    torch's ``grad.bfloat16()`` (round to nearest even; the triton interpreter's casts truncate)."""
+    grad = torch.randn(4, 1000, generator=torch.Generator().manual_seed(2))
+    direction = torch.empty_like(grad, dtype=torch.bfloat16)
+    muon_momentum([grad], [torch.zeros_like(grad)], [direction], momentum=torch.tensor(0.0, dtype=torch.float64),
+                  nesterov=False, backend=backend)
+    assert torch.equal(direction, grad.bfloat16())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_optimizer_backends_match_the_reference(backend):
     model, reference = twins()
