@@ -292,6 +292,25 @@ def test_optimizer_backends_match_the_reference(backend):
     assert_params_close(model, reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_step_builds_no_host_tensors_and_reads_nothing_back(backend, monkeypatch):
+    """GPU by design: with a schedule changing both groups' lr, no step makes a tensor from a
+    Python number or reads one back, and every step makes the same calls."""
+    from test_gpu_path import _assert_steady_and_sync_free, no_host_reads
+
+    model, _ = twins()
+    optimizer = Muon(model, **muon_kwargs(backend=backend))
+    train(model, [optimizer], steps=1)  # the first step creates the state
+    per_step = []
+    for step in range(3):
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-3 * (step + 1)
+        with no_host_reads(monkeypatch) as ops:
+            optimizer.step()
+        per_step.append(ops)
+    _assert_steady_and_sync_free(per_step)
+
+
 # --- torch.optim's conventions -------------------------------------------------------------------
 
 

@@ -85,15 +85,17 @@ def newton_schulz(
     coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
     steps: int = NS_STEPS,
     eps: float = NS_EPS,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Approximately orthogonalize each matrix of the batch ``directions`` (``n x A x B``).
 
     ``torch.optim.Muon``'s iteration, batched: in bf16, each matrix divided by its
     Frobenius norm (at least ``eps``), wide side last (tall matrices are transposed and
     back), then ``steps`` times ``X = a*X + (b*G + c*G@G) @ X`` with ``G = X @ X^T``, each
-    product one ``baddbmm`` over the whole batch. Returns a new bf16 ``n x A x B`` tensor
-    (a transposed view for tall matrices). The iteration does not reach ``U V^T`` exactly:
-    the singular values land roughly in [0.7, 1.2], which is what Muon wants.
+    product one ``baddbmm`` over the whole batch. Returns the result, bf16 ``n x A x B``:
+    ``out`` (a bf16 ``n x A x B`` tensor, written in place) if given, else a new tensor.
+    The iteration does not reach ``U V^T`` exactly: the singular values land roughly in
+    [0.7, 1.2], which is what Muon wants.
     """
     a, b, c = coefficients
     x = directions.to(torch.bfloat16)
@@ -101,11 +103,12 @@ def newton_schulz(
     if tall:
         x = x.mT
     x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)
-    for _ in range(steps):
+    for step in range(steps):
         gram = torch.bmm(x, x.mT)
         polynomial = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-        x = torch.baddbmm(x, polynomial, x, beta=a)
-    return x.mT if tall else x
+        into = None if out is None or step < steps - 1 else (out.mT if tall else out)
+        x = torch.baddbmm(x, polynomial, x, beta=a, out=into)
+    return out if out is not None else (x.mT if tall else x)
 
 
 muon_momentum.register_triton(lambda: importlib.import_module("lightning_converge.kernels.triton.muon").muon_momentum)

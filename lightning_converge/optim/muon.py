@@ -190,6 +190,7 @@ class Muon(FusedOptimizer):
             betas=tuple(adamw_betas),
         )
         super().__init__(self._groups(params), defaults, backend)
+        self._workspace: dict[tuple[int, torch.Size], tuple[Tensor, Tensor]] = {}
 
     @staticmethod
     def _groups(params: Any) -> list[dict[str, Any]]:
@@ -256,7 +257,7 @@ class Muon(FusedOptimizer):
             for name in ("lr", "weight_decay", "momentum")
         }
         for shape, matrices in by_shape.items():
-            directions = torch.empty((len(matrices), *shape), dtype=torch.bfloat16, device=device)
+            directions, orthogonalized = self._stacks(index, shape, len(matrices), device)
             muon_momentum(
                 [p.grad for p in matrices],
                 [self.state[p]["momentum_buffer"] for p in matrices],
@@ -265,7 +266,7 @@ class Muon(FusedOptimizer):
                 nesterov=group["nesterov"],
                 backend=self.backend,
             )
-            orthogonalized = newton_schulz(directions, group["ns_coefficients"], group["ns_steps"], group["eps"])
+            newton_schulz(directions, group["ns_coefficients"], group["ns_steps"], group["eps"], out=orthogonalized)
             ratio = self._scalars((index, "lr_ratio", shape), lr_ratio(group["adjust_lr_fn"], shape), device, torch.float64)
             muon_apply(
                 matrices,
@@ -276,5 +277,21 @@ class Muon(FusedOptimizer):
                 backend=self.backend,
             )
 
+    def _stacks(self, index: int, shape: torch.Size, count: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Two bf16 ``count x shape`` tensors, the directions and their orthogonalization, kept from
+        step to step (a workspace of 4 bytes per matrix element, not state): the fused passes
+        then see the same addresses every step (the triton launcher's tables stay cached)."""
+        key = (index, shape)
+        stacks = self._workspace.get(key)
+        if stacks is None or stacks[0].size(0) != count or stacks[0].device != device:
+            stacks = self._workspace[key] = tuple(
+                torch.empty((count, *shape), dtype=torch.bfloat16, device=device) for _ in range(2)
+            )
+        return stacks
+
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "adamw_defaults": self.adamw_defaults}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._workspace = {}  # a cache, never pickled: rebuilt at the next step
