@@ -33,10 +33,10 @@ def muon_momentum(
     directions: list[Tensor],
     *,
     momentum: Tensor,
-    nesterov: bool,
+    nesterov: bool = True,
 ) -> None:
     """The momentum EMA ``m = momentum*m + (1-momentum)*g``, in place, and the direction to
-    orthogonalize, written into ``directions`` (bf16, shaped like the gradients):
+    orthogonalize, written into ``directions`` (shaped like the gradients; bf16 from the optimizer):
     ``(1-momentum)*g + momentum*m`` with ``nesterov``, else ``m``.
 
     Math in fp32 (fp64 for fp64 gradients), as ``torch.optim.Muon`` computes in the

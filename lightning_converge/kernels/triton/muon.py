@@ -42,7 +42,10 @@ def _muon_momentum_kernel(
     buffer = lerp(buffer, grad, (1 - momentum).to(buffer.dtype))
     store(buffer_ptr, offsets, buffer, mask)
     direction = lerp(grad, buffer, momentum.to(buffer.dtype)) if NESTEROV else buffer
-    tl.store(direction_ptr.to(tl.pointer_type(tl.uint16)) + offsets, bf16_bits(direction.to(tl.float32)), mask=mask)
+    if direction_ptr.dtype.element_ty == tl.bfloat16:
+        tl.store(direction_ptr.to(tl.pointer_type(tl.uint16)) + offsets, bf16_bits(direction.to(tl.float32)), mask=mask)
+    else:
+        store(direction_ptr, offsets, direction, mask)
 
 
 @triton.jit
@@ -72,7 +75,7 @@ def muon_momentum(
     directions: list[Tensor],
     *,
     momentum: Tensor,
-    nesterov: bool,
+    nesterov: bool = True,
 ) -> None:
     """The reference's contract, run as triton kernels."""
     if not grads:
