@@ -256,7 +256,8 @@ def main() -> None:
     runs: dict[str, list[dict]] = {}
     for method, build in builders.items():
         runs[method] = [
-            sweep[tuned_lr] if method == "adamw" and seed == args.seeds[0] else train(method, build, tuned_lr, seed, args)
+            sweep[tuned_lr] if method == "adamw" and seed == args.seeds[0]
+            else train(method, build, tuned_lr, seed, args)
             for seed in args.seeds
         ]
         print(f"{method}: final val loss {[round(run['final_val_loss'], 4) for run in runs[method]]}", flush=True)

@@ -260,7 +260,8 @@ def test_kernels_match_the_reference(backend, dtype, nesterov):
         params, grads, buffers, directions = inputs()
         momentum = torch.tensor(0.9, dtype=torch.float64)
         muon_momentum(grads, buffers, directions, momentum=momentum, nesterov=nesterov, backend=name)
-        scalars = {k: torch.tensor(v, dtype=torch.float64) for k, v in dict(lr=0.02, weight_decay=0.1, lr_ratio=1.5).items()}
+        values = dict(lr=0.02, weight_decay=0.1, lr_ratio=1.5)
+        scalars = {name: torch.tensor(value, dtype=torch.float64) for name, value in values.items()}
         muon_apply(params, directions, **scalars, backend=name)
         results.append((params, buffers, directions))
     (params, buffers, directions), (expected_params, expected_buffers, expected_directions) = results

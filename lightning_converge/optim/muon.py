@@ -8,7 +8,15 @@ import torch
 from torch import Tensor, nn
 
 from lightning_converge.kernels import adamw
-from lightning_converge.kernels.muon import NS_COEFFICIENTS, NS_EPS, NS_STEPS, lr_ratio, muon_apply, muon_momentum, newton_schulz
+from lightning_converge.kernels.muon import (
+    NS_COEFFICIENTS,
+    NS_EPS,
+    NS_STEPS,
+    lr_ratio,
+    muon_apply,
+    muon_momentum,
+    newton_schulz,
+)
 from lightning_converge.optim.base import FusedOptimizer, _real, beta_tuple, flag, non_negative
 
 # Names of the module that holds a model's output projection (the last part of its
@@ -267,7 +275,8 @@ class Muon(FusedOptimizer):
                 backend=self.backend,
             )
             newton_schulz(directions, group["ns_coefficients"], group["ns_steps"], group["eps"], out=orthogonalized)
-            ratio = self._scalars((index, "lr_ratio", shape), lr_ratio(group["adjust_lr_fn"], shape), device, torch.float64)
+            ratio = lr_ratio(group["adjust_lr_fn"], shape)
+            ratio = self._scalars((index, "lr_ratio", shape), ratio, device, torch.float64)
             muon_apply(
                 matrices,
                 list(orthogonalized.unbind(0)),

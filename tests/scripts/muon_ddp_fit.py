@@ -7,8 +7,8 @@ import sys
 
 import lightning as L
 import torch
-
 from ddp_fit import Regression, dataset  # noqa: F401 (dataset: the test's full-batch reference uses it)
+
 from lightning_converge.optim import Muon
 
 
