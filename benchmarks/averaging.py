@@ -37,6 +37,23 @@ What it measures, in one run
         the average, read the weights, write the average), a LAWA snapshot 8
         (read the weights, write the snapshot); achieved GB/s = those bytes / time added.
 
+    Post-hoc EMA. One class-conditional flow-matching model of the guidance
+        benchmark (``DigitsFlowMatching``, AdamW lr 1e-3, batch 128, ``--flow-steps``
+        steps) trained once with two callbacks: the guidance benchmark's fixed EMA
+        (``EMAWarmup(power=0.75, max_decay=0.999)``) and
+        ``PostHocEMA(sigma_rels=(0.05, 0.10), every_n_steps=--snapshot-every)``.
+        After training, the EMA of every ``sigma_rel`` of a sweep is reconstructed
+        from the snapshots; each is (a) validated (``PostHocEMA.evaluate``, the flow's
+        ``val_loss``: what picks ``sigma_rel`` without sampling) and (b) sampled
+        without guidance (``--per-class`` samples per class, 32 Euler steps, the same
+        noise for every row) and scored by the guidance benchmark's SW2 against the
+        real training digits (all classes pooled, and the per-class mean). Rows for
+        the live weights and the fixed EMA come from the same run and noise; the
+        two tracked profiles are reported both as tracked and as reconstructed
+        (how close the least-squares reconstruction gets at a known answer).
+        Reported: the table, the sigma_rel val_loss picks and its SW2 against the
+        fixed EMA's.
+
     Threads: one intra-op thread by default (``--threads``). On this shared
     2-core machine, with other jobs running, two threads mostly wait for each
     other: the digits classifier took 1.6 ms a step with one thread and 50-64 ms
@@ -47,6 +64,7 @@ How to run (from the repository root)
     python benchmarks/averaging.py --quick    # smoke run, about 30 s: 1 seed, 6 epochs, 2 M parameters
                                               # (its numbers only show that the code runs)
     python benchmarks/averaging.py --part overhead --rounds 12
+    python benchmarks/averaging.py --part posthoc      # post-hoc EMA only: about 2-3 minutes on 2 quiet cores
 
 Writes benchmarks/results/averaging.json (every number, the curves and the
 machine; ``--part`` replaces that part only, keeping the other's results) and averaging.png (validation curves; time added per update), and
@@ -84,9 +102,11 @@ from _common import (  # noqa: E402
     quiet_trainer,
     result_paths,
 )
-from examples.digits import Digits  # noqa: E402
-from lightning_converge.callbacks import EMA, LAWA  # noqa: E402
+from examples.digits import NUM_CLASSES, NUM_PIXELS, Digits, DigitsFlowMatching  # noqa: E402
+from guidance import SlicedWasserstein  # noqa: E402
+from lightning_converge.callbacks import EMA, LAWA, PostHocEMA  # noqa: E402
 from lightning_converge.kernels import ema_update, scalar  # noqa: E402
+from lightning_converge.schedules import EMAWarmup  # noqa: E402
 
 CLASSIFIER_EMA_DECAY = 0.98  # a horizon of 1 / (1 - 0.98) = 50 steps, about 1.25 epochs of the digits
 LAWA_K = 6
@@ -94,6 +114,8 @@ OVERHEAD_EMA_DECAY = 0.999
 OVERHEAD_LR = 1e-4
 OVERHEAD_BATCH = 8
 OVERHEAD_EPOCHS = 4  # per fit; the first is warm-up
+POSTHOC_TRACKED = (0.05, 0.10)  # the paper's two profiles
+POSTHOC_SWEEP = (0.02, 0.03, 0.05, 0.07, 0.10, 0.13, 0.16, 0.20, 0.25, 0.30)
 
 CONVERGENCE_METHODS: dict[str, Callable[[], list[L.Callback]]] = {
     "plain": lambda: [],
@@ -406,6 +428,116 @@ def overhead_table(overhead: dict) -> str:
     )
 
 
+# -- post-hoc EMA --------------------------------------------------------------------------
+
+
+def sample_scores(
+    model: DigitsFlowMatching, args: argparse.Namespace, data: Digits, distance: SlicedWasserstein
+) -> dict:
+    """SW2 of unguided samples of ``model`` against the real training digits: all classes pooled, per-class mean."""
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(args.per_class)
+    images = model.sample(labels, num_steps=args.sample_steps, generator=torch.Generator().manual_seed(args.seeds[0]))
+    real_images, real_labels = data.train_set.tensors
+    per_class = [distance(images[labels == c], real_images[real_labels == c]) for c in range(NUM_CLASSES)]
+    return dict(sw2=distance(images, real_images), sw2_per_class_mean=sum(per_class) / NUM_CLASSES)
+
+
+def run_posthoc(args: argparse.Namespace) -> dict:
+    data = Digits(batch_size=128, seed=0)
+    L.seed_everything(args.seeds[0], verbose=False)
+    model = DigitsFlowMatching()
+    # PostHocEMA evaluates (its first profile during fit, each reconstruction in `evaluate`); the fixed EMA
+    # leaves evaluation alone, or it would swap its own average in over the reconstructions.
+    fixed = EMA(decay=EMAWarmup(power=0.75, max_decay=0.999), validate_with="live", keep_average_on_train_end=False)
+    posthoc = PostHocEMA(sigma_rels=POSTHOC_TRACKED, every_n_steps=args.snapshot_every)
+    # No validation during fit (its epochs are 10 steps); limit_val_batches=0 would also empty `evaluate`'s.
+    trainer = quiet_trainer(
+        max_steps=args.flow_steps, check_val_every_n_epoch=args.flow_steps, callbacks=[fixed, posthoc]
+    )
+    start = time.perf_counter()
+    trainer.fit(model, data)
+    train_seconds = time.perf_counter() - start
+    print(f"  flow model: {trainer.global_step} steps in {train_seconds:.0f} s, "
+          f"{len(posthoc.snapshot_steps)} snapshots", flush=True)
+    live = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    tracked = posthoc.state_dict()["profiles"]
+
+    start = time.perf_counter()
+    val_loss = posthoc.evaluate(trainer, model, POSTHOC_SWEEP, metric="val_loss", datamodule=data)
+    evaluate_seconds = time.perf_counter() - start
+    model.eval()
+    distance = SlicedWasserstein(NUM_PIXELS, seed=0)
+
+    def scored(weights: dict[str, Tensor]) -> dict:
+        model.load_state_dict(live)
+        model.load_state_dict(weights, strict=False)
+        return sample_scores(model, args, data, distance)
+
+    rows = {"live weights": dict(sigma_rel=None, **scored(live)),
+            "fixed EMA (guidance benchmark)": dict(sigma_rel=None, **scored(fixed.state_dict()["averages"]))}
+    for sigma_rel, profile in zip(POSTHOC_TRACKED, tracked):
+        rows[f"tracked sigma_rel {sigma_rel}"] = dict(sigma_rel=sigma_rel, **scored(profile))
+    start = time.perf_counter()
+    for sigma_rel in POSTHOC_SWEEP:
+        reconstructed = posthoc.reconstruct(sigma_rel)
+        rows[f"reconstructed sigma_rel {sigma_rel}"] = dict(
+            sigma_rel=sigma_rel, val_loss=val_loss[sigma_rel], **scored(reconstructed)
+        )
+        print(f"  sigma_rel {sigma_rel}: val loss {val_loss[sigma_rel]:.4f}, "
+              f"SW2 {rows[f'reconstructed sigma_rel {sigma_rel}']['sw2']:.4f}", flush=True)
+    reconstruct_seconds = time.perf_counter() - start
+    model.load_state_dict(live)
+    for sigma_rel, profile in zip(POSTHOC_TRACKED, tracked):  # the reconstruction where the answer is known
+        reconstructed = posthoc.reconstruct(sigma_rel)
+        rows[f"tracked sigma_rel {sigma_rel}"]["max_abs_diff_reconstructed_vs_tracked"] = max(
+            (reconstructed[name] - tensor).abs().max().item() for name, tensor in profile.items()
+        )
+    picked = min(val_loss, key=val_loss.get)
+    best = min(POSTHOC_SWEEP, key=lambda s: rows[f"reconstructed sigma_rel {s}"]["sw2"])
+    return dict(
+        flow_steps=trainer.global_step, snapshot_every=args.snapshot_every, snapshots=len(posthoc.snapshot_steps),
+        tracked_sigma_rels=POSTHOC_TRACKED, per_class=args.per_class, sample_steps=args.sample_steps,
+        train_seconds=train_seconds, evaluate_seconds=evaluate_seconds,
+        sample_and_reconstruct_seconds=reconstruct_seconds, rows=rows,
+        sigma_rel_picked_by_val_loss=picked, sw2_picked=rows[f"reconstructed sigma_rel {picked}"]["sw2"],
+        sigma_rel_best_sw2=best, sw2_best=rows[f"reconstructed sigma_rel {best}"]["sw2"],
+        sw2_fixed_ema=rows["fixed EMA (guidance benchmark)"]["sw2"],
+    )
+
+
+def posthoc_table(posthoc: dict) -> str:
+    def number(value: Optional[float], form: str) -> str:
+        return "-" if value is None else format(value, form)
+
+    rows = [
+        [name, number(row.get("val_loss"), ".4f"), f"{row['sw2']:.4f}", f"{row['sw2_per_class_mean']:.4f}",
+         number(row.get("max_abs_diff_reconstructed_vs_tracked"), ".1e")]
+        for name, row in posthoc["rows"].items()
+    ]
+    title = (f"Post-hoc EMA on the flow-matching digits ({posthoc['flow_steps']} steps, snapshots of sigma_rel "
+             f"{posthoc['tracked_sigma_rels']} every {posthoc['snapshot_every']} steps, one training run): unguided "
+             f"samples, {posthoc['per_class']} per class. val_loss picks sigma_rel "
+             f"{posthoc['sigma_rel_picked_by_val_loss']} "
+             f"(SW2 {posthoc['sw2_picked']:.4f}); best SW2 of the sweep {posthoc['sw2_best']:.4f} at sigma_rel "
+             f"{posthoc['sigma_rel_best_sw2']}; fixed EMA {posthoc['sw2_fixed_ema']:.4f}")
+    return title + "\n\n" + markdown_table(
+        ["weights", "val loss", "SW2 all classes", "SW2 per class (mean)", "max abs diff, reconstructed vs tracked"],
+        rows,
+    )
+
+
+def plot_posthoc(ax, posthoc: dict) -> None:
+    sweep = [row for name, row in posthoc["rows"].items() if name.startswith("reconstructed")]
+    ax.plot([row["sigma_rel"] for row in sweep], [row["sw2"] for row in sweep], "o-", label="reconstructed")
+    for name, style in (("fixed EMA (guidance benchmark)", "--"), ("live weights", ":")):
+        ax.axhline(posthoc["rows"][name]["sw2"], color="grey", linestyle=style, label=name)
+    ax.axvline(posthoc["sigma_rel_picked_by_val_loss"], color="tab:green", linewidth=1, label="picked by val loss")
+    ax.set_xlabel("sigma_rel")
+    ax.set_ylabel("SW2 to the training digits (all classes)")
+    ax.set_title(f"post-hoc EMA, flow matching, {posthoc['flow_steps']} steps")
+    ax.legend(fontsize=8)
+
+
 # -- report --------------------------------------------------------------------------------
 
 
@@ -443,8 +575,8 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(part, draw) for part, draw in (("convergence", plot_convergence), ("overhead", plot_overhead))
-              if part in report]
+    panels = [(part, draw) for part, draw in (("convergence", plot_convergence), ("overhead", plot_overhead),
+                                              ("posthoc", plot_posthoc)) if part in report]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), constrained_layout=True, squeeze=False)
     for ax, (part, draw) in zip(axes[0], panels):
         draw(ax, report[part])
@@ -454,8 +586,8 @@ def plot(report: dict, path: Path) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["all", "convergence", "overhead"], default="all",
-                        help="convergence: convergence and agreement; overhead: overhead")
+    parser.add_argument("--part", choices=["all", "convergence", "overhead", "posthoc"], default="all",
+                        help="convergence: convergence and agreement; overhead: overhead; posthoc: post-hoc EMA")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, default=30, help="epochs of each convergence run")
     parser.add_argument("--agreement-epochs", type=int, default=5)
@@ -464,16 +596,23 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps-per-epoch", type=int, default=6, help="overhead fits: steps in each of their 4 epochs")
     parser.add_argument("--rounds", type=int, default=5, help="overhead: rounds of one timed fit per method")
     parser.add_argument("--copy-mb", type=int, default=256, help="size of each roofline kernel tensor, MB")
+    parser.add_argument("--flow-steps", type=int, default=4000, help="post-hoc EMA: training steps of the flow model")
+    parser.add_argument("--snapshot-every", type=int, default=100, help="post-hoc EMA: steps between snapshots")
+    parser.add_argument("--per-class", type=int, default=200, help="post-hoc EMA: samples per class and row")
+    parser.add_argument("--sample-steps", type=int, default=32, help="post-hoc EMA: Euler steps per sample")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 6 epochs, 2 M parameters, 2 rounds")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1 seed, 6 epochs, 2 M parameters, 2 rounds; "
+                             "400 flow steps, 20 samples per class")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.epochs, args.agreement_epochs = args.seeds[:1], 6, 2
         args.width, args.layers, args.steps_per_epoch, args.rounds, args.copy_mb = 512, 8, 4, 2, 32
+        args.flow_steps, args.snapshot_every, args.per_class = 400, 20, 20
     return args
 
 
-PARTS = {"convergence": ("convergence", "agreement"), "overhead": ("overhead",)}
+PARTS = {"convergence": ("convergence", "agreement"), "overhead": ("overhead",), "posthoc": ("posthoc",)}
 
 
 def main() -> None:
@@ -498,6 +637,9 @@ def main() -> None:
     if "overhead" in parts:
         print("overhead", flush=True)
         report["overhead"] = run_overhead(args)
+    if "posthoc" in parts:
+        print("post-hoc EMA", flush=True)
+        report["posthoc"] = run_posthoc(args)
     report["machine"]["load_average_at_end"] = machine()["load_average"]
     report["seconds"] = time.perf_counter() - start
     tables = []
@@ -505,6 +647,8 @@ def main() -> None:
         tables += [convergence_table(report["convergence"]), agreement_table(report["agreement"])]
     if "overhead" in report:
         tables.append(overhead_table(report["overhead"]))
+    if "posthoc" in report:
+        tables.append(posthoc_table(report["posthoc"]))
     report["tables"] = tables
     json_path.write_text(json.dumps(report, indent=1) + "\n")
     plot(report, png_path)

@@ -25,6 +25,11 @@ What it measures (on one CUDA device)
        this Lightning has it) and our Grokfast (``on_before_optimizer_step``); the
        time of the hook per step (synchronized before and after), next to a step with
        no callback.
+    6. DiLoCo's exchange thread: the int8 and fp32 pseudo-gradient exchanges on the
+       device (NCCL, one rank), the pseudo-gradient made on a stream of its own right
+       before the exchange starts: the average against the same reduction done in the
+       training thread, and the device current in the exchange's thread. Not timed: the
+       dry run runs it too (gloo on CPU).
 
 Targets, printed as met / NOT met: our AdamW <= 1.1x the step time of torch fused
 AdamW at 500 tensors; every rule >= 80% of the copy bandwidth at 300 M parameters;
@@ -532,6 +537,92 @@ def measure_callbacks(args, device, parameter_set=PARAMETER_SETS[0], steps: int 
     return dict(params=count, tensors=len(shapes), steps=steps, rows=rows, not_available=missing)
 
 
+# -- 6. DiLoCo's exchange thread on the device ----------------------------------------------------
+
+
+def check_diloco_exchange(device, numel: int) -> dict:
+    """DiLoCo's pseudo-gradient exchange (``strategies/diloco/exchange.py``) on ``device``, in a process
+    group of one rank (NCCL on CUDA, gloo elsewhere: the dry run checks this function's plumbing).
+
+    With a compressor, whose collectives run on the exchange's thread (int8: an all-gather on one rank;
+    onebit: an all-to-all, then an all-gather): the pseudo-gradient is made by a chain of kernels on a
+    stream of the training thread's own, and ``start`` is called at once, so a thread that did not wait
+    for that stream would read it unfinished; the average is used on that stream at once after
+    ``resolve``. Each row compares against the same compressor run synchronously in the training
+    thread, and records the thread and the device current in it. Without a compressor (fp32): the
+    asynchronous all-reduce issued from the training thread.
+    """
+    import contextlib
+    import threading
+
+    import torch
+    import torch.distributed as dist
+
+    from lightning_converge.comm import Exchange, Layout, make_compressor
+    from lightning_converge.strategies.diloco.exchange import PendingSync, PseudoGradientExchange
+
+    initialized_here = not dist.is_initialized()
+    if initialized_here:
+        store = dist.HashStore()
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=0, world_size=1)
+    layout = Layout(("pseudo_gradient",), (torch.Size([numel]),))
+    rows = {}
+    try:
+        for name in ("int8", "onebit", "fp32"):
+            compressor = None if name == "fp32" else make_compressor(name)
+            exchange = PseudoGradientExchange(compressor, owner="gpu_check")
+            exchange.open(None)
+            seen = []
+            run_on_device = exchange._run_on_device
+
+            def recording(*args, _run=run_on_device, _seen=seen, **kwargs):
+                result = _run(*args, **kwargs)
+                current = torch.cuda.current_device() if device.type == "cuda" else None
+                _seen.append((threading.current_thread().name, current))
+                return result
+
+            exchange._run_on_device = recording
+            producer = torch.cuda.Stream(device) if device.type == "cuda" else None
+            base = torch.randn(numel, device=device, generator=torch.Generator(device).manual_seed(0))
+            if producer is not None:
+                producer.wait_stream(torch.cuda.current_stream(device))  # base is made on the default stream
+            with torch.cuda.stream(producer) if producer is not None else contextlib.nullcontext():
+                pseudo_gradient = base.clone()
+                for _ in range(50):  # a queue of work for a thread that does not wait to overtake
+                    pseudo_gradient.mul_(1.01).add_(base, alpha=0.01)
+                expected_input = pseudo_gradient.clone()
+                pending = PendingSync(None, exchange.start(pseudo_gradient, layout, step=0))
+                average = exchange.resolve(pending, step=0).clone()  # used on the producer's stream at once
+            synchronize(device)
+            exchange.close()
+            # The same reduction in this thread, on the default group (a world of one rank).
+            expected = expected_input
+            if name != "fp32":
+                expected = make_compressor(name).reduce(expected_input.clone(), layout, Exchange(), 0)
+            rows[name] = dict(
+                equal=bool(torch.equal(average.cpu(), expected.cpu())),
+                max_abs_diff=float((average - expected).abs().max()),
+                thread=[thread for thread, _ in seen],
+                device_in_thread=[current for _, current in seen],
+                device=str(device),
+            )
+    finally:
+        if initialized_here:
+            dist.destroy_process_group()
+    return dict(rows=rows, all_equal=all(row["equal"] for row in rows.values()))
+
+
+def diloco_exchange_lines(section: dict, table: Callable[[list[str], list[list[Any]]], list[str]]) -> list[str]:
+    """The markdown of :func:`check_diloco_exchange`'s section."""
+    if "skipped" in section:
+        return ["", f"DiLoCo exchange: skipped ({section['skipped']})"]
+    return ["", "DiLoCo exchange on the device: the average against the same reduction in the training thread"] + table(
+        ["exchange", "device", "equal", "max |diff|", "thread", "current device in the thread"],
+        [[name, r["device"], "yes" if r["equal"] else "NO", f"{r['max_abs_diff']:.2e}", ", ".join(r["thread"]),
+          ", ".join(str(d) for d in r["device_in_thread"])] for name, r in section["rows"].items()],
+    )  # fmt: skip
+
+
 # -- targets, tables, the record ------------------------------------------------------------------
 
 
@@ -618,6 +709,7 @@ def markdown(report: dict) -> str:
              for name, r in callbacks["rows"].items()]
             + [[name, "", "", "", "", reason] for name, reason in callbacks["not_available"].items()],
         )  # fmt: skip
+    lines += diloco_exchange_lines(report.get("diloco_exchange", dict(skipped="not run")), table)
     lines += [""]
     lines += table(
         ["target", "measured", "met"],
@@ -687,6 +779,7 @@ def main(argv: list[str] | None = None) -> int:
         kernels=[],
         optimizers=dict(skipped=skipped or "not run yet"),
         callbacks=dict(skipped=skipped or "not run yet"),
+        diloco_exchange=dict(skipped="not run yet"),
     )
 
     def write() -> None:
@@ -697,6 +790,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run:
         sections += [("optimizers", lambda: measure_optimizers(args, device)),
                      ("callbacks", lambda: measure_callbacks(args, device))]  # fmt: skip
+    # not timed: it runs in the dry run too (gloo on CPU), to check its plumbing
+    sections += [("diloco_exchange", lambda: check_diloco_exchange(device, 4099 if args.dry_run else 1 << 24))]
     for name, measure in sections:
         print(f"{name} ...", flush=True)
         try:

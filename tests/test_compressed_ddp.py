@@ -37,17 +37,12 @@ NUMEL = sum(math.prod(shape) for shape in SHAPES)
 FP32_BYTES = 4 * NUMEL
 
 
-def onebit_bytes(numel: int, block_size: int, world_size: int) -> int:
-    """An all-to-all of every chunk and an all-gather of one: signs and a scale per block."""
+def chunked_bytes(numel: int, block_size: int, world_size: int, bits: int) -> tuple[int, int]:
+    """Bytes sent and received by the two-phase exchange (ChunkedCompressor) of ``bits`` per value and
+    an fp32 scale per block: an all-to-all of every rank's chunk, then an all-gather of the reduced one."""
     blocks_per_chunk = math.ceil(math.ceil(numel / block_size) / world_size)
-    chunk_bytes = blocks_per_chunk * block_size // 8 + 4 * blocks_per_chunk
-    return (world_size + 1) * chunk_bytes
-
-
-def onebit_received_bytes(numel: int, block_size: int, world_size: int) -> int:
-    """Its share of every rank's chunks (all-to-all), then every rank's server chunk (all-gather)."""
-    blocks_per_chunk = math.ceil(math.ceil(numel / block_size) / world_size)
-    return 2 * world_size * (blocks_per_chunk * block_size // 8 + 4 * blocks_per_chunk)
+    chunk_bytes = blocks_per_chunk * block_size * bits // 8 + 4 * blocks_per_chunk
+    return (world_size + 1) * chunk_bytes, 2 * world_size * chunk_bytes
 
 
 # Bytes each rank sends per step, from the tensor sizes each compressor puts on the wire
@@ -61,15 +56,16 @@ EXPECTED_BYTES = {
     "topk": 8 * math.ceil(0.1 * NUMEL),
     # rank 2: P and Q of the two matrices worth compressing; the 1 x 32 matrix and the vectors as they are
     "powersgd": 4 * (2 * (32 + 6) + 2 * (32 + 32) + 32 + 32 + 32 + 1),
-    "onebit": onebit_bytes(NUMEL, 128, 2),
+    "onebit": chunked_bytes(NUMEL, 128, 2, bits=1)[0],
 }
 
 
-# What each rank receives: the sum of an all-reduce, every rank's payload of an all-gather.
+# What each rank receives: the sum of an all-reduce, every rank's payload of an all-gather (int8 and
+# sign all-gather on two ranks: ChunkedCompressor.two_phase_from).
 EXPECTED_RECEIVED_BYTES = {
     **{name: EXPECTED_BYTES[name] for name in ("fp16", "bf16", "powersgd")},
     **{name: 2 * EXPECTED_BYTES[name] for name in ("int8", "sign", "ternary", "topk")},
-    "onebit": onebit_received_bytes(NUMEL, 128, 2),
+    "onebit": chunked_bytes(NUMEL, 128, 2, bits=1)[1],
 }
 
 
@@ -168,7 +164,7 @@ def test_gradient_accumulation_with_bf16_mixed_communicates_once_per_optimizer_s
 @pytest.mark.distributed
 def test_onebit_adam_compresses_momentum_after_freeze_step(ranks):
     bytes_sent = ranks[0]["onebit_adam"]["bytes_sent"]
-    assert bytes_sent == [FP32_BYTES] * 2 + [onebit_bytes(NUMEL, 128, 2)] * 4
+    assert bytes_sent == [FP32_BYTES] * 2 + [chunked_bytes(NUMEL, 128, 2, bits=1)[0]] * 4
 
 
 @pytest.mark.distributed
@@ -253,6 +249,18 @@ def test_four_ranks_compressor_none_is_ddp_and_every_method_keeps_the_ranks_iden
             assert not same(rank[name]["params"], rank["ddp"]["params"]), name  # compression changed something
 
 
+@pytest.mark.distributed
+@pytest.mark.parametrize("name, block_size, bits", [("int8", 256, 8), ("sign", 128, 1), ("onebit", 128, 1)])
+def test_four_ranks_blockwise_compressors_receive_two_payloads_not_four(four_ranks, name, block_size, bits):
+    sent, received = chunked_bytes(NUMEL, block_size, 4, bits)
+    all_gathered = 4 * EXPECTED_BYTES[name] if name != "onebit" else None  # what an all-gather would receive
+    for rank in four_ranks:
+        assert rank[name]["bytes_sent"] == [sent] * 3
+        assert rank[name]["logged_bytes_received"] == [float(received)] * 3
+        # fewer, even for this small bucket, whose 4 chunks of whole blocks carry padding
+        assert all_gathered is None or received < all_gathered
+
+
 AMP_METHODS = ["none", *sorted(EXPECTED_BYTES)]
 
 
@@ -304,7 +312,7 @@ def test_onebit_adam_with_a_bucket_smaller_than_one_block_trains_past_freeze_ste
     """7 parameters, blocks of 1024, 2 ranks: the second rank's chunk of the 1-bit all-reduce is empty."""
     for rank in hardening:
         result = rank["onebit_tiny"]
-        assert result["bytes_sent"] == [4 * 7] * 2 + [onebit_bytes(7, 1024, 2)] * 3
+        assert result["bytes_sent"] == [4 * 7] * 2 + [chunked_bytes(7, 1024, 2, bits=1)[0]] * 3
         assert all(result["ranks_agree"]) and math.isfinite(result["loss"])
         assert not same(result["params"], result["initial_params"])
 

@@ -689,6 +689,12 @@ def test_fragments_sync_in_turn(two_worker_runs):
         assert rank["events"] == expected
 
 
+def _worker_files(path: Path, checkpoint: dict) -> list[dict]:
+    """Every worker's own file beside the checkpoint at ``path``, as ``checkpoint`` records them."""
+    record = checkpoint["rank_states"]
+    return [torch.load(path.parent / record["directory"] / name, weights_only=True) for name in record["files"]]
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", ["delayed_adamw", "streaming_int8_adamw"])
 def test_resuming_from_a_checkpoint_inside_an_inner_phase_continues_identically(two_worker_runs, name):
@@ -701,15 +707,14 @@ def test_resuming_from_a_checkpoint_inside_an_inner_phase_continues_identically(
         steps_after_4 = [event for event in full["events"] if event[0] > 4]
         assert resumed["events"] == steps_after_4
 
-    checkpoint = torch.load(
-        two_worker_runs["checkpoint_dir"] / f"{name}_checkpoints" / "epoch=0-step=4.ckpt", weights_only=True
-    )
+    path = two_worker_runs["checkpoint_dir"] / f"{name}_checkpoints" / "epoch=0-step=4.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
     state = checkpoint["diloco"]
     assert state["inner_step"] == 4
-    workers = checkpoint["rank_states"]
-    assert workers["world_size"] == 2 and len(workers["ranks"]) == 2
+    workers = _worker_files(path, checkpoint)
+    assert checkpoint["rank_states"]["world_size"] == 2 and [w["rank"] for w in workers] == [0, 1]
     # each worker's own local parameters: they differ inside an inner phase
-    local_models = [rank["strategy"]["diloco"]["model"] for rank in workers["ranks"]]
+    local_models = [rank["strategy"]["diloco"]["model"] for rank in workers]
     assert any(not torch.equal(a, b) for a, b in zip(local_models[0].values(), local_models[1].values()))
     assert any(fragment["pending_average"] is not None for fragment in state["fragments"])
     # the model in the checkpoint is the global one
@@ -874,7 +879,8 @@ def test_validation_evaluates_the_model_a_checkpoint_saves_the_same_on_every_wor
     # and it is the model a checkpoint saved during that validation holds as state_dict.
     ranks = two_worker_runs[name]
     seen = [rank["seen_in_validation"] for rank in ranks]
-    checkpoint = torch.load(two_worker_runs["checkpoint_dir"] / f"{name}.ckpt", weights_only=True)
+    path = two_worker_runs["checkpoint_dir"] / f"{name}.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
     for rank in seen:
         assert all(torch.equal(a, b) for a, b in zip(rank["evaluated"], seen[0]["evaluated"]))
         assert all(torch.equal(a, b) for a, b in zip(rank["evaluated"], checkpoint["state_dict"].values()))
@@ -884,8 +890,53 @@ def test_validation_evaluates_the_model_a_checkpoint_saves_the_same_on_every_wor
         initial = [p.detach() for p in Regression().parameters()]
         _assert_all_close(seen[0]["evaluated"], [0.5 * i + 0.5 * g for i, g in zip(initial, seen[0]["global"])])
     # the workers' local parameters went on from where they were: the runs end as the algorithm says
-    local_models = [rank["strategy"]["diloco"]["model"] for rank in checkpoint["rank_states"]["ranks"]]
+    local_models = [rank["strategy"]["diloco"]["model"] for rank in _worker_files(path, checkpoint)]
     assert any(not torch.equal(a, b) for a, b in zip(local_models[0].values(), local_models[1].values()))
     if name == "validation":
         updates, final = simulate(steps=5, inner_steps=3)
         _assert_all_close(ranks[0]["params"], final)
+
+
+@pytest.mark.distributed
+def test_the_exchange_group_sees_the_same_collectives_in_the_same_order_on_every_rank_from_one_thread(tmp_path):
+    """NCCL needs every rank to issue a group's collectives in one order; with a compressor they all come
+    from the exchange's thread (which also makes the pseudo-gradient's device current), without one from
+    the training thread, and the other thread issues none on that group."""
+    exits = run_two_workers("diloco_collective_order.py", [str(tmp_path)], tmp_path, timeout=300)
+    for code, log in exits:
+        assert code == 0, log[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    for scenario, compressed in [("delayed_onebit", True), ("streaming_onebit", True), ("delayed_fp32", False)]:
+        on_group = [
+            [(thread, name, numel) for thread, name, group, numel in rank[scenario]["collectives"] if group == "exchange"]
+            for rank in ranks
+        ]
+        assert on_group[0] and on_group[0] == on_group[1], scenario
+        threads = {thread for thread, _, _ in on_group[0]}
+        if compressed:
+            assert len(threads) == 1 and threads.pop().startswith("diloco-exchange"), scenario
+            # the 1-bit exchange: an all-to-all, then an all-gather, per sync
+            names = [name for _, name, _ in on_group[0]]
+            assert names == ["all_to_all_single", "all_gather_into_tensor"] * (len(names) // 2), scenario
+            helper_threads = ranks[0][scenario]["device_helper_threads"]
+            assert len(helper_threads) == len(names) // 2, scenario
+            assert all(thread.startswith("diloco-exchange") for thread in helper_threads), scenario
+        else:
+            assert threads == {"MainThread"}, scenario
+            assert {name for _, name, _ in on_group[0]} == {"all_reduce"}, scenario
+            assert ranks[0][scenario]["device_helper_threads"] == [], scenario
+
+
+def test_the_gpu_checks_exchange_section_runs_here_and_finds_the_thread_average_equal():
+    """benchmarks/gpu_check.py's DiLoCo exchange check (NCCL on a GPU) on gloo and CPU: its plumbing."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    section = gpu_check.check_diloco_exchange(torch.device("cpu"), numel=1000)
+    assert section["all_equal"] and list(section["rows"]) == ["int8", "onebit", "fp32"]
+    for name in ("int8", "onebit"):
+        assert section["rows"][name]["thread"] == ["diloco-exchange_0"]
+    assert section["rows"]["fp32"]["thread"] == []  # no thread: an asynchronous all-reduce
+    assert not torch.distributed.is_initialized()

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from lightning_converge.checks import check_choice
 from lightning_converge.schedules import Schedule, as_schedule
 
 OPTIMIZER_PREFIX = "optimizer."
@@ -65,11 +66,9 @@ class Anneal(Callback):
     ) -> None:
         if "" in target.split("."):
             raise ValueError(f"Anneal: target must be a dotted path such as 'model.cfg.guidance_scale', got {target!r}")
-        if interval not in ("step", "epoch"):
-            raise ValueError(f"Anneal: interval must be 'step' or 'epoch', got {interval!r}")
         self.target = target
         self.schedule = as_schedule(schedule, name="schedule")
-        self.interval = interval
+        self.interval = check_choice("interval", interval, ("step", "epoch"), owner="Anneal")
         self.log = log
 
     @property

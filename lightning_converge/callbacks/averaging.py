@@ -72,6 +72,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
+from lightning_converge.checks import check_choice, is_count  # noqa: F401  (is_count: the averaging callbacks')
 from lightning_converge.kernels.dispatch import validate_backend
 from lightning_converge.kernels.finite import all_finite
 
@@ -93,11 +94,6 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype to average in: fp32 for bf16/fp16 tensors (their 8- or 11-bit
     mantissas would round small updates away), else the tensor's own."""
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-
-
-def is_count(value: Any, minimum: int) -> bool:
-    """Whether ``value`` is an integer (not a bool) >= ``minimum``."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 class AveragingCallback(Callback):
@@ -153,10 +149,8 @@ class AveragingCallback(Callback):
         device: Optional[Union[str, torch.device]],
         backend: str,
     ) -> None:
-        if validate_with not in VALIDATE_WITH:
-            raise ValueError(f"{self._name}: validate_with must be one of {VALIDATE_WITH}, got {validate_with!r}")
         self.include_buffers = include_buffers
-        self.validate_with = validate_with
+        self.validate_with = check_choice("validate_with", validate_with, VALIDATE_WITH, owner=self._name)
         self.keep_average_on_train_end = keep_average_on_train_end
         self.device = None if device is None else torch.device(device)
         self.backend = validate_backend(backend)

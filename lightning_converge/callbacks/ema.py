@@ -9,7 +9,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_converge.callbacks.averaging import AveragingCallback, accumulation_dtype, is_count
+from lightning_converge.callbacks.averaging import AveragingCallback, accumulation_dtype
+from lightning_converge.checks import check_in_range, check_int, is_number
 from lightning_converge.kernels.dispatch import ScalarSlots
 from lightning_converge.kernels.ema import ema_update
 from lightning_converge.schedules import ScheduleLike, as_schedule
@@ -94,15 +95,11 @@ class EMA(AveragingCallback):
             device=device,
             backend=backend,
         )
-        if isinstance(decay, (int, float)) and not isinstance(decay, bool) and not 0.0 <= decay <= 1.0:
-            raise ValueError(f"EMA: decay must be in [0, 1], got {decay!r}")
-        if not is_count(every_n_steps, minimum=1):
-            raise ValueError(f"EMA: every_n_steps must be an integer >= 1, got {every_n_steps!r}")
-        if not is_count(start_step, minimum=0):
-            raise ValueError(f"EMA: start_step must be an integer >= 0, got {start_step!r}")
+        if is_number(decay):  # a schedule's values are checked as it gives them
+            check_in_range("decay", decay, 0, 1, owner="EMA")
         self.decay = as_schedule(decay, name="decay")
-        self.every_n_steps = every_n_steps
-        self.start_step = start_step
+        self.every_n_steps = check_int("every_n_steps", every_n_steps, 1, owner="EMA")
+        self.start_step = check_int("start_step", start_step, 0, owner="EMA")
         self.switch_every_epoch = switch_every_epoch
         self._averages: dict[str, Tensor] = {}
         self._num_updates = 0

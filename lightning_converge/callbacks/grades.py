@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.nn import Parameter
 from torch.nn.parallel import DistributedDataParallel
 
+from lightning_converge.checks import check_choice, check_in_range, check_int, check_probability
 from lightning_converge.schedules import ScheduleLike, as_schedule
 
 METRICS = ("grad_l1", "update_l1")
@@ -115,19 +116,13 @@ class GradES(pl.Callback):
     ) -> None:
         self.tau = as_schedule(tau, "tau")
         _check_tau(self.tau(0))  # schedules are pure: a bad value at step 0 is caught before training
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
-        if not 0.0 <= grace_period <= 1.0:
-            raise ValueError(f"grace_period must be a fraction of the total steps in [0, 1], got {grace_period}")
-        if not 0.0 < max_frozen_ratio <= 1.0:
-            raise ValueError(f"max_frozen_ratio must be in (0, 1], got {max_frozen_ratio}")
-        self.metric = metric
+        self.metric = check_choice("metric", metric, METRICS, owner="GradES")
         self.normalize = normalize
-        self.every_n_steps = every_n_steps
-        self.grace_period = grace_period
-        self.max_frozen_ratio = max_frozen_ratio
+        self.every_n_steps = check_int("every_n_steps", every_n_steps, 1, owner="GradES")
+        self.grace_period = check_probability("grace_period", grace_period, owner="GradES")  # of the total steps
+        self.max_frozen_ratio = check_in_range(
+            "max_frozen_ratio", max_frozen_ratio, 0, 1, low_open=True, owner="GradES"
+        )
         self._user_patterns = patterns is not None
         self.patterns = tuple(DEFAULT_PATTERNS if patterns is None else patterns)
         if not self.patterns:
@@ -337,9 +332,7 @@ def _l1_norms(tensors: Sequence[Optional[Tensor]], device: torch.device) -> Tens
 
 
 def _check_tau(value: float) -> float:
-    if not value >= 0:
-        raise ValueError(f"tau must be >= 0, got {value}")
-    return value
+    return check_in_range("tau", value, 0, owner="GradES")
 
 
 def _preview(names: Iterable[str], limit: int = 8) -> str:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from lightning_converge.checks import check_choice, check_in_range, check_int
 from lightning_converge.kernels.dispatch import ScalarSlots, validate_backend
 from lightning_converge.kernels.finite import all_finite
 from lightning_converge.kernels.grokfast import grokfast_ema
@@ -72,20 +72,14 @@ class Grokfast(pl.Callback):
         warmup: bool = True,
         backend: str = "auto",
     ) -> None:
-        if filter not in FILTERS:
-            raise ValueError(f"filter must be one of {FILTERS}, got {filter!r}")
-        if filter_type not in FILTER_TYPES:
-            raise ValueError(f"filter_type must be one of {FILTER_TYPES}, got {filter_type!r}")
-        if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
-            raise ValueError(f"window_size must be an integer >= 1, got {window_size!r}")
-        self.filter = filter
+        self.filter = check_choice("filter", filter, FILTERS, owner="Grokfast")
         self.alpha = as_schedule(alpha, "alpha")
         self.lamb = as_schedule(lamb, "lamb")
         # Schedules are pure functions of the step: a bad value at step 0 is caught before training.
         _check_alpha(self.alpha(0))
         _check_lamb(self.lamb(0))
-        self.window_size = window_size
-        self.filter_type = filter_type
+        self.window_size = check_int("window_size", window_size, 1, owner="Grokfast")
+        self.filter_type = check_choice("filter_type", filter_type, FILTER_TYPES, owner="Grokfast")
         self.warmup = warmup
         self.backend = validate_backend(backend)
         # "ema": the slow gradient. "ma": the last window_size gradients (a ring, in the
@@ -200,14 +194,10 @@ class Grokfast(pl.Callback):
 
 
 def _check_alpha(value: float) -> float:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"alpha must be in [0, 1), got {value}")
-    return value
+    return check_in_range("alpha", value, 0, 1, high_open=True, owner="Grokfast")
 
 
 def _check_lamb(value: float) -> float:
-    if not math.isfinite(value):
-        raise ValueError(f"lamb must be a finite number, got {value}")
-    return value
+    return check_in_range("lamb", value, owner="Grokfast")
 
 

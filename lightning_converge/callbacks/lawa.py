@@ -9,7 +9,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_converge.callbacks.averaging import AveragingCallback, accumulation_dtype, is_count
+from lightning_converge.callbacks.averaging import AveragingCallback, accumulation_dtype
+from lightning_converge.checks import check_int
 
 
 class LAWA(AveragingCallback):
@@ -70,8 +71,7 @@ class LAWA(AveragingCallback):
             device=device,
             backend=backend,
         )
-        if not is_count(k, minimum=1):
-            raise ValueError(f"LAWA: k must be an integer >= 1, got {k!r}")
+        self.k = check_int("k", k, 1, owner="LAWA")
         if every_n_steps is not None and every_n_epochs is not None:
             raise ValueError(
                 f"LAWA: every_n_steps must be None when every_n_epochs is set (one snapshot rule), "
@@ -79,12 +79,8 @@ class LAWA(AveragingCallback):
             )
         if every_n_steps is None and every_n_epochs is None:
             every_n_epochs = 1
-        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
-            if value is not None and not is_count(value, minimum=1):
-                raise ValueError(f"LAWA: {name} must be None or an integer >= 1, got {value!r}")
-        self.k = k
-        self.every_n_steps = every_n_steps
-        self.every_n_epochs = every_n_epochs
+        self.every_n_steps = check_int("every_n_steps", every_n_steps, 1, allow_none=True, owner="LAWA")
+        self.every_n_epochs = check_int("every_n_epochs", every_n_epochs, 1, allow_none=True, owner="LAWA")
         self._snapshots: list[dict[str, Tensor]] = []
 
     def _reset(self) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from lightning_converge.comm.base import Compressor
 from lightning_converge.comm.bf16 import BF16Compressor
+from lightning_converge.comm.chunked import ChunkedCompressor
 from lightning_converge.comm.exchange import CommStats, Exchange
 from lightning_converge.comm.fp16 import CastCompressor, FP16Compressor
 from lightning_converge.comm.int8 import Int8Compressor
@@ -80,6 +81,7 @@ __all__ = [
     "COMPRESSORS",
     "BF16Compressor",
     "CastCompressor",
+    "ChunkedCompressor",
     "CommStats",
     "Compressor",
     "Exchange",

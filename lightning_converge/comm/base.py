@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor
 
+from lightning_converge.checks import check_in_range, check_int  # noqa: F401  (the compressors import them here)
 from lightning_converge.comm.exchange import Exchange
 from lightning_converge.comm.state import FlatState, Layout
 
@@ -19,6 +19,9 @@ class Compressor:
     values into payload tensors, exchange them with :class:`~lightning_converge.comm.exchange.Exchange`
     (summed by an all-reduce when the compressed form is ``summable``, otherwise
     all-gathered and decompressed rank by rank), and :meth:`decode` to the average.
+    An all-gather makes every rank receive and decode ``world_size`` payloads;
+    blockwise formats avoid it with the two-phase exchange of
+    :class:`~lightning_converge.comm.chunked.ChunkedCompressor`.
 
     With ``error_feedback`` the compressor keeps, per element, a ``residual``: what
     the payload did not carry. It is added to the next step's values before
@@ -117,22 +120,8 @@ def ceil_div(numerator: int, denominator: int) -> int:
     return -(-numerator // denominator)
 
 
-def check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 def check_block_size(value: Any, minimum: int) -> None:
     """Blocks are a power of two (triton's block shapes), at least ``minimum`` elements."""
     check_int("block_size", value, minimum)
     if value & (value - 1):
         raise ValueError(f"block_size must be a power of two, got {value}")
-
-
-def check_in_range(name: str, value: Any, low: float, high: float, *, low_open: bool, high_open: bool) -> None:
-    """``value`` must be a finite number in the interval; ``*_open`` excludes that end."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")

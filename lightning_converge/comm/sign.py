@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_converge.comm.base import Compressor, ceil_div, check_block_size
-from lightning_converge.comm.exchange import Exchange
-from lightning_converge.comm.state import Layout
+from lightning_converge.comm.base import ceil_div, check_block_size
+from lightning_converge.comm.chunked import ChunkedCompressor
 from lightning_converge.kernels.dispatch import validate_backend
 from lightning_converge.kernels.sign_quantize import sign_quantize
 
@@ -20,7 +19,7 @@ def unpack_signs(packed: Tensor, scales: Tensor, numel: int, block_size: int) ->
     return signs.mul_(scales.repeat_interleave(block_size)[:numel])
 
 
-class SignCompressor(Compressor):
+class SignCompressor(ChunkedCompressor):
     """Send ``scale * sign(x)`` per block of ``block_size`` values, ``scale = mean|x|``:
     the scaled sign of "Error Feedback Fixes SignSGD" (Karimireddy et al., 2019),
     also 1-bit Adam's compressor. Without error feedback this is a biased estimate;
@@ -29,8 +28,13 @@ class SignCompressor(Compressor):
     Per block, ``||x - scale * sign(x)||^2 = ||x||^2 - ||x||_1^2 / n`` (``n`` values).
 
     Payload: signs packed 8 per byte (``ceil(numel / 8)`` bytes) and
-    ``4 * ceil(numel / block_size)`` bytes of scales, all-gathered. The pass is the
-    fused :func:`~lightning_converge.kernels.sign_quantize.sign_quantize` kernel.
+    ``4 * ceil(numel / block_size)`` bytes of scales. The pass is the fused
+    :func:`~lightning_converge.kernels.sign_quantize.sign_quantize` kernel. On three
+    ranks or more the average is taken in two phases
+    (:class:`~lightning_converge.comm.chunked.ChunkedCompressor`): each rank averages
+    one chunk of blocks and compresses it again (with a server error of its own), so
+    a rank receives about two payloads, not one per rank; on two, all-gathered.
+    ``onebit`` (1-bit Adam's compressed all-reduce) takes two phases on any number.
     """
 
     name = "sign"
@@ -41,10 +45,8 @@ class SignCompressor(Compressor):
         self.backend = validate_backend(backend)
         super().__init__(error_feedback)
 
-    def compress(
-        self, grad: Tensor, layout: Layout, state: dict[str, Tensor], exchange: Exchange, step: int
-    ) -> list[Tensor]:
-        return self.quantize(grad, state.get("residual"))
+    def payload_sizes(self, numel: int) -> list[int]:
+        return [ceil_div(numel, 8), ceil_div(numel, self.block_size)]
 
     def quantize(self, values: Tensor, residual: Tensor | None) -> list[Tensor]:
         """Packed signs and scales of ``values`` (+ ``residual``, which is updated)."""
@@ -55,6 +57,6 @@ class SignCompressor(Compressor):
         sign_quantize([values], residuals, [packed], [scales], block_size=self.block_size, backend=self.backend)
         return [packed, scales]
 
-    def decode(self, payload: list[Tensor], layout: Layout) -> Tensor:
+    def dequantize(self, payload: list[Tensor], numel: int) -> Tensor:
         packed, scales = payload
-        return unpack_signs(packed, scales, layout.numel, self.block_size)
+        return unpack_signs(packed, scales, numel, self.block_size)

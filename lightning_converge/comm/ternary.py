@@ -35,7 +35,12 @@ class TernaryCompressor(Compressor):
     draw independently and a resumed run continues the same sequence.
 
     Payload: 2-bit codes packed 4 per byte (``ceil(numel / 4)`` bytes) and 4 bytes of
-    scale per tensor, all-gathered (each rank has its own scales).
+    scale per tensor, all-gathered (each rank has its own scales), so a rank receives
+    ``world_size`` payloads. Not the two-phase exchange of
+    :class:`~lightning_converge.comm.chunked.ChunkedCompressor`: a chunk owner would
+    ternarize the average again, a second random draw whose variance (larger than the
+    values' own, see above) no error feedback makes up for by default, and the
+    per-tensor scales do not split into chunks.
     """
 
     name = "ternary"

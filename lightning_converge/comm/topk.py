@@ -34,7 +34,12 @@ class TopKCompressor(Compressor):
       goes 25%, 6.25%, ... down to 0.1% over four epochs).
 
     ``k = ceil(kept fraction * numel)`` values per bucket, the same on every rank.
-    Payload: ``k`` fp32 values and ``k`` int32 indices (8 k bytes), all-gathered.
+    Payload: ``k`` fp32 values and ``k`` int32 indices (8 k bytes), all-gathered, so a
+    rank receives ``world_size`` payloads. Not the two-phase exchange of
+    :class:`~lightning_converge.comm.chunked.ChunkedCompressor`: the ranks' largest
+    values sit at different indices, so a chunk's average holds the union of up to
+    ``world_size * k`` of them, and a chunk owner would have to drop most of them
+    again (or send the union, as many bytes as the all-gather).
     """
 
     name = "topk"

@@ -7,5 +7,17 @@ from lightning_converge.optim.adopt import ADOPT
 from lightning_converge.optim.base import FusedOptimizer
 from lightning_converge.optim.lion import Lion
 from lightning_converge.optim.muon import Muon, muon_parameter_groups
+from lightning_converge.optim.schedule_free import ScheduleFreeAdamW, ScheduleFreeSGD
 
-__all__ = ["ADOPT", "AdEMAMix", "Adan", "AdamW", "FusedOptimizer", "Lion", "Muon", "muon_parameter_groups"]
+__all__ = [
+    "ADOPT",
+    "AdEMAMix",
+    "Adan",
+    "AdamW",
+    "FusedOptimizer",
+    "Lion",
+    "Muon",
+    "ScheduleFreeAdamW",
+    "ScheduleFreeSGD",
+    "muon_parameter_groups",
+]

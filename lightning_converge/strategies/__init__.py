@@ -1,7 +1,13 @@
 """Training strategies; importing this package registers them with Lightning's ``StrategyRegistry`` by name."""
 
 from lightning_converge.strategies.compressed_ddp import CompressedDDPStrategy
-from lightning_converge.strategies.diloco import DiLoCoStrategy, StreamingDiLoCoStrategy
+from lightning_converge.strategies.diloco import AsyncDiLoCoStrategy, DiLoCoStrategy, StreamingDiLoCoStrategy
 from lightning_converge.strategies.onebit_adam import OneBitAdamStrategy
 
-__all__ = ["CompressedDDPStrategy", "DiLoCoStrategy", "OneBitAdamStrategy", "StreamingDiLoCoStrategy"]
+__all__ = [
+    "AsyncDiLoCoStrategy",
+    "CompressedDDPStrategy",
+    "DiLoCoStrategy",
+    "OneBitAdamStrategy",
+    "StreamingDiLoCoStrategy",
+]

@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_converge.comm import CommStats, Exchange, Layout
-from lightning_converge.strategies.rank_state import load_rank_states, save_rank_states
+from lightning_converge.strategies.rank_state import load_rank_states, remove_rank_states, save_rank_states
 
 
 def _run_comm_hook(strategy: "CommHookDDPStrategy", bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
@@ -68,15 +68,17 @@ class CommHookDDPStrategy(DDPStrategy):
       run's cumulative ``comm/bytes_sent_total`` and ``comm/bytes_received_total``
       (restored on resume), through the LightningModule's ``log``, and keeps the
       step's counts in ``last_comm_stats``. Bytes are this rank's.
-    * :meth:`save_checkpoint` (every rank, whenever the Trainer saves): gathers
-      every rank's :meth:`comm_state_dict` (under ``checkpoint_key``), and the
+    * :meth:`save_checkpoint` (every rank, whenever the Trainer saves): each rank
+      writes its own :meth:`comm_state_dict` (under ``checkpoint_key``), and the
       per-rank states of callbacks that follow the gradients when
-      ``gradients_differ_between_ranks``, into ``checkpoint["rank_states"]``
+      ``gradients_differ_between_ranks``, to a file beside the checkpoint
       (:mod:`lightning_converge.strategies.rank_state`), unless the checkpoint
       holds weights only.
     * :meth:`load_checkpoint` (every rank, when ``fit`` resumes from ``ckpt_path``):
-      each rank loads its own entry; with a different number of ranks the state
+      each rank reads its own file; with a different number of ranks the state
       starts afresh, with a warning.
+    * :meth:`remove_checkpoint` (every rank, when ``ModelCheckpoint`` rotates
+      checkpoints out): the per-rank files go with the checkpoint.
 
     Args:
         ddp_kwargs: options of the ``DistributedDataParallel`` wrapper
@@ -181,12 +183,18 @@ class CommHookDDPStrategy(DDPStrategy):
         self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None
     ) -> None:
         if "optimizer_states" in checkpoint:  # a full checkpoint, not save_weights_only
-            save_rank_states(self, checkpoint, {self.checkpoint_key: self.comm_state_dict()})
+            save_rank_states(
+                self, checkpoint, filepath, {self.checkpoint_key: self.comm_state_dict()}, storage_options
+            )
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        state = load_rank_states(self, checkpoint).get(self.checkpoint_key)
+        state = load_rank_states(self, checkpoint, checkpoint_path, weights_only).get(self.checkpoint_key)
         if state is not None:
             self.load_comm_state_dict(state)
         return checkpoint
+
+    def remove_checkpoint(self, filepath: _PATH) -> None:
+        super().remove_checkpoint(filepath)
+        remove_rank_states(self, filepath)

@@ -14,8 +14,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_converge import comm
+from lightning_converge.checks import check_int
 from lightning_converge.comm import COMPRESSORS, Compressor, Layout, ScaledReduce, compressor_options, make_compressor
-from lightning_converge.comm.base import check_int
 from lightning_converge.strategies.comm_hook import CommHookDDPStrategy
 from lightning_converge.strategies.ddp_options import reject_options
 
@@ -66,8 +66,9 @@ class CompressedDDPStrategy(CommHookDDPStrategy):
     When each hook fires: see :class:`~lightning_converge.strategies.comm_hook.CommHookDDPStrategy`.
     The communication hook compresses each bucket (fp32 math whatever the
     gradients' dtype), exchanges it and hands back the average; each rank keeps
-    its own error-feedback residuals and compressor state, saved in
-    ``checkpoint["rank_states"]`` (every rank's, key ``"compressed_ddp"``) so that
+    its own error-feedback residuals and compressor state, which it writes to its
+    own file beside the checkpoint (key ``"compressed_ddp"``, see
+    :mod:`~lightning_converge.strategies.rank_state`) so that
     a resumed run continues exactly. Gradient accumulation communicates once per optimizer step, and
     ``precision="bf16-mixed"`` compresses the fp32 gradients of the fp32 parameters.
     Under ``precision="16-mixed"`` with a gradient scaler, the hook compresses
@@ -96,8 +97,7 @@ class CompressedDDPStrategy(CommHookDDPStrategy):
     ) -> None:
         self.compressor = _resolve_compressor(compressor, kwargs)
         reject_options(type(self), kwargs)
-        check_int("start_step", start_step, 0)
-        self.start_step = start_step
+        self.start_step = check_int("start_step", start_step, 0, owner=type(self).__name__)
         self._scaled_reduce = None if self.compressor is None else ScaledReduce(self.compressor)
         self._loss_scale: tuple[int, float] = (-1, 1.0)  # (step, the scaler's scale during that step)
         super().__init__(

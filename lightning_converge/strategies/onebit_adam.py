@@ -15,8 +15,8 @@ from lightning.pytorch.strategies import StrategyRegistry
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_converge.checks import check_int
 from lightning_converge.comm import Layout, OneBitCompressor
-from lightning_converge.comm.base import check_int
 from lightning_converge.kernels.dispatch import ScalarSlots
 from lightning_converge.kernels.onebit_adam import onebit_adam_update
 from lightning_converge.optim import AdamW
@@ -89,7 +89,8 @@ class OneBitAdamStrategy(CommHookDDPStrategy):
     State: the momentum, frozen variance, per-parameter ``step`` and
     ``variance_step`` (when the variance froze) live in the optimizer's state,
     identical on every rank; the worker and server errors, which differ per rank,
-    are saved in ``checkpoint["rank_states"]`` (every rank's, key ``"onebit_adam"``). A resumed run
+    are written by each rank to its own file beside the checkpoint (key ``"onebit_adam"``, see
+    :mod:`~lightning_converge.strategies.rank_state`). A resumed run
     continues exactly.
     """
 
@@ -114,8 +115,7 @@ class OneBitAdamStrategy(CommHookDDPStrategy):
         **kwargs: Any,
     ) -> None:
         reject_options(type(self), kwargs)
-        check_int("freeze_step", freeze_step, 1)
-        self.freeze_step = freeze_step
+        self.freeze_step = check_int("freeze_step", freeze_step, 1, owner=type(self).__name__)
         self.compressor = OneBitCompressor(error_feedback=True, block_size=block_size)
         self._scalars = ScalarSlots()  # the update's hyperparameters, refilled in place every step
         super().__init__(

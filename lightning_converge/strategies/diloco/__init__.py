@@ -44,26 +44,38 @@ of Lightning, so other local-SGD strategies can build on them:
   engine (the inner-step hook, a sync, an outer update, the end of ``fit``,
   evaluation with the global parameters);
 * :mod:`.streaming`: :class:`StreamingDiLoCoStrategy`, the engine's streaming
-  options.
+  options;
+* :mod:`.async_outer`, :mod:`.async_protocol`, :mod:`.asynchronous`:
+  :class:`AsyncDiLoCoStrategy` (``strategy="async_diloco"``, "Asynchronous Local-SGD
+  Training for Language Modeling", Liu et al., 2024): the server's outer rules
+  (Delayed Nesterov, dynamic local updates, staleness penalty), the messages
+  between workers and server, and the strategy.
 
-Importing this package registers both strategies with Lightning's ``StrategyRegistry``.
+Importing this package registers the three strategies with Lightning's ``StrategyRegistry``.
 """
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_converge.strategies.diloco.async_outer import dynamic_inner_steps
+from lightning_converge.strategies.diloco.async_protocol import AsyncDiLoCoError
+from lightning_converge.strategies.diloco.asynchronous import AsyncDiLoCoStrategy
 from lightning_converge.strategies.diloco.fragments import Piece, assign_fragments, split_evenly
 from lightning_converge.strategies.diloco.outer import OuterOptimizerFactory
 from lightning_converge.strategies.diloco.strategy import DiLoCoStrategy
 from lightning_converge.strategies.diloco.streaming import StreamingDiLoCoStrategy
 
 __all__ = [
+    "AsyncDiLoCoError",
+    "AsyncDiLoCoStrategy",
     "DiLoCoStrategy",
     "OuterOptimizerFactory",
     "Piece",
     "StreamingDiLoCoStrategy",
     "assign_fragments",
+    "dynamic_inner_steps",
     "split_evenly",
 ]
 
 DiLoCoStrategy.register_strategies(StrategyRegistry)
 StreamingDiLoCoStrategy.register_strategies(StrategyRegistry)
+AsyncDiLoCoStrategy.register_strategies(StrategyRegistry)

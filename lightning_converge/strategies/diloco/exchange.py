@@ -9,6 +9,24 @@ once (:meth:`~PseudoGradientExchange.start`) and waits for it when the average
 is due (:meth:`~PseudoGradientExchange.resolve`), which times the wait and
 counts the bytes. A :class:`PendingSync` is one such average on its way.
 
+On CUDA and NCCL the exchange keeps two invariants:
+
+* Order of collectives. Every collective on the exchange's process group is
+  issued from one thread, in the order :meth:`~PseudoGradientExchange.start` is
+  called, which is the same on every rank (the schedule of syncs is): the
+  exchange's thread with a compressor (a single worker runs the submitted
+  reductions one after the other), the training thread without (an asynchronous
+  all-reduce). The other thread only waits on futures, never issues a collective
+  on that group, so two threads' NCCL collectives never interleave in a
+  rank-dependent order. Lightning's own collectives use the default group.
+* Streams. The training thread records an event on its current stream when the
+  pseudo-gradient is ready; the exchange's thread makes the pseudo-gradient's
+  device current, runs the compressor on a side stream of its own that waits on
+  that event, and records an event when the average is ready; the training thread's
+  stream waits on that one before using the average (:meth:`~PseudoGradientExchange.resolve`).
+  Both tensors are marked as used by the other stream, so the caching allocator
+  does not reuse their memory early. Off CUDA none of this applies.
+
 Bytes follow the convention of :class:`lightning_converge.comm.Exchange`: the
 sizes of the tensors handed to the collective and returned by it, compressed
 when a ``compressor`` is set (an fp32 all-reduce of N numbers sends 4 N bytes
@@ -21,13 +39,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional, Union
+from typing import Callable, Optional, Sequence, TypeVar, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from lightning_converge.comm import Compressor, Exchange, Layout, make_compressor
+
+Result = TypeVar("Result")
 
 
 def as_compressor(compressor: Union[str, Compressor, None]) -> Optional[Compressor]:
@@ -51,6 +71,7 @@ class PendingSync:
     """
 
     apply_at_step: Optional[int]
+    # Resolves to (average, the CUDA event after which it is ready or None, bytes sent, bytes received).
     exchange: Optional[torch.futures.Future] = None
     average: Optional[Tensor] = None
 
@@ -74,6 +95,8 @@ class PseudoGradientExchange:
         # With a compressor: its byte-counting collectives, and the thread they run on (they block).
         self._collectives: Optional[Exchange] = None
         self._thread: Optional[ThreadPoolExecutor] = None
+        # The thread's side stream per CUDA device, made in the thread on first use.
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self.bytes_sent = 0
         self.bytes_received = 0
         self.wait_seconds = 0.0
@@ -104,7 +127,8 @@ class PseudoGradientExchange:
 
     def start(self, pseudo_gradient: Tensor, layout: Layout, step: int) -> torch.futures.Future:
         """Start averaging ``pseudo_gradient`` (flat fp32, laid out as ``layout``) over the workers, after
-        inner step ``step``; the future resolves to (average, bytes sent, bytes received)."""
+        inner step ``step``; the future resolves to (average, the CUDA event after which it is ready or None,
+        bytes sent, bytes received). Call it on every rank in the same order (see the module's invariants)."""
         try:
             return self._start(pseudo_gradient, layout, step)
         except RuntimeError as error:
@@ -114,20 +138,57 @@ class PseudoGradientExchange:
         if self.compressor is None:
             size = pseudo_gradient.numel() * pseudo_gradient.element_size()  # in and out: one fp32 tensor
             world_size = dist.get_world_size(self._group)
+            # Issued from the training thread, the only one using the group then; NCCL orders it after the
+            # current stream, and the future's value is ready on the stream that waits for it.
             work = dist.all_reduce(pseudo_gradient, group=self._group, async_op=True)
-            return work.get_future().then(lambda done: (done.value()[0].div_(world_size), size, size))
+            return work.get_future().then(lambda done: (done.value()[0].div_(world_size), None, size, size))
         future = torch.futures.Future()
+        ready = _ready_event(pseudo_gradient.device)
 
         def reduce() -> None:
             try:
-                average = self.compressor.reduce(pseudo_gradient, layout, self._collectives, step)
+                average, done = self._run_on_device(
+                    pseudo_gradient.device,
+                    ready,
+                    [pseudo_gradient],
+                    lambda: self.compressor.reduce(pseudo_gradient, layout, self._collectives, step),
+                )
                 stats = self._collectives.take_stats()
-                future.set_result((average, stats.bytes_sent, stats.bytes_received))
+                future.set_result((average, done, stats.bytes_sent, stats.bytes_received))
             except Exception as error:  # raised again in the training thread, by wait()
                 future.set_exception(error)
 
         self._thread.submit(reduce)
         return future
+
+    def _run_on_device(
+        self,
+        device: torch.device,
+        ready: Optional[torch.cuda.Event],
+        inputs: Sequence[Tensor],
+        work: Callable[[], Result],
+    ) -> tuple[Result, Optional[torch.cuda.Event]]:
+        """Run ``work()`` in the exchange's thread, on ``device``; return its result and, on CUDA, an event
+        recorded when the work queued by it is done (None elsewhere).
+
+        On CUDA: ``device`` becomes the thread's current device (a new thread starts on device 0), and the
+        work runs on the thread's side stream, which first waits for ``ready`` (the producer's event);
+        ``inputs``, allocated on the producer's stream, are marked as used by the side stream.
+        """
+        if device.type != "cuda":
+            return work(), None
+        torch.cuda.set_device(device)
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device)
+        stream.wait_event(ready)
+        for tensor in inputs:
+            tensor.record_stream(stream)
+        with torch.cuda.stream(stream):
+            result = work()
+            done = torch.cuda.Event()
+            done.record(stream)
+        return result, done
 
     def resolve(self, pending: PendingSync, step: int) -> Tensor:
         """Wait for the pending exchange (timed), count its bytes, and return the averaged pseudo-gradient;
@@ -135,9 +196,13 @@ class PseudoGradientExchange:
         if pending.exchange is not None:
             started = time.perf_counter()
             try:
-                pending.average, sent, received = pending.exchange.wait()
+                pending.average, done, sent, received = pending.exchange.wait()
             except RuntimeError as error:
                 raise self._failure(error, step) from error
+            if done is not None:  # made on the exchange's side stream: the current stream waits for it
+                consumer = torch.cuda.current_stream(pending.average.device)
+                consumer.wait_event(done)
+                pending.average.record_stream(consumer)
             self.wait_seconds += time.perf_counter() - started
             self.bytes_sent += sent
             self.bytes_received += received
@@ -158,3 +223,13 @@ class PseudoGradientExchange:
             f"step {step}. Another worker has probably died or stopped responding "
             f"(process-group timeout: {self._timeout}). Cause: {error}"
         )
+
+
+def _ready_event(device: torch.device) -> Optional[torch.cuda.Event]:
+    """In the training thread: on CUDA, an event on ``device``'s current stream after the work queued so
+    far (what produced the pseudo-gradient); None elsewhere."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event

@@ -11,7 +11,6 @@ by the fused :func:`~lightning_converge.kernels.diloco_outer_step` kernel), or a
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -19,6 +18,7 @@ from lightning.fabric.accelerators.cuda import num_cuda_devices
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_converge.checks import check_in_range, is_number
 from lightning_converge.kernels import diloco_outer_step, scalar
 from lightning_converge.schedules import Schedule
 from lightning_converge.strategies.diloco.fragments import Piece, pieces_of
@@ -43,10 +43,9 @@ def check_outer_options(
         raise TypeError(
             f"outer_optimizer must be a name or a callable params -> torch.optim.Optimizer, got {outer_optimizer!r}"
         )
-    if not 0.0 <= outer_momentum < 1.0:
-        raise ValueError(f"outer_momentum must be in [0, 1), got {outer_momentum!r}")
-    if isinstance(outer_lr, (int, float)) and not (math.isfinite(outer_lr) and outer_lr > 0):
-        raise ValueError(f"outer_lr must be a finite number > 0, got {outer_lr!r}")
+    check_in_range("outer_momentum", outer_momentum, 0, 1, high_open=True)
+    if is_number(outer_lr):  # a schedule's values are the user's
+        check_in_range("outer_lr", outer_lr, 0, low_open=True)
 
 
 def available_device(device: Union[str, torch.device], option: str) -> torch.device:

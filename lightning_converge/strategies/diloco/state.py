@@ -11,8 +11,8 @@
 exchanges in flight are waited for when the state is taken), None when there is
 none.
 
-Each worker's own state (:func:`worker_state`), saved per rank under
-``checkpoint["rank_states"]`` by :mod:`~lightning_converge.strategies.rank_state`::
+Each worker's own state (:func:`worker_state`), written by each worker to its own file beside
+the checkpoint by :mod:`~lightning_converge.strategies.rank_state`::
 
     {"model": its local model state, "optimizer": its inner optimizer's state,
      "compressor": error-feedback residuals (None without a compressor),

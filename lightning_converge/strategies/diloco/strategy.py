@@ -51,6 +51,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_converge.checks import check_choice
 from lightning_converge.comm import Compressor
 from lightning_converge.kernels import ema_update, scalar
 from lightning_converge.kernels.dispatch import validate_backend
@@ -72,7 +73,7 @@ from lightning_converge.strategies.diloco.state import (
     shared_state,
     worker_state,
 )
-from lightning_converge.strategies.rank_state import cpu_copy, load_rank_states, save_rank_states
+from lightning_converge.strategies.rank_state import cpu_copy, load_rank_states, remove_rank_states, save_rank_states
 
 
 class DiLoCoStrategy(DDPStrategy):
@@ -146,8 +147,8 @@ class DiLoCoStrategy(DDPStrategy):
     the global parameters, the outer optimizer's state, the position in the
     schedule and the averaged pseudo-gradients still to be applied (the strategy
     waits for in-flight all-reduces when saving); and in
-    ``checkpoint["rank_states"]`` (:mod:`~lightning_converge.strategies.rank_state`)
-    every worker's local model state, inner-optimizer state and error-feedback
+    a file per worker beside the checkpoint (:mod:`~lightning_converge.strategies.rank_state`),
+    each worker's local model state, inner-optimizer state and error-feedback
     residuals, and its callbacks' per-worker states (Grokfast's filter: each
     worker filters its own gradients). A run resumed from a checkpoint taken in
     the middle of an inner phase continues exactly. So does one resumed from a
@@ -197,8 +198,7 @@ class DiLoCoStrategy(DDPStrategy):
             start_method=start_method,
         )
         check_outer_options(outer_optimizer, outer_lr, outer_momentum)
-        if delay not in (0, 1) or isinstance(delay, bool):
-            raise ValueError(f"delay must be 0 or 1 (outer steps by which the outer update lags), got {delay!r}")
+        check_choice("delay", delay, (0, 1), owner=type(self).__name__)  # outer steps the outer update lags
         compressor = as_compressor(compressor)
         # A DiLoCo round is one fragment, applied at once, replacing the local values (Streaming sets its own).
         self._schedule = RoundSchedule(as_schedule(inner_steps, "inner_steps"))
@@ -410,25 +410,31 @@ class DiLoCoStrategy(DDPStrategy):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
         """Fires on every rank when a checkpoint is saved: adds ``checkpoint["diloco"]`` and every worker's
-        local state (collective: gathered on rank 0, see :mod:`~lightning_converge.strategies.rank_state`),
-        unless the checkpoint holds weights only. After ``fit``, both are the state kept when training ended."""
+        local state (each worker writes its own file beside the checkpoint, see
+        :mod:`~lightning_converge.strategies.rank_state`), unless the checkpoint holds weights only. After
+        ``fit``, both are the state kept when training ended."""
         if self._fragments and "optimizer_states" in checkpoint:
             if self._state_at_train_end is None:
                 shared, worker = self._shared_state(), self._worker_state()
             else:
                 shared, worker = self._state_at_train_end
             checkpoint["diloco"] = shared
-            save_rank_states(self, checkpoint, {"diloco": worker})
+            save_rank_states(self, checkpoint, filepath, {"diloco": worker}, storage_options)
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         """Fires on every rank when ``fit`` resumes, before ``setup``: reads the checkpoint and hands this
-        worker its own local state (and its callbacks' per-rank states)."""
+        worker its own local state (and its callbacks' per-rank states), read from its own file."""
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        states = load_rank_states(self, checkpoint)
+        states = load_rank_states(self, checkpoint, checkpoint_path, weights_only)
         if "diloco" in checkpoint:
             checkpoint["diloco"]["worker"] = states.get("diloco")
         return checkpoint
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        """Fires when ``ModelCheckpoint`` rotates a checkpoint out: the workers' files go with it."""
+        super().remove_checkpoint(filepath)
+        remove_rank_states(self, filepath)
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         """Fires when resuming ``fit``, after ``setup``: Lightning restores the inner optimizer from

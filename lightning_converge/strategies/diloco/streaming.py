@@ -19,6 +19,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 
+from lightning_converge.checks import check_choice, check_int, check_probability
 from lightning_converge.comm import Compressor
 from lightning_converge.schedules import Schedule
 from lightning_converge.strategies.diloco.fragments import FRAGMENT_ASSIGNMENTS
@@ -106,14 +107,11 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
             ddp_kwargs=ddp_kwargs,
             **kwargs,
         )
-        if not (isinstance(num_fragments, int) and not isinstance(num_fragments, bool) and num_fragments >= 1):
-            raise ValueError(f"num_fragments must be an integer >= 1, got {num_fragments!r}")
-        if not (isinstance(overlap_steps, int) and not isinstance(overlap_steps, bool) and overlap_steps >= 0):
-            raise ValueError(f"overlap_steps must be an integer >= 0, got {overlap_steps!r}")
-        if not 0.0 <= mixing_alpha <= 1.0:
-            raise ValueError(f"mixing_alpha must be in [0, 1], got {mixing_alpha!r}")
-        if fragment_assignment not in FRAGMENT_ASSIGNMENTS:
-            raise ValueError(f"fragment_assignment must be one of {FRAGMENT_ASSIGNMENTS}, got {fragment_assignment!r}")
+        owner = type(self).__name__
+        check_int("num_fragments", num_fragments, 1, owner=owner)
+        check_int("overlap_steps", overlap_steps, 0, owner=owner)
+        check_probability("mixing_alpha", mixing_alpha, owner=owner)
+        check_choice("fragment_assignment", fragment_assignment, FRAGMENT_ASSIGNMENTS, owner=owner)
         if fragment_assignment == "balanced" and not isinstance(outer_optimizer, str):
             raise ValueError(
                 "fragment_assignment='balanced' cuts tensors into parts, which a torch.optim outer optimizer "

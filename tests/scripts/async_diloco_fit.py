@@ -1,0 +1,154 @@
+"""Fit the tiny regression of ``diloco_fit.py`` under asynchronous DiLoCo, one scenario per run, and save
+what each rank saw.
+
+Run by ``tests/test_async_diloco.py`` as ``python async_diloco_fit.py OUT_DIR SCENARIO [CKPT]`` on
+every rank at once (environment as ``torchrun`` sets it; Lightning launches nothing itself). Writes
+``OUT_DIR/SCENARIO_rank{r}.pt``: the final parameters, the worker's counters and last logged metrics,
+and on rank 0 the server's arrivals in order and counters. Scenarios:
+
+* ``slow``: two workers, rank 1 stalls until rank 0 has done 3 rounds, then sleeps before every
+  step; dynamic local updates;
+* ``killed``: checkpoints every 4 steps; rank 1 exits at once (as a killed process) at step 6; rank 0
+  must fail with a clear error within the 5 s timeout (it writes ``killed_rank0.err``);
+* ``resumed``: resumed from ``CKPT`` (the ``killed`` run's checkpoint at step 4) by two workers, with a
+  validation at step 6 (which saves ``validation.ckpt``).
+"""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+sys.path.insert(0, str(Path(__file__).parent))
+from diloco_fit import Regression, SeenInValidation, Validated  # noqa: E402
+
+from lightning_converge.strategies import AsyncDiLoCoStrategy  # noqa: E402
+from lightning_converge.strategies.diloco import AsyncDiLoCoError  # noqa: E402
+
+SLEEP_SECONDS = 0.3  # the slow worker's extra time per step
+TIMEOUT_SECONDS = 5.0
+
+
+class SlowRank(L.Callback):
+    """Rank 1 is the slow worker: before its first step it waits until rank 0 has completed
+    ``fast_rounds`` rounds (signalled by a file in ``out_dir``; a fast worker that waited for the slow one
+    at a round would never get there), then it sleeps ``seconds`` before every step. Both record their
+    round length (H) at every step."""
+
+    def __init__(self, out_dir: Path, fast_rounds: int, seconds: float) -> None:
+        self.signal = out_dir / "fast_rounds_done"
+        self.fast_rounds, self.seconds = fast_rounds, seconds
+        self.round_lengths = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank != 1:
+            return
+        if trainer.global_step == 0:
+            deadline = time.monotonic() + 120
+            while not self.signal.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(1.0)  # a first round clearly slower than the fast worker's, whatever the load
+        time.sleep(self.seconds)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        strategy = trainer.strategy
+        self.round_lengths.append(strategy.current_inner_steps)
+        if trainer.global_rank == 0 and strategy.rounds >= self.fast_rounds:
+            self.signal.touch()
+
+
+class DieAtStep(L.Callback):
+    """Rank ``rank`` exits at once before step ``step``, as a killed process would."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            os._exit(17)
+
+
+def strategy(timeout: float = TIMEOUT_SECONDS, **options) -> AsyncDiLoCoStrategy:
+    result = AsyncDiLoCoStrategy(backend="reference", timeout=timeout, **options)
+    result.arrivals = []
+    result.on_arrival = result.arrivals.append
+    return result
+
+
+def fit(strategy, max_steps, callbacks=(), ckpt_path=None, model=None, **trainer_options):
+    model = model or Regression("AdamW")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=int(os.environ["WORLD_SIZE"]),  # before fit: still set
+        strategy=strategy,
+        max_steps=max_steps,
+        logger=False,
+        callbacks=list(callbacks),
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_options,
+    )
+    trainer.fit(model, ckpt_path=ckpt_path)
+    return trainer, model
+
+
+def save(out_dir, name, trainer, model, **extra):
+    strategy = trainer.strategy
+    server = strategy.server
+    torch.save(
+        {
+            "params": [p.detach().clone() for p in model.parameters()],
+            "rounds": strategy.rounds,
+            "sent": strategy.pseudo_gradients_sent,
+            "bytes_sent": strategy.bytes_sent,
+            "bytes_received": strategy.bytes_received,
+            "logged": {k: float(v) for k, v in trainer.callback_metrics.items()},
+            "arrivals": [(a.worker, a.version, a.staleness, a.applied) for a in strategy.arrivals],
+            "server": None
+            if server is None
+            else {
+                "version": server.version,
+                "arrivals": server.arrivals,
+                "dropped": server.dropped,
+                "rounds": {rank: record.rounds for rank, record in server.workers.items()},
+                "params": [p.clone() for p in server.params],
+            },
+            **extra,
+        },
+        Path(out_dir) / f"{name}_rank{trainer.global_rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    out_dir, name = Path(sys.argv[1]), sys.argv[2]
+    # Read now: Lightning's teardown takes the launcher's variables out of the environment.
+    rank, world_size = os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"]
+    if name == "slow":
+        slow = SlowRank(out_dir, fast_rounds=3, seconds=SLEEP_SECONDS)
+        # The slow worker's stall is a silence: the timeout must outlast it.
+        run = fit(strategy(inner_steps=2, dynamic_inner_steps=True, outer_lr=0.5, timeout=120), 8, [slow])
+        save(out_dir, name, *run, round_lengths=slow.round_lengths)
+    elif name == "killed":
+        every_4_steps = ModelCheckpoint(out_dir / "checkpoints", save_top_k=-1, every_n_train_steps=4)
+        try:
+            fit(strategy(inner_steps=2), 7, [every_4_steps, DieAtStep(rank=1, step=6)])
+        except AsyncDiLoCoError as error:
+            (out_dir / f"killed_rank{rank}.err").write_text(str(error))
+            raise
+    elif name == "resumed":  # with a validation at step 6 (the model gains a validation set)
+        seen = SeenInValidation(out_dir / "validation.ckpt")
+        run = fit(
+            strategy(inner_steps=2),
+            8,
+            [seen],
+            ckpt_path=sys.argv[3],
+            model=Validated("AdamW"),
+            val_check_interval=6,
+            check_val_every_n_epoch=None,
+        )
+        save(out_dir, f"{name}_{world_size}", *run, seen_in_validation=seen.seen)
