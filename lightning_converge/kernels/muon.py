@@ -103,12 +103,19 @@ def newton_schulz(
     if tall:
         x = x.mT
     x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)
+    # baddbmm's out= into a transposed view takes a slow path (hundreds of times slower on CPU):
+    # a tall matrix's result is copied into out instead.
+    last_into = out if out is not None and not tall else None
     for step in range(steps):
         gram = torch.bmm(x, x.mT)
         polynomial = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-        into = None if out is None or step < steps - 1 else (out.mT if tall else out)
-        x = torch.baddbmm(x, polynomial, x, beta=a, out=into)
-    return out if out is not None else (x.mT if tall else x)
+        x = torch.baddbmm(x, polynomial, x, beta=a, out=last_into if step == steps - 1 else None)
+    x = x.mT if tall else x
+    if out is None:
+        return x
+    if tall:
+        out.copy_(x)
+    return out
 
 
 muon_momentum.register_triton(lambda: importlib.import_module("lightning_converge.kernels.triton.muon").muon_momentum)
