@@ -5,7 +5,7 @@ What it measures
     ``--dim`` 128, ``--depth`` 4 blocks, 4 heads: 0.87 M parameters) on CPython's
     standard-library top-level modules (``examples.char_lm.StdlibText``, ``*.py``, windows of
     ``--seq-len`` 64 bytes, ``--batch-size`` 16 a step; the stream's last 5% validates), one
-    process, ``--steps`` (300) optimizer steps for every method, from the same initialization
+    process, ``--steps`` (250) optimizer steps for every method, from the same initialization
     and the same batches for a given seed, with seeds 0, 1, 2 (``--seeds``):
 
     * ``adamw``: :class:`~lightning_converge.optim.AdamW` (betas 0.9/0.95, weight decay 0.1),
@@ -32,14 +32,15 @@ What it measures
     is ``--target`` or, by default, the tuned AdamW's final validation loss (mean over seeds):
     "steps to target" is the first evaluated step at or below it, "seconds" the training
     seconds until then (evaluation excluded). Seconds come from one process with
-    ``--threads`` (2) intra-op threads; the load average is recorded with the results, since
+    ``--threads`` (1) intra-op thread (two threads on this 2-core machine made every step 20-40x
+    slower as soon as another process ran: timings would measure the neighbours); the load average is recorded with the results, since
     other jobs on the machine slow every method. Numbers are means over the seeds (with the
     standard deviation of the final loss); a method that misses the target in some seed is
     reported with how many seeds reached it.
 
 How to run (from the repository root)
     python benchmarks/optimizers_lm.py           # about 10 minutes on 2 quiet cores
-    python benchmarks/optimizers_lm.py --quick   # smoke run, about 2 minutes
+    python benchmarks/optimizers_lm.py --quick   # smoke run, under a minute
 
 Writes ``benchmarks/results/optimizers_lm.json`` and ``optimizers_lm.png``
 (``optimizers_lm_quick.*`` with ``--quick``) and prints markdown tables.
@@ -222,7 +223,7 @@ def plot(runs: dict[str, list[dict]], target: float, path: Path) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps of every run")
+    parser.add_argument("--steps", type=int, default=250, help="optimizer steps of every run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--sweep-lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3],
                         help="AdamW's learning rates tried (seed 0); the best is every method's lr")
@@ -234,7 +235,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2, help="intra-op threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads (with 2 on 2 cores, any other load made steps 20-40x slower)")
     parser.add_argument("--quick", action="store_true", help="a smoke run of about 2 minutes")
     args = parser.parse_args()
     if args.quick:
