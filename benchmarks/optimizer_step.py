@@ -6,8 +6,10 @@ What it measures
     random gradients that stay the same every step) for
 
     * ours (``lightning_converge.optim``, backend ``"compiled"``): AdamW, Adan, Lion,
-      AdEMAMix, ADOPT, and cautious AdamW and Lion;
-    * ``torch.optim.AdamW`` with ``fused=True`` and with ``foreach=True``;
+      AdEMAMix, ADOPT, and cautious AdamW and Lion; Muon (Muon on the blocks' matrices,
+      AdamW on the embedding and the vectors); Schedule-Free AdamW where it is importable;
+    * ``torch.optim.AdamW`` with ``fused=True`` and with ``foreach=True``; ``torch.optim.Muon``
+      on the same matrices with fused ``torch.optim.AdamW`` on the rest;
     * pytorch-optimizer's Adan, Lion, AdEMAMix and ADOPT (default, eager foreach
       path), with hyperparameters set to ours.
 
@@ -89,7 +91,16 @@ BYTES_PER_PARAM = {
     "Adan": 44,
     "AdamW cautious": 40,
     "Lion cautious": 28,
+    "ScheduleFreeAdamW": 28,  # read p(y) g z v, write p z v
 }
+# Muon per matrix parameter: the momentum pass reads g m and writes m and the bf16 direction
+# (4+4+4+2), the apply pass reads p and the bf16 orthogonal update and writes p (4+2+4); the
+# rest of the parameters are AdamW's 28. Between the two passes the Newton-Schulz products
+# (about 30 * min(A,B)**2 * max(A,B) flops per A x B matrix) are bound by compute, not bytes:
+# Muon's % of roofline says how far the whole step is from its elementwise bytes, and it is
+# not held to the roofline target.
+MUON_BYTES_PER_MATRIX_PARAM = 24
+COMPUTE_BOUND_RULES = ("Muon",)
 
 # Our defaults, given explicitly to every implementation of a rule.
 HYPERPARAMETERS = {
@@ -203,6 +214,40 @@ def optimizer_contenders(shapes: list[tuple[int, ...]], seed: int) -> list[Conte
                     lambda p, peer=peer, hyper=hyper, options=options: peer(p, **hyper, **options),
                 )
             )
+    return contenders + new_rule_contenders(shapes, seed)
+
+
+def new_rule_contenders(shapes: list[tuple[int, ...]], seed: int) -> list[Contender]:
+    """Muon, ours and torch's, over the blocks' matrices (AdamW on the embedding and vectors); Schedule-Free AdamW."""
+    adamw = HYPERPARAMETERS["AdamW"]
+
+    def split(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        matrices = [p for p in params[1:] if p.ndim == 2]  # params[0] is the embedding
+        return matrices, [p for p in params if all(p is not m for m in matrices)]
+
+    matrices, rest = split(make_parameters(shapes, seed))
+    muon_bytes = sum(p.numel() for p in matrices) * MUON_BYTES_PER_MATRIX_PARAM + sum(
+        p.numel() for p in rest) * BYTES_PER_PARAM["AdamW"]
+    contenders = []
+    for name, family, build in [
+        ("ours Muon", "ours", lambda matrices, rest: [ours.Muon(
+            [dict(params=matrices, use_muon=True), dict(params=rest, use_muon=False)],
+            adamw_lr=adamw["lr"], adamw_betas=adamw["betas"], adamw_weight_decay=adamw["weight_decay"],
+            backend="compiled")]),
+        ("torch Muon + AdamW fused", "torch", lambda matrices, rest: [
+            torch.optim.Muon(matrices), torch.optim.AdamW(rest, **adamw, fused=True)]),
+    ]:
+        params = make_parameters(shapes, seed)
+        optimizers = build(*split(params))
+        contenders.append(Contender(name, family, "Muon", muon_bytes,
+                                    lambda optimizers=optimizers: [o.step() for o in optimizers], params))
+    if hasattr(ours, "ScheduleFreeAdamW"):
+        params = make_parameters(shapes, seed)
+        optimizer = ours.ScheduleFreeAdamW(params, lr=adamw["lr"], weight_decay=adamw["weight_decay"],
+                                           backend="compiled")
+        n_params = sum(p.numel() for p in params)
+        contenders.append(Contender("ours ScheduleFreeAdamW", "ours", "ScheduleFreeAdamW",
+                                    n_params * BYTES_PER_PARAM["ScheduleFreeAdamW"], optimizer.step, params))
     return contenders
 
 
@@ -286,6 +331,11 @@ def summarize(contenders: list[Contender], timing: dict, n_params: int) -> dict:
             row["speedup_bound_by_roofline"] = peer["median_ms"] / row["roofline_ms"]
             row["max_abs_param_diff_vs_peer"] = max_param_difference(by_name[name].params, by_name[peer_name].params)
 
+    muon, torch_muon = rows["ours Muon"], rows["torch Muon + AdamW fused"]
+    muon["ratio_vs_torch_muon"] = muon["median_ms"] / torch_muon["median_ms"]
+    muon["max_abs_param_diff_vs_torch_muon"] = max_param_difference(
+        by_name["ours Muon"].params, by_name["torch Muon + AdamW fused"].params
+    )
     ours_adamw, fused = rows["ours AdamW"], rows["torch AdamW fused"]
     ours_adamw["ratio_vs_torch_fused"] = ours_adamw["median_ms"] / fused["median_ms"]
     ours_adamw["max_abs_param_diff_vs_torch_fused"] = max_param_difference(
@@ -299,7 +349,7 @@ def summarize(contenders: list[Contender], timing: dict, n_params: int) -> dict:
         )
     ]
     for name, row in rows.items():
-        if row["family"] == "ours":
+        if row["family"] == "ours" and row["rule"] not in COMPUTE_BOUND_RULES:
             targets.append(
                 dict(
                     target=f"{name} >= {TARGET_ROOFLINE_FRACTION:.0%} of roofline",
@@ -329,6 +379,8 @@ def markdown(summary: dict) -> str:
         comparison = ""
         if "speedup_vs_pytorch_optimizer" in row:
             comparison = f"{row['speedup_vs_pytorch_optimizer']:.2f}x faster than pytorch-optimizer"
+        if "ratio_vs_torch_muon" in row:
+            comparison = f"{row['ratio_vs_torch_muon']:.2f}x the time of torch Muon + AdamW fused"
         if "ratio_vs_torch_fused" in row:
             comparison = f"{row['ratio_vs_torch_fused']:.2f}x the time of torch fused"
         if row["family"] == "roofline" and row["roofline_fraction"] == 1.0:
@@ -450,7 +502,7 @@ def main() -> None:
             shapes=shapes,
             hyperparameters=HYPERPARAMETERS,
             peer_options={rule: sorted(options) for rule, options in PEER_OPTIONS.items()},
-            bytes_per_param=BYTES_PER_PARAM,
+            bytes_per_param=dict(BYTES_PER_PARAM, Muon_matrices=MUON_BYTES_PER_MATRIX_PARAM),
         ),
         method=(
             "Each implementation steps its own copy of the same parameters and gradients. After warm-up "

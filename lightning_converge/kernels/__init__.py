@@ -17,6 +17,7 @@ from lightning_converge.kernels.finite import all_finite
 from lightning_converge.kernels.grokfast import grokfast_ema
 from lightning_converge.kernels.int8_quantize import int8_quantize
 from lightning_converge.kernels.lion import lion
+from lightning_converge.kernels.muon import muon_apply, muon_momentum, newton_schulz
 from lightning_converge.kernels.onebit_adam import onebit_adam_update
 from lightning_converge.kernels.schedule_free import schedule_free_adamw, schedule_free_sgd
 from lightning_converge.kernels.sign_quantize import sign_quantize
@@ -36,6 +37,9 @@ __all__ = [
     "grokfast_ema",
     "int8_quantize",
     "lion",
+    "muon_apply",
+    "muon_momentum",
+    "newton_schulz",
     "onebit_adam_update",
     "schedule_free_adamw",
     "schedule_free_sgd",

@@ -6,6 +6,18 @@ from lightning_converge.optim.adan import Adan
 from lightning_converge.optim.adopt import ADOPT
 from lightning_converge.optim.base import FusedOptimizer
 from lightning_converge.optim.lion import Lion
+from lightning_converge.optim.muon import Muon, muon_parameter_groups
 from lightning_converge.optim.schedule_free import ScheduleFreeAdamW, ScheduleFreeSGD
 
-__all__ = ["ADOPT", "AdEMAMix", "Adan", "AdamW", "FusedOptimizer", "Lion", "ScheduleFreeAdamW", "ScheduleFreeSGD"]
+__all__ = [
+    "ADOPT",
+    "AdEMAMix",
+    "Adan",
+    "AdamW",
+    "FusedOptimizer",
+    "Lion",
+    "Muon",
+    "ScheduleFreeAdamW",
+    "ScheduleFreeSGD",
+    "muon_parameter_groups",
+]

@@ -178,34 +178,39 @@ class FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    self.init_state(p, state)
-            steps = [self.state[p]["step"] for p in params]
-            torch._foreach_add_(steps, 1.0)
-            changing, static = self.kernel_args(group)
-            device = params[0].device
-            scalars = {
-                name: self._scalars((index, name), value, device, torch.float64) for name, value in changing.items()
-            }
-            buffers = [[real_view(self.state[p][name]) for p in params] for name in self.state_names]
-            if self.kernel_reads_step:
-                buffers.append(steps)
-            type(self).kernel(
-                [real_view(p) for p in params],
-                [real_view(p.grad) for p in params],
-                *buffers,
-                backend=self.backend,
-                **scalars,
-                **static,
-            )
+            if params:
+                self.update_group(index, group, params)
         return loss
+
+    def update_group(self, index: int, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Update ``params``, the parameters of ``group`` (at ``index`` in ``param_groups``)
+        that have a gradient: called by :meth:`step` once per group with any, after the
+        closure. Creates missing state, counts the step, then makes one kernel call."""
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                self.init_state(p, state)
+        steps = [self.state[p]["step"] for p in params]
+        torch._foreach_add_(steps, 1.0)
+        changing, static = self.kernel_args(group)
+        device = params[0].device
+        scalars = {
+            name: self._scalars((index, name), value, device, torch.float64) for name, value in changing.items()
+        }
+        buffers = [[real_view(self.state[p][name]) for p in params] for name in self.state_names]
+        if self.kernel_reads_step:
+            buffers.append(steps)
+        type(self).kernel(
+            [real_view(p) for p in params],
+            [real_view(p.grad) for p in params],
+            *buffers,
+            backend=self.backend,
+            **scalars,
+            **static,
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim keeps defaults, state and param_groups only: deepcopy, pickle and
