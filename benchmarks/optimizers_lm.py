@@ -61,7 +61,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, markdown_table, quiet_trainer, result_paths  # noqa: E402
-from diloco import validation_loss  # noqa: E402 (after the "bench" branch: from _char_lm)
+from _char_lm import validation_loss  # noqa: E402
 from examples.char_lm import CharGPT, StdlibText  # noqa: E402
 from lightning_converge import optim  # noqa: E402
 
