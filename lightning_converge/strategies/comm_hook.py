@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 
 from lightning_converge.comm import CommStats, Exchange, Layout
 from lightning_converge.sharding import refuse_sharded
-from lightning_converge.strategies.rank_state import load_rank_states, remove_rank_states, save_rank_states
+from lightning_converge.strategies.rank_state import RankStateFiles, load_rank_states, save_rank_states
 
 
 def _run_comm_hook(strategy: "CommHookDDPStrategy", bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
@@ -43,7 +43,7 @@ def _run_comm_hook(strategy: "CommHookDDPStrategy", bucket: dist.GradBucket) -> 
     return future
 
 
-class CommHookDDPStrategy(DDPStrategy):
+class CommHookDDPStrategy(RankStateFiles, DDPStrategy):
     """DDP whose gradient all-reduce is replaced by :meth:`reduce_bucket`, on every device, with byte accounting.
 
     Lightning registers DDP communication hooks on CUDA only; this strategy
@@ -201,6 +201,3 @@ class CommHookDDPStrategy(DDPStrategy):
             self.load_comm_state_dict(state)
         return checkpoint
 
-    def remove_checkpoint(self, filepath: _PATH) -> None:
-        super().remove_checkpoint(filepath)
-        remove_rank_states(self, filepath)

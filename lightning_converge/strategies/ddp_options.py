@@ -9,7 +9,8 @@ exist only to turn a mistake into a clear error at construction: :func:`reject_o
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional
+from datetime import timedelta
+from typing import Any, Optional, Union
 
 from torch.nn.parallel import DistributedDataParallel
 
@@ -69,3 +70,9 @@ def check_unwrapped(owner: type, ddp_kwargs: Optional[dict[str, Any]]) -> None:
             f"DistributedDataParallel options have no meaning here: {meaningful}"
         )
 
+
+def as_timedelta(timeout: Union[float, timedelta, None]) -> Optional[timedelta]:
+    """``timeout`` as DDPStrategy takes it: seconds (a number) become a ``timedelta``."""
+    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        return timedelta(seconds=timeout)
+    return timeout

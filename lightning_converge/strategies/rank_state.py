@@ -173,3 +173,13 @@ def remove_rank_states(strategy: "pl.strategies.Strategy", filepath: _PATH) -> N
     ``filepath``'s per-rank files, if there is one (through the strategy's ``checkpoint_io``)."""
     if strategy.is_global_zero:
         strategy.checkpoint_io.remove_checkpoint(rank_states_directory(filepath))
+
+
+class RankStateFiles:
+    """Mixin for a strategy that writes per-rank files beside its checkpoints (put it before the
+    Lightning strategy among the bases): when ``ModelCheckpoint`` rotates a checkpoint out
+    (``save_top_k``), its per-rank files go with it."""
+
+    def remove_checkpoint(self, filepath: _PATH) -> None:
+        super().remove_checkpoint(filepath)  # type: ignore[misc]
+        remove_rank_states(self, filepath)  # type: ignore[arg-type]

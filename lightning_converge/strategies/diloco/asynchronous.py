@@ -80,7 +80,7 @@ from torch.optim import Optimizer
 from lightning_converge.comm import Compressor
 from lightning_converge.kernels.dispatch import validate_backend
 from lightning_converge.schedules import Schedule, as_schedule
-from lightning_converge.strategies.ddp_options import check_unwrapped, reject_options
+from lightning_converge.strategies.ddp_options import as_timedelta, check_unwrapped, reject_options
 from lightning_converge.strategies.diloco.async_outer import Arrival, AsyncOuterServer, check_async_options
 from lightning_converge.strategies.diloco.async_protocol import (
     SERVER_RANK,
@@ -91,12 +91,12 @@ from lightning_converge.strategies.diloco.async_protocol import (
     serve_locally,
 )
 from lightning_converge.strategies.diloco.outer import available_device, pseudo_gradient
-from lightning_converge.strategies.rank_state import cpu_copy, load_rank_states, remove_rank_states, save_rank_states
+from lightning_converge.strategies.rank_state import RankStateFiles, cpu_copy, load_rank_states, save_rank_states
 
 CHECKPOINT_KEY = "async_diloco"
 
 
-class AsyncDiLoCoStrategy(DDPStrategy):
+class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
     """Asynchronous DiLoCo: each worker's pseudo-gradient is applied as it arrives, no worker waits for another.
 
     Args:
@@ -173,8 +173,6 @@ class AsyncDiLoCoStrategy(DDPStrategy):
                 f"compressor must be None for AsyncDiLoCoStrategy (compressed pseudo-gradients are not "
                 f"supported on its point-to-point control plane yet), got {compressor!r}"
             )
-        if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
-            timeout = timedelta(seconds=timeout)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -182,7 +180,7 @@ class AsyncDiLoCoStrategy(DDPStrategy):
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
             process_group_backend=process_group_backend,
-            timeout=timeout,
+            timeout=as_timedelta(timeout),
             start_method=start_method,
         )
         self.inner_steps = inner_steps
@@ -420,10 +418,6 @@ class AsyncDiLoCoStrategy(DDPStrategy):
             }
         return checkpoint
 
-    def remove_checkpoint(self, filepath: Any) -> None:
-        """Fires when ``ModelCheckpoint`` rotates a checkpoint out: the workers' files go with it."""
-        super().remove_checkpoint(filepath)
-        remove_rank_states(self, filepath)
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         """Fires when resuming ``fit``, after ``setup``: rank 0 restores the server; each worker its round

@@ -56,7 +56,7 @@ from lightning_converge.comm import Compressor
 from lightning_converge.kernels import ema_update
 from lightning_converge.kernels.dispatch import ScalarSlots, validate_backend
 from lightning_converge.schedules import Schedule, as_schedule
-from lightning_converge.strategies.ddp_options import check_unwrapped, reject_options
+from lightning_converge.strategies.ddp_options import as_timedelta, check_unwrapped, reject_options
 from lightning_converge.strategies.diloco.exchange import PendingSync, PseudoGradientExchange, as_compressor
 from lightning_converge.strategies.diloco.fragments import Fragment, build_fragments, pieces_of
 from lightning_converge.strategies.diloco.outer import (
@@ -73,10 +73,10 @@ from lightning_converge.strategies.diloco.state import (
     shared_state,
     worker_state,
 )
-from lightning_converge.strategies.rank_state import cpu_copy, load_rank_states, remove_rank_states, save_rank_states
+from lightning_converge.strategies.rank_state import RankStateFiles, cpu_copy, load_rank_states, save_rank_states
 
 
-class DiLoCoStrategy(DDPStrategy):
+class DiLoCoStrategy(RankStateFiles, DDPStrategy):
     """DiLoCo: local training for ``inner_steps`` steps, then one outer step on the averaged pseudo-gradients.
 
     Args:
@@ -185,8 +185,6 @@ class DiLoCoStrategy(DDPStrategy):
     ) -> None:
         reject_options(type(self), kwargs, wraps_model=False)
         check_unwrapped(type(self), ddp_kwargs)
-        if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
-            timeout = timedelta(seconds=timeout)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -194,7 +192,7 @@ class DiLoCoStrategy(DDPStrategy):
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
             process_group_backend=process_group_backend,
-            timeout=timeout,
+            timeout=as_timedelta(timeout),
             start_method=start_method,
         )
         check_outer_options(outer_optimizer, outer_lr, outer_momentum)
@@ -432,10 +430,6 @@ class DiLoCoStrategy(DDPStrategy):
             checkpoint["diloco"]["worker"] = states.get("diloco")
         return checkpoint
 
-    def remove_checkpoint(self, filepath: Any) -> None:
-        """Fires when ``ModelCheckpoint`` rotates a checkpoint out: the workers' files go with it."""
-        super().remove_checkpoint(filepath)
-        remove_rank_states(self, filepath)
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         """Fires when resuming ``fit``, after ``setup``: Lightning restores the inner optimizer from
