@@ -1,7 +1,12 @@
 """Training strategies; importing this package registers them with Lightning's ``StrategyRegistry`` by name."""
 
 from lightning_converge.strategies.compressed_ddp import CompressedDDPStrategy
-from lightning_converge.strategies.diloco import AsyncDiLoCoStrategy, DiLoCoStrategy, StreamingDiLoCoStrategy
+from lightning_converge.strategies.diloco import (
+    AsyncDiLoCoStrategy,
+    DiLoCoStrategy,
+    ShardedDiLoCoStrategy,
+    StreamingDiLoCoStrategy,
+)
 from lightning_converge.strategies.onebit_adam import OneBitAdamStrategy
 
 __all__ = [
@@ -9,5 +14,6 @@ __all__ = [
     "CompressedDDPStrategy",
     "DiLoCoStrategy",
     "OneBitAdamStrategy",
+    "ShardedDiLoCoStrategy",
     "StreamingDiLoCoStrategy",
 ]

@@ -40,9 +40,13 @@ of Lightning, so other local-SGD strategies can build on them:
   the byte and wait counters;
 * :mod:`.state`: what a checkpoint holds (``checkpoint["diloco"]`` and each
   worker's own state);
-* :mod:`.strategy`: :class:`DiLoCoStrategy`, the Lightning strategy and the
-  engine (the inner-step hook, a sync, an outer update, the end of ``fit``,
-  evaluation with the global parameters);
+* :mod:`.engine`: ``DiLoCoEngine``, the engine mixed into the synchronous
+  strategies (the inner-step hook, a sync, an outer update, the end of ``fit``,
+  evaluation with the global parameters, the checkpoint state);
+* :mod:`.strategy`: :class:`DiLoCoStrategy`, the engine over ``DDPStrategy``;
+* :mod:`.sharded`: :class:`ShardedDiLoCoStrategy` (``strategy="diloco_fsdp"``),
+  the engine over ``ModelParallelStrategy``: replicas each sharded by FSDP2 on
+  a replicas x shards mesh, the outer step on each rank's shards;
 * :mod:`.streaming`: :class:`StreamingDiLoCoStrategy`, the engine's streaming
   options;
 * :mod:`.async_outer`, :mod:`.async_protocol`, :mod:`.asynchronous`:
@@ -51,7 +55,7 @@ of Lightning, so other local-SGD strategies can build on them:
   (Delayed Nesterov, dynamic local updates, staleness penalty), the messages
   between workers and server, and the strategy.
 
-Importing this package registers the three strategies with Lightning's ``StrategyRegistry``.
+Importing this package registers the four strategies with Lightning's ``StrategyRegistry``.
 """
 
 from lightning.pytorch.strategies import StrategyRegistry
@@ -61,6 +65,7 @@ from lightning_converge.strategies.diloco.async_protocol import AsyncDiLoCoError
 from lightning_converge.strategies.diloco.asynchronous import AsyncDiLoCoStrategy
 from lightning_converge.strategies.diloco.fragments import Piece, assign_fragments, split_evenly
 from lightning_converge.strategies.diloco.outer import OuterOptimizerFactory
+from lightning_converge.strategies.diloco.sharded import ShardedDiLoCoStrategy
 from lightning_converge.strategies.diloco.strategy import DiLoCoStrategy
 from lightning_converge.strategies.diloco.streaming import StreamingDiLoCoStrategy
 
@@ -70,6 +75,7 @@ __all__ = [
     "DiLoCoStrategy",
     "OuterOptimizerFactory",
     "Piece",
+    "ShardedDiLoCoStrategy",
     "StreamingDiLoCoStrategy",
     "assign_fragments",
     "dynamic_inner_steps",
@@ -79,3 +85,4 @@ __all__ = [
 DiLoCoStrategy.register_strategies(StrategyRegistry)
 StreamingDiLoCoStrategy.register_strategies(StrategyRegistry)
 AsyncDiLoCoStrategy.register_strategies(StrategyRegistry)
+ShardedDiLoCoStrategy.register_strategies(StrategyRegistry)

@@ -80,6 +80,7 @@ from torch.optim import Optimizer
 from lightning_converge.comm import Compressor
 from lightning_converge.kernels.dispatch import validate_backend
 from lightning_converge.schedules import Schedule, as_schedule
+from lightning_converge.sharding import refuse_sharded
 from lightning_converge.strategies.ddp_options import as_timedelta, check_unwrapped, reject_options
 from lightning_converge.strategies.diloco.async_outer import Arrival, AsyncOuterServer, check_async_options
 from lightning_converge.strategies.diloco.async_protocol import (
@@ -256,6 +257,11 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
         from the (now identical) parameters.
         """
         module = self.lightning_module
+        refuse_sharded(
+            module,
+            type(self).__name__,
+            "its server on rank 0 holds the whole global parameters, which every worker pulls and pushes whole",
+        )
         _sync_module_states(module)
         self._finished = False
         self._control = dist.new_group(backend="gloo", timeout=self._timeout)

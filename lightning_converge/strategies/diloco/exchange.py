@@ -108,10 +108,17 @@ class PseudoGradientExchange:
     def is_open(self) -> bool:
         return self._group is not None
 
-    def open(self, timeout: Optional[timedelta]) -> None:
-        """Open the exchange's own process group (collective: every rank calls it) with ``timeout``."""
+    def open(self, timeout: Optional[timedelta], replica_groups: Optional[list[list[int]]] = None) -> None:
+        """Open the exchange's own process group (collective: every rank calls it) with ``timeout``: all ranks
+        average together, or, given ``replica_groups`` (lists of ranks, each rank in one), each rank with the
+        ranks of its list (the ranks that hold the same shard in every replica)."""
         self._timeout = timeout
-        self._group = dist.new_group(backend=dist.get_backend(), timeout=timeout)
+        if replica_groups is None:
+            self._group = dist.new_group(backend=dist.get_backend(), timeout=timeout)
+        else:
+            self._group, _ = dist.new_subgroups_by_enumeration(
+                replica_groups, timeout=timeout, backend=dist.get_backend()
+            )
         if self.compressor is not None:
             self._collectives = Exchange(self._group)
             self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diloco-exchange")

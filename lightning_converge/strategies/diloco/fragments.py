@@ -132,16 +132,22 @@ class Fragment:
 
 
 def build_fragments(
-    names: Sequence[str], params: Sequence[Tensor], num_fragments: int, assignment: str
+    names: Sequence[str],
+    params: Sequence[Tensor],
+    num_fragments: int,
+    assignment: str,
+    layer_sizes: Optional[Sequence[int]] = None,
 ) -> list[Fragment]:
     """The ``num_fragments`` fragments of ``params`` (named ``names``, in model order) by ``assignment``,
     one of :data:`FRAGMENT_ASSIGNMENTS`, each with the compressors' view of it: its pieces' names and
-    shapes (a part of a tensor: flat, named ``"name[start:end]"``)."""
+    shapes (a part of a tensor: flat, named ``"name[start:end]"``). By layer, tensors are weighed by
+    ``layer_sizes`` (by default their sizes; shards pass their whole parameters' sizes, so every rank
+    assigns alike); ``"balanced"`` cuts ``params`` themselves."""
     numels = [p.numel() for p in params]
     if assignment == "balanced":
         assignment_pieces = split_evenly(numels, num_fragments)
     else:
-        by_layer = assign_fragments(names, numels, num_fragments, assignment)
+        by_layer = assign_fragments(names, layer_sizes or numels, num_fragments, assignment)
         assignment_pieces = [[(i, 0, numels[i]) for i in indices] for indices in by_layer]
     fragments = []
     for index, pieces in enumerate(assignment_pieces):

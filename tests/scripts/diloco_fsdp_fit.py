@@ -1,0 +1,173 @@
+"""DiLoCo over FSDP2 replicas (4 gloo processes, 2 replicas x 2 shards) against DiLoCo over DDP (2 processes).
+
+Run by tests/test_diloco_fsdp.py as ``python diloco_fsdp_fit.py OUT_DIR MODE`` (Lightning's launcher starts the
+other ranks). MODE ``ddp``: one DiLoCo fit on 2 processes. MODE ``sharded``: on 4 processes, a straight
+ShardedDiLoCoStrategy fit with checkpoints taken inside an inner phase (distributed and full), the fits
+resumed from them, and the errors of a model not sharded within its replica and of the strategies that cannot
+train a sharded one. Every rank writes ``OUT_DIR/MODE_rank{r}.pt``.
+
+Data: 16 samples a step, each of the 4 sharded ranks takes every 4th; each DDP worker takes the samples of the
+two ranks of its replica (ranks 2r and 2r+1), so a DDP worker's batch is the union of its replica's batches.
+Batches depend on the step alone, so a resumed fit sees what the straight one saw.
+"""
+
+import itertools
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader, IterableDataset
+
+from lightning_converge import optim
+from lightning_converge.strategies import DiLoCoStrategy, ShardedDiLoCoStrategy
+
+WIDTH = 8
+INNER_STEPS = 3
+MAX_STEPS = 3 * INNER_STEPS  # three outer steps
+SAVE_AT = INNER_STEPS + 1  # a checkpoint inside the second inner phase
+
+
+class Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = torch.nn.Linear(WIDTH, WIDTH)
+        self.ffn = torch.nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x):
+        return x + self.ffn(torch.tanh(self.attn(x)))
+
+
+class TwoBlocks(L.LightningModule):
+    def __init__(self, shard: str = "no") -> None:
+        """``shard``: "no", "replica" (over ``device_mesh["data_parallel"]``), "world" (over every rank)."""
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.Sequential(Block(), Block())
+        self.head = torch.nn.Linear(WIDTH, 1)  # a (1, 8) weight: one rank's shard of it is empty
+        self.shard = shard
+
+    def configure_model(self):
+        if self.shard == "no":
+            return
+        mesh = self.device_mesh["data_parallel"] if self.shard == "replica" else None
+        for block in self.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+    def forward(self, x):
+        return self.head(self.blocks(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self(x), y)
+
+    def train_dataloader(self):
+        return DataLoader(StepIndexedBatches(self.trainer), batch_size=None)
+
+    def configure_optimizers(self):
+        return optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.01)
+
+
+def samples(step: int, world_size: int, rank: int) -> torch.Tensor:
+    """The sample indices of ``rank`` at ``step``: with 4 ranks every 4th of the step's 16, with 2 the union of
+    the two ranks of its replica."""
+    start = 16 * (step % 4)
+    if world_size == 4:
+        return torch.arange(start + rank, start + 16, 4)
+    return torch.cat([samples(step, 4, 2 * rank), samples(step, 4, 2 * rank + 1)]).sort().values
+
+
+class StepIndexedBatches(IterableDataset):
+    def __init__(self, trainer: L.Trainer) -> None:
+        self.trainer = trainer
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(64, WIDTH, generator=gen)
+        y = x.sum(1, keepdim=True).sin()
+        for step in itertools.count(self.trainer.global_step):
+            index = samples(step, self.trainer.world_size, self.trainer.global_rank)
+            yield x[index], y[index]
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu().clone()
+
+
+class SaveAt(L.Callback):
+    """Saves a checkpoint after training step ``step`` (inside an inner phase)."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+def fit(strategy, shard: str = "replica", devices: int = 4, ckpt_path=None, callbacks=()) -> dict:
+    model = TwoBlocks(shard)
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=MAX_STEPS,
+        callbacks=list(callbacks),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(model, ckpt_path=ckpt_path)
+    strategy = trainer.strategy
+    return {
+        "rank": trainer.global_rank,
+        "initial": initial,
+        "params": {name: full(p) for name, p in model.named_parameters()},
+        "outer_steps": strategy.outer_steps,
+        "bytes_sent": strategy.bytes_sent,
+        "local_shapes": [tuple(p.to_local().shape) if isinstance(p, DTensor) else tuple(p.shape)
+                         for p in model.parameters()],
+        "global_shapes": [tuple(g.shape) for g in strategy.global_parameters],
+        "momentum_shapes": [tuple(m.shape) for m in strategy._outer.momentum_buffers],
+    }
+
+
+def sharded_diloco(save_distributed: bool = True, replicas: int = 2) -> ShardedDiLoCoStrategy:
+    return ShardedDiLoCoStrategy(
+        replicas=replicas, inner_steps=INNER_STEPS, backend="reference", save_distributed_checkpoint=save_distributed
+    )
+
+
+def error_of(strategy, shard: str) -> str:
+    try:
+        fit(strategy, shard=shard)
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+def main(out_dir: Path, mode: str) -> None:
+    if mode == "ddp":
+        runs = {"straight": fit(DiLoCoStrategy(inner_steps=INNER_STEPS, backend="reference"), shard="no", devices=2)}
+    else:
+        distributed, whole = out_dir / "during_distributed.ckpt", out_dir / "during_full.ckpt"
+        runs = {"straight": fit(sharded_diloco(True), callbacks=[SaveAt(SAVE_AT, distributed)])}
+        runs["resumed_distributed"] = fit(sharded_diloco(True), ckpt_path=distributed)
+        runs["straight_full"] = fit(sharded_diloco(False), callbacks=[SaveAt(SAVE_AT, whole)])
+        runs["resumed_full"] = fit(sharded_diloco(False), ckpt_path=whole)
+        runs["unsharded_error"] = error_of(sharded_diloco(), shard="no")
+        runs["sharded_over_world_error"] = error_of(sharded_diloco(), shard="world")
+        runs["async_error"] = error_of("async_diloco", shard="world")
+        runs["ddp_diloco_error"] = error_of("diloco", shard="world")
+    torch.save(runs, out_dir / f"{mode}_rank{runs['straight']['rank']}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2])

@@ -1,0 +1,157 @@
+"""DiLoCo over FSDP2 replicas (``ShardedDiLoCoStrategy``, ``strategy="diloco_fsdp"``).
+
+One launch of tests/scripts/diloco_fsdp_fit.py on 4 gloo processes (2 replicas x 2 shards) runs every sharded
+scenario, one on 2 processes runs DiLoCo over DDP on the same data (each DDP worker's batch is the union of its
+replica's two shard ranks' batches); the tests compare what each rank saved. The argument and mesh checks run
+here, without processes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.strategies import StrategyRegistry
+
+from lightning_converge.strategies import ShardedDiLoCoStrategy
+
+ROOT = Path(__file__).parents[1]
+SCRIPTS = Path(__file__).parent / "scripts"
+
+# The sharded and the DDP runs differ only in the order of float additions: each replica's gradient is the
+# mean of two 4-sample means averaged by FSDP2's reduce-scatter instead of one 8-sample mean, and the outer
+# step's average adds the same numbers shard by shard. That is a few float32 ulps per step (eps = 1.2e-7) on
+# values of order 1, carried through 9 AdamW steps and 3 Nesterov outer steps: measured 7.5e-8 at most. The
+# tolerance allows about 10 ulps on values up to 1; a wrong split of the data, a gradient averaged over the
+# wrong ranks or a missed outer step moves the parameters by 1e-3 to 1e-1 (they move 0.15 in all).
+TOLERANCE = dict(rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """What each rank saved: {"ddp": [2 ranks], "sharded": [4 ranks]}."""
+    out_dir = tmp_path_factory.mktemp("diloco_fsdp")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LIGHTNING_CONVERGE_BACKEND": "reference"}
+    results = {}
+    for mode, world_size in (("ddp", 2), ("sharded", 4)):
+        subprocess.run(
+            [sys.executable, str(SCRIPTS / "diloco_fsdp_fit.py"), str(out_dir), mode], check=True, env=env, timeout=600
+        )
+        results[mode] = [torch.load(out_dir / f"{mode}_rank{r}.pt", weights_only=False) for r in range(world_size)]
+    return results
+
+
+@pytest.mark.distributed
+def test_two_replicas_of_two_shards_train_the_model_of_diloco_over_two_ddp_workers(runs):
+    ddp = runs["ddp"][0]["straight"]
+    assert ddp["outer_steps"] == 3  # >= 2 outer steps, so the outer momentum took part
+    moved = max((ddp["params"][name] - ddp["initial"][name]).abs().max() for name in ddp["params"])
+    assert moved > 0.05
+    for rank, results in enumerate(runs["sharded"]):
+        sharded = results["straight"]
+        assert sharded["outer_steps"] == 3
+        assert sharded["params"].keys() == ddp["params"].keys()
+        for name, expected in ddp["params"].items():
+            torch.testing.assert_close(sharded["params"][name], expected, **TOLERANCE, msg=f"rank {rank} {name}")
+
+
+@pytest.mark.distributed
+def test_the_outer_state_lives_on_each_ranks_shards_and_only_the_replicas_exchange(runs):
+    """The global parameters and the outer momentum have the local shards' shapes (the head's (1, 8) weight is
+    all on one shard rank, none on the other); the two shard ranks of a replica together send the bytes of one
+    DDP worker: each rank averages only its own shard, with its counterpart in the other replica."""
+    full_numels = [p.numel() for p in runs["ddp"][0]["straight"]["params"].values()]
+    sharded = [results["straight"] for results in runs["sharded"]]
+    for state in sharded:
+        assert state["momentum_shapes"] == state["global_shapes"] == state["local_shapes"]
+    assert sharded[0]["local_shapes"][-2:] == [(1, 8), (1,)] and sharded[1]["local_shapes"][-2:] == [(0, 8), (0,)]
+    for replica in (0, 1):
+        first, second = sharded[2 * replica], sharded[2 * replica + 1]
+        numels = [torch.Size(a).numel() + torch.Size(b).numel() for a, b in zip(first["momentum_shapes"], second["momentum_shapes"])]
+        assert numels == full_numels
+        assert first["bytes_sent"] + second["bytes_sent"] == runs["ddp"][replica]["straight"]["bytes_sent"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("checkpoint", ["distributed", "full"])
+def test_resuming_from_a_checkpoint_inside_an_inner_phase_continues_exactly(runs, checkpoint):
+    straight = "straight" if checkpoint == "distributed" else "straight_full"
+    for rank, results in enumerate(runs["sharded"]):
+        resumed = results[f"resumed_{checkpoint}"]
+        assert resumed["outer_steps"] == results[straight]["outer_steps"]
+        assert resumed["bytes_sent"] == results[straight]["bytes_sent"]
+        for name, expected in results[straight]["params"].items():
+            assert torch.equal(resumed["params"][name], expected), f"rank {rank} {name}"
+
+
+@pytest.mark.distributed
+def test_models_not_sharded_within_a_replica_and_strategies_that_cannot_shard_are_refused_before_training(runs):
+    results = runs["sharded"][0]
+    for scenario in ("unsharded_error", "sharded_over_world_error"):
+        assert "not sharded over self.device_mesh['data_parallel']" in results[scenario]
+    assert "AsyncDiLoCoStrategy cannot train a sharded model" in results["async_error"]
+    assert "use ShardedDiLoCoStrategy (strategy='diloco_fsdp')" in results["ddp_diloco_error"]
+
+
+# ---------------------------------------------------------------------------------------- without processes
+
+
+def test_registered_by_name_with_one_replica_per_node():
+    assert StrategyRegistry["diloco_fsdp"]["strategy"] is ShardedDiLoCoStrategy
+    trainer = L.Trainer(strategy="diloco_fsdp", accelerator="cpu", devices=4, logger=False)
+    assert type(trainer.strategy) is ShardedDiLoCoStrategy and trainer.strategy.replicas == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(replicas=0), ValueError, "replicas"),
+        (dict(replicas=1.5), (TypeError, ValueError), "replicas"),
+        (dict(replica=2), TypeError, r"did you mean 'replicas'\?"),
+        (dict(inner_steps=0), ValueError, "inner_steps must be >= 1"),
+        (dict(outer_momentum=1.0), ValueError, "outer_momentum"),
+        (dict(outer_optimizer=lambda params: torch.optim.Adam(params)), ValueError, "outer_optimizer must be one of"),
+        (dict(find_unused_parameters=True), TypeError, "does not wrap the model"),
+    ],
+)
+def test_bad_arguments_raise_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ShardedDiLoCoStrategy(**kwargs)
+
+
+def test_replicas_that_do_not_divide_the_processes_raise_when_the_trainer_is_built():
+    with pytest.raises(ValueError, match=r"replicas=3 does not divide the 4 processes"):
+        L.Trainer(strategy=ShardedDiLoCoStrategy(replicas=3), accelerator="cpu", devices=4, logger=False)
+
+
+SHARDED_DILOCO_YAML = """
+trainer:
+  accelerator: cpu
+  devices: 4
+  strategy:
+    class_path: lightning_converge.strategies.ShardedDiLoCoStrategy
+    init_args:
+      replicas: 2
+      inner_steps: 16
+      outer_lr: 0.5
+      save_distributed_checkpoint: false
+      timeout: 60
+"""
+
+
+def test_a_lightningcli_yaml_builds_the_strategy_with_its_options(tmp_path, monkeypatch):
+    from lightning_converge.cli import ConvergeCLI
+
+    monkeypatch.chdir(ROOT)
+    strategy_config = tmp_path / "strategy.yaml"
+    strategy_config.write_text(SHARDED_DILOCO_YAML)
+    configs = ["--config", str(ROOT / "configs" / "demo.yaml"), "--config", str(strategy_config)]
+    strategy = ConvergeCLI(args=configs, run=False, parser_kwargs={"parser_mode": "omegaconf"}).trainer.strategy
+    assert type(strategy) is ShardedDiLoCoStrategy and strategy.replicas == 2
+    assert strategy._schedule.inner_steps(0) == 16 and strategy._outer_lr(0) == 0.5
+    assert strategy._save_distributed_checkpoint is False and strategy._timeout.total_seconds() == 60
