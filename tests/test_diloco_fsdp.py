@@ -18,7 +18,7 @@ import pytest
 import torch
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_converge.strategies import ShardedDiLoCoStrategy
+from lightning_converge.strategies import ShardedDiLoCoStrategy, ShardedStreamingDiLoCoStrategy
 
 ROOT = Path(__file__).parents[1]
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -34,10 +34,10 @@ TOLERANCE = dict(rtol=1e-6, atol=1e-6)
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """What each rank saved: {"ddp": [2 ranks], "sharded": [4 ranks]}."""
+    """What each rank saved: {"ddp": [2 ranks], "sharded": [4 ranks]}, and where ("out_dir")."""
     out_dir = tmp_path_factory.mktemp("diloco_fsdp")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LIGHTNING_CONVERGE_BACKEND": "reference"}
-    results = {}
+    results = {"out_dir": out_dir}
     for mode, world_size in (("ddp", 2), ("sharded", 4)):
         subprocess.run(
             [sys.executable, str(SCRIPTS / "diloco_fsdp_fit.py"), str(out_dir), mode], check=True, env=env, timeout=600
@@ -61,6 +61,17 @@ def test_two_replicas_of_two_shards_train_the_model_of_diloco_over_two_ddp_worke
 
 
 @pytest.mark.distributed
+def test_streaming_diloco_over_two_replicas_of_two_shards_equals_it_over_two_ddp_workers(runs):
+    ddp = runs["ddp"][0]["streaming"]
+    assert ddp["outer_steps"] >= 4  # both fragments synced twice
+    for rank, results in enumerate(runs["sharded"]):
+        sharded = results["streaming"]
+        assert sharded["outer_steps"] == ddp["outer_steps"]
+        for name, expected in ddp["params"].items():
+            torch.testing.assert_close(sharded["params"][name], expected, **TOLERANCE, msg=f"rank {rank} {name}")
+
+
+@pytest.mark.distributed
 def test_the_outer_state_lives_on_each_ranks_shards_and_only_the_replicas_exchange(runs):
     """The global parameters and the outer momentum have the local shards' shapes (the head's (1, 8) weight is
     all on one shard rank, none on the other); the two shard ranks of a replica together send the bytes of one
@@ -72,7 +83,10 @@ def test_the_outer_state_lives_on_each_ranks_shards_and_only_the_replicas_exchan
     assert sharded[0]["local_shapes"][-2:] == [(1, 8), (1,)] and sharded[1]["local_shapes"][-2:] == [(0, 8), (0,)]
     for replica in (0, 1):
         first, second = sharded[2 * replica], sharded[2 * replica + 1]
-        numels = [torch.Size(a).numel() + torch.Size(b).numel() for a, b in zip(first["momentum_shapes"], second["momentum_shapes"])]
+        numels = [
+            torch.Size(a).numel() + torch.Size(b).numel()
+            for a, b in zip(first["momentum_shapes"], second["momentum_shapes"])
+        ]
         assert numels == full_numels
         assert first["bytes_sent"] + second["bytes_sent"] == runs["ddp"][replica]["straight"]["bytes_sent"]
 
@@ -90,6 +104,21 @@ def test_resuming_from_a_checkpoint_inside_an_inner_phase_continues_exactly(runs
 
 
 @pytest.mark.distributed
+def test_streaming_resumes_exactly_from_a_checkpoint_with_an_average_in_flight_saved_as_full_tensors(runs):
+    """The checkpoint after fragment 0's sync holds its average, not yet applied, as full tensors (the head's
+    (1, 8) weight whole, though one shard rank holds none of it), like the global parameters."""
+    saved = torch.load(runs["out_dir"] / "streaming.ckpt" / "meta.pt", weights_only=True)["diloco"]
+    ddp_params = runs["ddp"][0]["straight"]["params"]
+    shapes = {index: tuple(p.shape) for index, p in enumerate(ddp_params.values())}
+    pending = saved["fragments"][0]["pending_average"]
+    assert [tuple(t.shape) for t in pending] == [shapes[index] for index, _, _ in saved["fragments"][0]["pieces"]]
+    assert [tuple(g.shape) for g in saved["global_params"]] == list(shapes.values())
+    for rank, results in enumerate(runs["sharded"]):
+        for name, expected in results["streaming"]["params"].items():
+            assert torch.equal(results["streaming_resumed"]["params"][name], expected), f"rank {rank} {name}"
+
+
+@pytest.mark.distributed
 def test_models_not_sharded_within_a_replica_and_strategies_that_cannot_shard_are_refused_before_training(runs):
     results = runs["sharded"][0]
     for scenario in ("unsharded_error", "sharded_over_world_error"):
@@ -101,10 +130,13 @@ def test_models_not_sharded_within_a_replica_and_strategies_that_cannot_shard_ar
 # ---------------------------------------------------------------------------------------- without processes
 
 
-def test_registered_by_name_with_one_replica_per_node():
-    assert StrategyRegistry["diloco_fsdp"]["strategy"] is ShardedDiLoCoStrategy
-    trainer = L.Trainer(strategy="diloco_fsdp", accelerator="cpu", devices=4, logger=False)
-    assert type(trainer.strategy) is ShardedDiLoCoStrategy and trainer.strategy.replicas == 1
+@pytest.mark.parametrize(
+    "name, cls", [("diloco_fsdp", ShardedDiLoCoStrategy), ("streaming_diloco_fsdp", ShardedStreamingDiLoCoStrategy)]
+)
+def test_registered_by_name_with_one_replica_per_node(name, cls):
+    assert StrategyRegistry[name]["strategy"] is cls
+    trainer = L.Trainer(strategy=name, accelerator="cpu", devices=4, logger=False)
+    assert type(trainer.strategy) is cls and trainer.strategy.replicas == 1
 
 
 @pytest.mark.parametrize(
@@ -122,6 +154,22 @@ def test_registered_by_name_with_one_replica_per_node():
 def test_bad_arguments_raise_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
         ShardedDiLoCoStrategy(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(fragment_assignment="balanced"), ValueError, "'strided' or 'contiguous', got 'balanced'"),
+        (dict(fragment_assignment="random"), ValueError, "fragment_assignment"),
+        (dict(num_fragments=0), ValueError, "num_fragments"),
+        (dict(inner_steps=8, num_fragments=4, overlap_steps=2), ValueError, "per-fragment"),
+        (dict(num_fragment=2), TypeError, r"did you mean 'num_fragments'\?"),
+        (dict(delay=1), TypeError, "delay"),
+    ],
+)
+def test_bad_streaming_arguments_raise_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ShardedStreamingDiLoCoStrategy(**kwargs)
 
 
 def test_replicas_that_do_not_divide_the_processes_raise_when_the_trainer_is_built():

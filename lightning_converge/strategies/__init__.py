@@ -5,6 +5,7 @@ from lightning_converge.strategies.diloco import (
     AsyncDiLoCoStrategy,
     DiLoCoStrategy,
     ShardedDiLoCoStrategy,
+    ShardedStreamingDiLoCoStrategy,
     StreamingDiLoCoStrategy,
 )
 from lightning_converge.strategies.onebit_adam import OneBitAdamStrategy
@@ -15,5 +16,6 @@ __all__ = [
     "DiLoCoStrategy",
     "OneBitAdamStrategy",
     "ShardedDiLoCoStrategy",
+    "ShardedStreamingDiLoCoStrategy",
     "StreamingDiLoCoStrategy",
 ]

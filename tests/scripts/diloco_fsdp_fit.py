@@ -1,10 +1,11 @@
 """DiLoCo over FSDP2 replicas (4 gloo processes, 2 replicas x 2 shards) against DiLoCo over DDP (2 processes).
 
 Run by tests/test_diloco_fsdp.py as ``python diloco_fsdp_fit.py OUT_DIR MODE`` (Lightning's launcher starts the
-other ranks). MODE ``ddp``: one DiLoCo fit on 2 processes. MODE ``sharded``: on 4 processes, a straight
-ShardedDiLoCoStrategy fit with checkpoints taken inside an inner phase (distributed and full), the fits
-resumed from them, and the errors of a model not sharded within its replica and of the strategies that cannot
-train a sharded one. Every rank writes ``OUT_DIR/MODE_rank{r}.pt``.
+other ranks). MODE ``ddp``: a DiLoCo and a Streaming DiLoCo fit on 2 processes. MODE ``sharded``: on 4
+processes, a straight ShardedDiLoCoStrategy fit with checkpoints taken inside an inner phase (distributed and
+full), the fits resumed from them, the same for ShardedStreamingDiLoCoStrategy (its checkpoint holds an average
+in flight), and the errors of a model not sharded within its replica and of the strategies that cannot train a
+sharded one. Every rank writes ``OUT_DIR/MODE_rank{r}.pt``.
 
 Data: 16 samples a step, each of the 4 sharded ranks takes every 4th; each DDP worker takes the samples of the
 two ranks of its replica (ranks 2r and 2r+1), so a DDP worker's batch is the union of its replica's batches.
@@ -17,18 +18,26 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_converge import optim
-from lightning_converge.strategies import DiLoCoStrategy, ShardedDiLoCoStrategy
+from lightning_converge.strategies import (
+    DiLoCoStrategy,
+    ShardedDiLoCoStrategy,
+    ShardedStreamingDiLoCoStrategy,
+    StreamingDiLoCoStrategy,
+)
 
 WIDTH = 8
 INNER_STEPS = 3
 MAX_STEPS = 3 * INNER_STEPS  # three outer steps
 SAVE_AT = INNER_STEPS + 1  # a checkpoint inside the second inner phase
+# Streaming: 2 fragments, rounds of 4 steps; fragment 0 syncs after step 2 and its average is applied after step 3,
+# so a checkpoint after step 2 holds an average in flight.
+STREAMING = dict(inner_steps=4, num_fragments=2, overlap_steps=1, mixing_alpha=0.5, backend="reference")
+STREAMING_SAVE_AT = 2
 
 
 class Block(torch.nn.Module):
@@ -132,8 +141,9 @@ def fit(strategy, shard: str = "replica", devices: int = 4, ckpt_path=None, call
         "params": {name: full(p) for name, p in model.named_parameters()},
         "outer_steps": strategy.outer_steps,
         "bytes_sent": strategy.bytes_sent,
-        "local_shapes": [tuple(p.to_local().shape) if isinstance(p, DTensor) else tuple(p.shape)
-                         for p in model.parameters()],
+        "local_shapes": [
+            tuple(p.to_local().shape) if isinstance(p, DTensor) else tuple(p.shape) for p in model.parameters()
+        ],
         "global_shapes": [tuple(g.shape) for g in strategy.global_parameters],
         "momentum_shapes": [tuple(m.shape) for m in strategy._outer.momentum_buffers],
     }
@@ -156,12 +166,18 @@ def error_of(strategy, shard: str) -> str:
 def main(out_dir: Path, mode: str) -> None:
     if mode == "ddp":
         runs = {"straight": fit(DiLoCoStrategy(inner_steps=INNER_STEPS, backend="reference"), shard="no", devices=2)}
+        runs["streaming"] = fit(StreamingDiLoCoStrategy(**STREAMING), shard="no", devices=2)
     else:
         distributed, whole = out_dir / "during_distributed.ckpt", out_dir / "during_full.ckpt"
         runs = {"straight": fit(sharded_diloco(True), callbacks=[SaveAt(SAVE_AT, distributed)])}
         runs["resumed_distributed"] = fit(sharded_diloco(True), ckpt_path=distributed)
         runs["straight_full"] = fit(sharded_diloco(False), callbacks=[SaveAt(SAVE_AT, whole)])
         runs["resumed_full"] = fit(sharded_diloco(False), ckpt_path=whole)
+        streaming = out_dir / "streaming.ckpt"
+        runs["streaming"] = fit(
+            ShardedStreamingDiLoCoStrategy(replicas=2, **STREAMING), callbacks=[SaveAt(STREAMING_SAVE_AT, streaming)]
+        )
+        runs["streaming_resumed"] = fit(ShardedStreamingDiLoCoStrategy(replicas=2, **STREAMING), ckpt_path=streaming)
         runs["unsharded_error"] = error_of(sharded_diloco(), shard="no")
         runs["sharded_over_world_error"] = error_of(sharded_diloco(), shard="world")
         runs["async_error"] = error_of("async_diloco", shard="world")

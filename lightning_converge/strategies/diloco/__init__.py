@@ -46,7 +46,8 @@ of Lightning, so other local-SGD strategies can build on them:
 * :mod:`.strategy`: :class:`DiLoCoStrategy`, the engine over ``DDPStrategy``;
 * :mod:`.sharded`: :class:`ShardedDiLoCoStrategy` (``strategy="diloco_fsdp"``),
   the engine over ``ModelParallelStrategy``: replicas each sharded by FSDP2 on
-  a replicas x shards mesh, the outer step on each rank's shards;
+  a replicas x shards mesh, the outer step on each rank's shards, and
+  :class:`ShardedStreamingDiLoCoStrategy` (``strategy="streaming_diloco_fsdp"``);
 * :mod:`.streaming`: :class:`StreamingDiLoCoStrategy`, the engine's streaming
   options;
 * :mod:`.async_outer`, :mod:`.async_protocol`, :mod:`.asynchronous`:
@@ -55,7 +56,7 @@ of Lightning, so other local-SGD strategies can build on them:
   (Delayed Nesterov, dynamic local updates, staleness penalty), the messages
   between workers and server, and the strategy.
 
-Importing this package registers the four strategies with Lightning's ``StrategyRegistry``.
+Importing this package registers the five strategies with Lightning's ``StrategyRegistry``.
 """
 
 from lightning.pytorch.strategies import StrategyRegistry
@@ -65,7 +66,7 @@ from lightning_converge.strategies.diloco.async_protocol import AsyncDiLoCoError
 from lightning_converge.strategies.diloco.asynchronous import AsyncDiLoCoStrategy
 from lightning_converge.strategies.diloco.fragments import Piece, assign_fragments, split_evenly
 from lightning_converge.strategies.diloco.outer import OuterOptimizerFactory
-from lightning_converge.strategies.diloco.sharded import ShardedDiLoCoStrategy
+from lightning_converge.strategies.diloco.sharded import ShardedDiLoCoStrategy, ShardedStreamingDiLoCoStrategy
 from lightning_converge.strategies.diloco.strategy import DiLoCoStrategy
 from lightning_converge.strategies.diloco.streaming import StreamingDiLoCoStrategy
 
@@ -76,6 +77,7 @@ __all__ = [
     "OuterOptimizerFactory",
     "Piece",
     "ShardedDiLoCoStrategy",
+    "ShardedStreamingDiLoCoStrategy",
     "StreamingDiLoCoStrategy",
     "assign_fragments",
     "dynamic_inner_steps",
@@ -86,3 +88,4 @@ DiLoCoStrategy.register_strategies(StrategyRegistry)
 StreamingDiLoCoStrategy.register_strategies(StrategyRegistry)
 AsyncDiLoCoStrategy.register_strategies(StrategyRegistry)
 ShardedDiLoCoStrategy.register_strategies(StrategyRegistry)
+ShardedStreamingDiLoCoStrategy.register_strategies(StrategyRegistry)

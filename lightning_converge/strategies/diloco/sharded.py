@@ -1,6 +1,7 @@
 """DiLoCo over FSDP2 replicas: a 2-D device mesh, replicas x shards.
 
-:class:`ShardedDiLoCoStrategy`, registered as ``strategy="diloco_fsdp"``, is Lightning's
+:class:`ShardedDiLoCoStrategy`, registered as ``strategy="diloco_fsdp"`` (and
+:class:`ShardedStreamingDiLoCoStrategy`, ``strategy="streaming_diloco_fsdp"``, its Streaming DiLoCo), is Lightning's
 :class:`~lightning.pytorch.strategies.ModelParallelStrategy` (launchers, ``configure_model``, the
 model's and the inner optimizer's checkpoints) with the DiLoCo engine
 (:mod:`~lightning_converge.strategies.diloco.engine`) mixed in. The ranks form a mesh of
@@ -51,6 +52,7 @@ from lightning_converge.strategies.ddp_options import as_timedelta, reject_optio
 from lightning_converge.strategies.diloco.engine import DiLoCoEngine
 from lightning_converge.strategies.diloco.fragments import Fragment, Piece
 from lightning_converge.strategies.diloco.outer import BUILT_IN_OUTER_OPTIMIZERS
+from lightning_converge.strategies.diloco.streaming import set_streaming_options
 from lightning_converge.strategies.rank_state import RankStateFiles
 
 #: Names of the mesh's dimensions: the replicas, and the ranks one replica is sharded over.
@@ -206,7 +208,11 @@ class ShardedDiLoCoStrategy(DiLoCoEngine, RankStateFiles, ModelParallelStrategy)
             if self._save_distributed_checkpoint:
                 saved = state[name]
                 state[name] = DTensor.from_local(
-                    value.to(saved.device), saved.device_mesh, saved.placements, shape=saved.shape, stride=saved.stride()
+                    value.to(saved.device),
+                    saved.device_mesh,
+                    saved.placements,
+                    shape=saved.shape,
+                    stride=saved.stride(),
                 )
             else:
                 gathered = full(value, param)  # a collective: every rank gathers, rank 0 keeps it
@@ -306,10 +312,14 @@ class ShardedDiLoCoStrategy(DiLoCoEngine, RankStateFiles, ModelParallelStrategy)
         """The inner optimizer's state with its DTensors as this rank's shards (``"sharded"`` lists them)."""
         state = self.optimizers[0].state_dict()
         sharded = [
-            (index, key) for index, values in state["state"].items() for key, value in values.items()
+            (index, key)
+            for index, values in state["state"].items()
+            for key, value in values.items()
             if isinstance(value, DTensor)
         ]
-        local_state = {index: {key: local(value) for key, value in values.items()} for index, values in state["state"].items()}
+        local_state = {
+            index: {key: local(value) for key, value in values.items()} for index, values in state["state"].items()
+        }
         return {**state, "state": local_state, "sharded": sharded}
 
     @torch.no_grad()
@@ -326,8 +336,11 @@ class ShardedDiLoCoStrategy(DiLoCoEngine, RankStateFiles, ModelParallelStrategy)
         for index, key in optimizer["sharded"]:
             param = params[index]
             state[index][key] = DTensor.from_local(
-                state[index][key].to(local(param).device), param.device_mesh, param.placements,
-                shape=param.shape, stride=param.stride(),
+                state[index][key].to(local(param).device),
+                param.device_mesh,
+                param.placements,
+                shape=param.shape,
+                stride=param.stride(),
             )
         self.optimizers[0].load_state_dict({"state": state, "param_groups": optimizer["param_groups"]})
         _optimizer_to_device(self.optimizers[0], self.root_device)
@@ -341,5 +354,75 @@ class ShardedDiLoCoStrategy(DiLoCoEngine, RankStateFiles, ModelParallelStrategy)
             cls,
             description="DiLoCo over FSDP2 replicas: each replica sharded within its ranks, the outer step on "
             "each rank's shards averaged across the replicas",
+            override=True,
+        )
+
+
+class ShardedStreamingDiLoCoStrategy(ShardedDiLoCoStrategy):
+    """Streaming DiLoCo over FSDP2 replicas: :class:`ShardedDiLoCoStrategy` whose parameters synchronize in
+    fragments, in turn, overlapped with the inner steps (registered as ``strategy="streaming_diloco_fsdp"``).
+
+    Args:
+        num_fragments, overlap_steps, mixing_alpha, fragment_assignment: as for
+            :class:`~lightning_converge.strategies.diloco.StreamingDiLoCoStrategy`, by layer only
+            (``"strided"`` or ``"contiguous"``, weighed by the whole parameters' sizes, so every rank assigns
+            alike): ``"balanced"`` cuts the flattened tensors into runs, which on shards would be other
+            elements on every rank.
+
+    The other arguments are :class:`ShardedDiLoCoStrategy`'s, without ``delay`` (``overlap_steps`` is the
+    overlap here).
+    """
+
+    def __init__(
+        self,
+        replicas: Union[int, Literal["auto"]] = "auto",
+        inner_steps: Union[int, Schedule, Callable[[int], float]] = 500,
+        num_fragments: int = 4,
+        overlap_steps: int = 1,
+        mixing_alpha: float = 0.5,
+        fragment_assignment: str = "strided",
+        outer_optimizer: str = "nesterov",
+        outer_lr: Union[float, Schedule] = 0.7,
+        outer_momentum: float = 0.9,
+        compressor: Union[str, Compressor, None] = None,
+        outer_state_device: Union[str, torch.device] = "cpu",
+        backend: str = "auto",
+        *,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: Optional[str] = None,
+        timeout: Union[float, timedelta, None] = default_pg_timeout,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            replicas,
+            inner_steps,
+            outer_optimizer,
+            outer_lr,
+            outer_momentum,
+            compressor,
+            0,  # overlap_steps is the overlap here
+            outer_state_device,
+            backend,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            **kwargs,
+        )
+        if fragment_assignment == "balanced":
+            raise ValueError(
+                f"{type(self).__name__}: fragment_assignment must be 'strided' or 'contiguous', got 'balanced', "
+                "which cuts the flattened parameters into runs: on shards, other elements on every rank"
+            )
+        set_streaming_options(
+            self, inner_steps, num_fragments, overlap_steps, mixing_alpha, fragment_assignment, outer_optimizer
+        )
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            "streaming_diloco_fsdp",
+            cls,
+            description="Streaming DiLoCo over FSDP2 replicas: fragments synchronized in turn, each rank's shards "
+            "averaged across the replicas",
             override=True,
         )

@@ -5,7 +5,8 @@
 than one fragment (:mod:`~lightning_converge.strategies.diloco.fragments`), an
 overlap of ``overlap_steps`` inner steps between a fragment's sync and the
 application of its average, and ``mixing_alpha`` mixing of the new global values
-into the local ones; this module holds only its options.
+into the local ones; this module holds only its options (:func:`set_streaming_options`, shared with
+:class:`~lightning_converge.strategies.diloco.ShardedStreamingDiLoCoStrategy`).
 """
 
 from __future__ import annotations
@@ -22,9 +23,39 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning_converge.checks import check_choice, check_int, check_probability
 from lightning_converge.comm import Compressor
 from lightning_converge.schedules import Schedule
+from lightning_converge.strategies.diloco.engine import DiLoCoEngine
 from lightning_converge.strategies.diloco.fragments import FRAGMENT_ASSIGNMENTS
 from lightning_converge.strategies.diloco.outer import BUILT_IN_OUTER_OPTIMIZERS, OuterOptimizerFactory
 from lightning_converge.strategies.diloco.strategy import DiLoCoStrategy
+
+
+def set_streaming_options(
+    strategy: DiLoCoEngine,
+    inner_steps: Union[int, Schedule, Callable[[int], float]],
+    num_fragments: int,
+    overlap_steps: int,
+    mixing_alpha: float,
+    fragment_assignment: str,
+    outer_optimizer: Union[str, OuterOptimizerFactory],
+) -> None:
+    """Check Streaming DiLoCo's options (a clear error naming the argument) and give them to ``strategy``'s
+    engine; called by the streaming strategies' ``__init__`` after the engine's options are set."""
+    owner = type(strategy).__name__
+    check_int("num_fragments", num_fragments, 1, owner=owner)
+    check_int("overlap_steps", overlap_steps, 0, owner=owner)
+    check_probability("mixing_alpha", mixing_alpha, owner=owner)
+    check_choice("fragment_assignment", fragment_assignment, FRAGMENT_ASSIGNMENTS, owner=owner)
+    if fragment_assignment == "balanced" and not isinstance(outer_optimizer, str):
+        raise ValueError(
+            "fragment_assignment='balanced' cuts tensors into parts, which a torch.optim outer optimizer "
+            f"cannot step one at a time: use outer_optimizer in {tuple(BUILT_IN_OUTER_OPTIMIZERS)}"
+        )
+    strategy._schedule.num_fragments = num_fragments
+    strategy._schedule.overlap_steps = overlap_steps
+    strategy._mixing_alpha = float(mixing_alpha)
+    strategy._fragment_assignment = fragment_assignment
+    if not callable(inner_steps):
+        strategy._schedule.check_round_length(inner_steps)
 
 
 class StreamingDiLoCoStrategy(DiLoCoStrategy):
@@ -107,22 +138,9 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
             ddp_kwargs=ddp_kwargs,
             **kwargs,
         )
-        owner = type(self).__name__
-        check_int("num_fragments", num_fragments, 1, owner=owner)
-        check_int("overlap_steps", overlap_steps, 0, owner=owner)
-        check_probability("mixing_alpha", mixing_alpha, owner=owner)
-        check_choice("fragment_assignment", fragment_assignment, FRAGMENT_ASSIGNMENTS, owner=owner)
-        if fragment_assignment == "balanced" and not isinstance(outer_optimizer, str):
-            raise ValueError(
-                "fragment_assignment='balanced' cuts tensors into parts, which a torch.optim outer optimizer "
-                f"cannot step one at a time: use outer_optimizer in {tuple(BUILT_IN_OUTER_OPTIMIZERS)}"
-            )
-        self._schedule.num_fragments = num_fragments
-        self._schedule.overlap_steps = overlap_steps
-        self._mixing_alpha = float(mixing_alpha)
-        self._fragment_assignment = fragment_assignment
-        if not callable(inner_steps):
-            self._schedule.check_round_length(inner_steps)
+        set_streaming_options(
+            self, inner_steps, num_fragments, overlap_steps, mixing_alpha, fragment_assignment, outer_optimizer
+        )
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
