@@ -61,6 +61,18 @@ def test_two_replicas_of_two_shards_train_the_model_of_diloco_over_two_ddp_worke
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("run", ["straight", "streaming"])
+def test_validation_inside_an_inner_phase_evaluates_the_global_parameters_as_over_ddp(runs, run):
+    """Validation after steps 4 and 8 (inside inner phases) gives DiLoCo over DDP's losses (it evaluates the
+    global parameters, tested in test_diloco.py), and puts the local shards back: training goes on as over DDP
+    (the tests above)."""
+    expected = runs["ddp"][0][run]["val_losses"]
+    assert len(expected) == 2
+    for results in runs["sharded"]:
+        torch.testing.assert_close(results[run]["val_losses"], expected, **TOLERANCE)
+
+
+@pytest.mark.distributed
 def test_streaming_diloco_over_two_replicas_of_two_shards_equals_it_over_two_ddp_workers(runs):
     ddp = runs["ddp"][0]["streaming"]
     assert ddp["outer_steps"] >= 4  # both fragments synced twice

@@ -9,7 +9,8 @@ sharded one. Every rank writes ``OUT_DIR/MODE_rank{r}.pt``.
 
 Data: 16 samples a step, each of the 4 sharded ranks takes every 4th; each DDP worker takes the samples of the
 two ranks of its replica (ranks 2r and 2r+1), so a DDP worker's batch is the union of its replica's batches.
-Batches depend on the step alone, so a resumed fit sees what the straight one saw.
+Batches depend on the step alone, so a resumed fit sees what the straight one saw. Validation, after steps 4 and
+8, takes the samples of step 0, split the same way.
 """
 
 import itertools
@@ -20,7 +21,7 @@ import lightning as L
 import torch
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_converge import optim
 from lightning_converge.strategies import (
@@ -34,6 +35,7 @@ WIDTH = 8
 INNER_STEPS = 3
 MAX_STEPS = 3 * INNER_STEPS  # three outer steps
 SAVE_AT = INNER_STEPS + 1  # a checkpoint inside the second inner phase
+VALIDATE_EVERY = 4  # after steps 4 and 8: inside inner phases, where the model evaluates the global parameters
 # Streaming: 2 fragments, rounds of 4 steps; fragment 0 syncs after step 2 and its average is applied after step 3,
 # so a checkpoint after step 2 holds an average in flight.
 STREAMING = dict(inner_steps=4, num_fragments=2, overlap_steps=1, mixing_alpha=0.5, backend="reference")
@@ -74,8 +76,17 @@ class TwoBlocks(L.LightningModule):
         x, y = batch
         return torch.nn.functional.mse_loss(self(x), y)
 
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self(x), y), sync_dist=True)
+
     def train_dataloader(self):
         return DataLoader(StepIndexedBatches(self.trainer), batch_size=None)
+
+    def val_dataloader(self):
+        x, y = data()
+        index = samples(0, self.trainer.world_size, self.trainer.global_rank)
+        return DataLoader(TensorDataset(x[index], y[index]), batch_size=len(index))
 
     def configure_optimizers(self):
         return optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.01)
@@ -90,14 +101,18 @@ def samples(step: int, world_size: int, rank: int) -> torch.Tensor:
     return torch.cat([samples(step, 4, 2 * rank), samples(step, 4, 2 * rank + 1)]).sort().values
 
 
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, WIDTH, generator=gen)
+    return x, x.sum(1, keepdim=True).sin()
+
+
 class StepIndexedBatches(IterableDataset):
     def __init__(self, trainer: L.Trainer) -> None:
         self.trainer = trainer
 
     def __iter__(self):
-        gen = torch.Generator().manual_seed(1)
-        x = torch.randn(64, WIDTH, generator=gen)
-        y = x.sum(1, keepdim=True).sin()
+        x, y = data()
         for step in itertools.count(self.trainer.global_step):
             index = samples(step, self.trainer.world_size, self.trainer.global_rank)
             yield x[index], y[index]
@@ -105,6 +120,17 @@ class StepIndexedBatches(IterableDataset):
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
     return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu().clone()
+
+
+class ValidationLosses(L.Callback):
+    """The validation loss of every validation in ``fit`` (each inside an inner phase: global parameters)."""
+
+    def __init__(self) -> None:
+        self.losses = []
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.losses.append(trainer.callback_metrics["val_loss"].item())
 
 
 class SaveAt(L.Callback):
@@ -121,12 +147,15 @@ class SaveAt(L.Callback):
 def fit(strategy, shard: str = "replica", devices: int = 4, ckpt_path=None, callbacks=()) -> dict:
     model = TwoBlocks(shard)
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    validation = ValidationLosses()
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy=strategy,
         max_steps=MAX_STEPS,
-        callbacks=list(callbacks),
+        val_check_interval=VALIDATE_EVERY,
+        check_val_every_n_epoch=None,
+        callbacks=[validation, *callbacks],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -139,6 +168,7 @@ def fit(strategy, shard: str = "replica", devices: int = 4, ckpt_path=None, call
         "rank": trainer.global_rank,
         "initial": initial,
         "params": {name: full(p) for name, p in model.named_parameters()},
+        "val_losses": validation.losses,
         "outer_steps": strategy.outer_steps,
         "bytes_sent": strategy.bytes_sent,
         "local_shapes": [

@@ -33,7 +33,6 @@ and its pseudo-gradient is measured from there, so each phase's progress is
 sent once.
 """
 
-
 from __future__ import annotations
 
 from datetime import timedelta
