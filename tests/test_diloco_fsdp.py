@@ -73,11 +73,13 @@ def test_validation_inside_an_inner_phase_evaluates_the_global_parameters_as_ove
 
 
 @pytest.mark.distributed
-def test_streaming_diloco_over_two_replicas_of_two_shards_equals_it_over_two_ddp_workers(runs):
-    ddp = runs["ddp"][0]["streaming"]
-    assert ddp["outer_steps"] >= 4  # both fragments synced twice
+@pytest.mark.parametrize("run", ["streaming", "delayed"])
+def test_streaming_and_delayed_diloco_over_two_replicas_of_two_shards_equal_them_over_two_ddp_workers(runs, run):
+    """Streaming DiLoCo (2 fragments, overlap 1, mixing 0.5) and DiLoCo with ``delay=1``."""
+    ddp = runs["ddp"][0][run]
+    assert ddp["outer_steps"] >= (4 if run == "streaming" else 3)  # every fragment synced twice or more
     for rank, results in enumerate(runs["sharded"]):
-        sharded = results["streaming"]
+        sharded = results[run]
         assert sharded["outer_steps"] == ddp["outer_steps"]
         for name, expected in ddp["params"].items():
             torch.testing.assert_close(sharded["params"][name], expected, **TOLERANCE, msg=f"rank {rank} {name}")

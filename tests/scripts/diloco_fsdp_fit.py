@@ -1,11 +1,11 @@
 """DiLoCo over FSDP2 replicas (4 gloo processes, 2 replicas x 2 shards) against DiLoCo over DDP (2 processes).
 
 Run by tests/test_diloco_fsdp.py as ``python diloco_fsdp_fit.py OUT_DIR MODE`` (Lightning's launcher starts the
-other ranks). MODE ``ddp``: a DiLoCo and a Streaming DiLoCo fit on 2 processes. MODE ``sharded``: on 4
-processes, a straight ShardedDiLoCoStrategy fit with checkpoints taken inside an inner phase (distributed and
-full), the fits resumed from them, the same for ShardedStreamingDiLoCoStrategy (its checkpoint holds an average
-in flight), and the errors of a model not sharded within its replica and of the strategies that cannot train a
-sharded one. Every rank writes ``OUT_DIR/MODE_rank{r}.pt``.
+other ranks). MODE ``ddp``: DiLoCo (``delay`` 0 and 1) and Streaming DiLoCo fits on 2 processes. MODE ``sharded``:
+on 4 processes, a straight ShardedDiLoCoStrategy fit with checkpoints taken inside an inner phase (distributed
+and full), the fits resumed from them, the same for ShardedStreamingDiLoCoStrategy (its checkpoint holds an
+average in flight), a ``delay=1`` fit, and the errors of a model not sharded within its replica and of the
+strategies that cannot train a sharded one. Every rank writes ``OUT_DIR/MODE_rank{r}.pt``.
 
 Data: 16 samples a step, each of the 4 sharded ranks takes every 4th; each DDP worker takes the samples of the
 two ranks of its replica (ranks 2r and 2r+1), so a DDP worker's batch is the union of its replica's batches.
@@ -197,6 +197,9 @@ def main(out_dir: Path, mode: str) -> None:
     if mode == "ddp":
         runs = {"straight": fit(DiLoCoStrategy(inner_steps=INNER_STEPS, backend="reference"), shard="no", devices=2)}
         runs["streaming"] = fit(StreamingDiLoCoStrategy(**STREAMING), shard="no", devices=2)
+        runs["delayed"] = fit(
+            DiLoCoStrategy(inner_steps=INNER_STEPS, delay=1, backend="reference"), shard="no", devices=2
+        )
     else:
         distributed, whole = out_dir / "during_distributed.ckpt", out_dir / "during_full.ckpt"
         runs = {"straight": fit(sharded_diloco(True), callbacks=[SaveAt(SAVE_AT, distributed)])}
@@ -208,6 +211,7 @@ def main(out_dir: Path, mode: str) -> None:
             ShardedStreamingDiLoCoStrategy(replicas=2, **STREAMING), callbacks=[SaveAt(STREAMING_SAVE_AT, streaming)]
         )
         runs["streaming_resumed"] = fit(ShardedStreamingDiLoCoStrategy(replicas=2, **STREAMING), ckpt_path=streaming)
+        runs["delayed"] = fit(ShardedDiLoCoStrategy(replicas=2, inner_steps=INNER_STEPS, delay=1, backend="reference"))
         runs["unsharded_error"] = error_of(sharded_diloco(), shard="no")
         runs["sharded_over_world_error"] = error_of(sharded_diloco(), shard="world")
         runs["async_error"] = error_of("async_diloco", shard="world")

@@ -78,10 +78,9 @@ class ShardedDiLoCoStrategy(DiLoCoEngine, RankStateFiles, ModelParallelStrategy)
 
     The module must shard every parameter over ``self.device_mesh["data_parallel"]`` in
     ``configure_model`` (checked when fitting starts). Each rank reads its own part of the data
-    (``replicas x shards`` parts, as under DDP on as many processes). Validation, the end of ``fit``,
-    averaging callbacks and checkpoints behave as under
-    :class:`~lightning_converge.strategies.diloco.DiLoCoStrategy` (see there); the checkpoint layout is in
-    this module's docstring.
+    (``replicas x shards`` parts, as under DDP on as many processes). Validation, the end of ``fit`` and
+    checkpoints behave as under :class:`~lightning_converge.strategies.diloco.DiLoCoStrategy` (see there; the
+    checkpoint layout is in this module's docstring); averaging callbacks (EMA, LAWA) are untested with it.
     """
 
     def __init__(
