@@ -19,6 +19,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from fsdp2_fit import WIDTH, Block  # the two-block model of the FSDP2 callback tests (this script's folder)
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
@@ -31,7 +32,6 @@ from lightning_converge.strategies import (
     StreamingDiLoCoStrategy,
 )
 
-WIDTH = 8
 INNER_STEPS = 3
 MAX_STEPS = 3 * INNER_STEPS  # three outer steps
 SAVE_AT = INNER_STEPS + 1  # a checkpoint inside the second inner phase
@@ -40,16 +40,6 @@ VALIDATE_EVERY = 4  # after steps 4 and 8: inside inner phases, where the model 
 # so a checkpoint after step 2 holds an average in flight.
 STREAMING = dict(inner_steps=4, num_fragments=2, overlap_steps=1, mixing_alpha=0.5, backend="reference")
 STREAMING_SAVE_AT = 2
-
-
-class Block(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.attn = torch.nn.Linear(WIDTH, WIDTH)
-        self.ffn = torch.nn.Linear(WIDTH, WIDTH)
-
-    def forward(self, x):
-        return x + self.ffn(torch.tanh(self.attn(x)))
 
 
 class TwoBlocks(L.LightningModule):
