@@ -73,9 +73,10 @@ def test_validation_inside_an_inner_phase_evaluates_the_global_parameters_as_ove
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("run", ["streaming", "delayed"])
-def test_streaming_and_delayed_diloco_over_two_replicas_of_two_shards_equal_them_over_two_ddp_workers(runs, run):
-    """Streaming DiLoCo (2 fragments, overlap 1, mixing 0.5) and DiLoCo with ``delay=1``."""
+@pytest.mark.parametrize("run", ["streaming", "delayed", "ema", "lawa"])
+def test_streaming_delayed_and_averaged_diloco_over_two_replicas_of_two_shards_equal_them_over_ddp(runs, run):
+    """Streaming DiLoCo (2 fragments, overlap 1, mixing 0.5), DiLoCo with ``delay=1``, and DiLoCo with EMA or
+    LAWA (each averaging the global parameters on the shards; the model ends as the average)."""
     ddp = runs["ddp"][0][run]
     assert ddp["outer_steps"] >= (4 if run == "streaming" else 3)  # every fragment synced twice or more
     for rank, results in enumerate(runs["sharded"]):

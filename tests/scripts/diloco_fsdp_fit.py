@@ -1,11 +1,12 @@
 """DiLoCo over FSDP2 replicas (4 gloo processes, 2 replicas x 2 shards) against DiLoCo over DDP (2 processes).
 
 Run by tests/test_diloco_fsdp.py as ``python diloco_fsdp_fit.py OUT_DIR MODE`` (Lightning's launcher starts the
-other ranks). MODE ``ddp``: DiLoCo (``delay`` 0 and 1) and Streaming DiLoCo fits on 2 processes. MODE ``sharded``:
-on 4 processes, a straight ShardedDiLoCoStrategy fit with checkpoints taken inside an inner phase (distributed
-and full), the fits resumed from them, the same for ShardedStreamingDiLoCoStrategy (its checkpoint holds an
-average in flight), a ``delay=1`` fit, and the errors of a model not sharded within its replica and of the
-strategies that cannot train a sharded one. Every rank writes ``OUT_DIR/MODE_rank{r}.pt``.
+other ranks). MODE ``ddp``: DiLoCo (``delay`` 0 and 1, with EMA, with LAWA) and Streaming DiLoCo fits on 2
+processes. MODE ``sharded``: on 4 processes, a straight ShardedDiLoCoStrategy fit with checkpoints taken inside
+an inner phase (distributed and full), the fits resumed from them, the same for ShardedStreamingDiLoCoStrategy
+(its checkpoint holds an average in flight), ``delay=1``, EMA and LAWA fits, and the errors of a model not
+sharded within its replica and of the strategies that cannot train a sharded one. Every rank writes
+``OUT_DIR/MODE_rank{r}.pt``.
 
 Data: 16 samples a step, each of the 4 sharded ranks takes every 4th; each DDP worker takes the samples of the
 two ranks of its replica (ranks 2r and 2r+1), so a DDP worker's batch is the union of its replica's batches.
@@ -25,6 +26,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_converge import optim
+from lightning_converge.callbacks import EMA, LAWA
 from lightning_converge.strategies import (
     DiLoCoStrategy,
     ShardedDiLoCoStrategy,
@@ -40,6 +42,8 @@ VALIDATE_EVERY = 4  # after steps 4 and 8: inside inner phases, where the model 
 # so a checkpoint after step 2 holds an average in flight.
 STREAMING = dict(inner_steps=4, num_fragments=2, overlap_steps=1, mixing_alpha=0.5, backend="reference")
 STREAMING_SAVE_AT = 2
+# Averaging callbacks, which average the global parameters and write the average into the model when fit ends.
+AVERAGING = {"ema": lambda: EMA(decay=0.8), "lawa": lambda: LAWA(k=2, every_n_steps=2, device=None)}
 
 
 class TwoBlocks(L.LightningModule):
@@ -190,6 +194,13 @@ def main(out_dir: Path, mode: str) -> None:
         runs["delayed"] = fit(
             DiLoCoStrategy(inner_steps=INNER_STEPS, delay=1, backend="reference"), shard="no", devices=2
         )
+        for name, averaging in AVERAGING.items():
+            runs[name] = fit(
+                DiLoCoStrategy(inner_steps=INNER_STEPS, backend="reference"),
+                shard="no",
+                devices=2,
+                callbacks=[averaging()],
+            )
     else:
         distributed, whole = out_dir / "during_distributed.ckpt", out_dir / "during_full.ckpt"
         runs = {"straight": fit(sharded_diloco(True), callbacks=[SaveAt(SAVE_AT, distributed)])}
@@ -202,6 +213,8 @@ def main(out_dir: Path, mode: str) -> None:
         )
         runs["streaming_resumed"] = fit(ShardedStreamingDiLoCoStrategy(replicas=2, **STREAMING), ckpt_path=streaming)
         runs["delayed"] = fit(ShardedDiLoCoStrategy(replicas=2, inner_steps=INNER_STEPS, delay=1, backend="reference"))
+        for name, averaging in AVERAGING.items():
+            runs[name] = fit(sharded_diloco(), callbacks=[averaging()])
         runs["unsharded_error"] = error_of(sharded_diloco(), shard="no")
         runs["sharded_over_world_error"] = error_of(sharded_diloco(), shard="world")
         runs["async_error"] = error_of("async_diloco", shard="world")

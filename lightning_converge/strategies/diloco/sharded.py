@@ -78,9 +78,10 @@ class ShardedDiLoCoStrategy(DiLoCoEngine, RankStateFiles, ModelParallelStrategy)
 
     The module must shard every parameter over ``self.device_mesh["data_parallel"]`` in
     ``configure_model`` (checked when fitting starts). Each rank reads its own part of the data
-    (``replicas x shards`` parts, as under DDP on as many processes). Validation, the end of ``fit`` and
-    checkpoints behave as under :class:`~lightning_converge.strategies.diloco.DiLoCoStrategy` (see there; the
-    checkpoint layout is in this module's docstring); averaging callbacks (EMA, LAWA) are untested with it.
+    (``replicas x shards`` parts, as under DDP on as many processes). Validation, the end of ``fit``, EMA and
+    LAWA (averaging the global parameters, here on the shards) and checkpoints behave as under
+    :class:`~lightning_converge.strategies.diloco.DiLoCoStrategy` (see there; the checkpoint layout is in this
+    module's docstring).
     """
 
     def __init__(
