@@ -37,6 +37,10 @@ class ConvergeCLI(LightningCLI):
     """
 
     def _add_configure_optimizers_method_to_model(self, subcommand: Optional[str]) -> None:
+        """LightningCLI's step (from ``instantiate_classes``, once the model is built and before the
+        Trainer) that builds the ``optimizer:`` / ``lr_scheduler:`` blocks into the model's
+        ``configure_optimizers``; here with named parameters for the optimizers that take them.
+        A private hook of LightningCLI (Lightning 2.6), tested in ``tests/test_cli.py``."""
         if not getattr(self._automatic_optimizer_class(subcommand), "takes_named_parameters", False):
             super()._add_configure_optimizers_method_to_model(subcommand)
             return
