@@ -211,9 +211,11 @@ class Muon(FusedOptimizer):
         if isinstance(params, Tensor):
             raise TypeError("Muon: params must be a module, its named_parameters() or parameter groups, got a tensor")
         params = list(params)
-        if params and all(isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) for item in params):
+        if not params:
+            return params  # torch.optim's own error: "optimizer got an empty parameter list"
+        if all(isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) for item in params):
             return muon_parameter_groups(params)
-        if params and all(isinstance(item, dict) for item in params):
+        if all(isinstance(item, dict) for item in params):
             return params
         raise TypeError(
             "Muon: params must be a module, its named_parameters(), or parameter groups (dicts) that each say "
