@@ -106,7 +106,7 @@ class Steps(Callback):
         self.states.append(self.state(trainer.optimizers[0]))
 
 
-def fit(model: Net, callbacks: list[Callback], **trainer_kwargs: Any) -> pl.Trainer:
+def fit(model: Net, callbacks: list[Callback], ckpt_path: Any = None, **trainer_kwargs: Any) -> pl.Trainer:
     options = dict(
         accelerator="cpu",
         max_steps=STEPS,
@@ -119,7 +119,7 @@ def fit(model: Net, callbacks: list[Callback], **trainer_kwargs: Any) -> pl.Trai
         limit_val_batches=0,
     )
     trainer = pl.Trainer(callbacks=callbacks, **{**options, **trainer_kwargs})
-    trainer.fit(model)
+    trainer.fit(model, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -321,3 +321,43 @@ def test_posthoc_ema_counts_skipped_steps_as_ema_does(tmp_path):
     for name, expected in average.items():
         torch.testing.assert_close(averages[name], expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(steps.params[-1], snapshot(reference))
+
+
+# --- resuming under the scaler ----------------------------------------------------------------------
+
+PIECES = {
+    "schedule_free": (lambda module: ScheduleFreeAdamW(module.parameters(), **SF_ADAMW, backend="reference"), list),
+    "muon": (
+        lambda module: Muon(module, **MUON, **{f"adamw_{k}": v for k, v in ADAMW.items()}, backend="reference"),
+        list,
+    ),
+    "posthoc_ema": (
+        lambda module: torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9),
+        lambda: [
+            PostHocEMA(every_n_steps=4, validate_with="live", backend="reference"),
+            EMA(decay=0.8, backend="reference"),
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("piece", PIECES)
+def test_a_fit_resumed_after_a_skipped_step_continues_exactly(piece, tmp_path, entry_point):  # noqa: F811
+    """A checkpoint taken right after the forced overflow of step 7 (0-based 6) holds the scaler's
+    halved scale and growth count with the optimizer's and callbacks' state: the resumed fit skips the
+    same later steps and ends bit for bit where the uninterrupted one did."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    make_optimizer, make_callbacks = PIECES[piece]
+    straight_steps, straight_callbacks = Steps(), make_callbacks()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=7, save_top_k=-1, filename="{step}")
+    fit(Net(make_optimizer), [straight_steps, *straight_callbacks, checkpoints], enable_checkpointing=True)
+    resumed_steps, resumed_callbacks = Steps(), make_callbacks()
+    resumed = Net(make_optimizer)
+    fit(resumed, [resumed_steps, *resumed_callbacks], ckpt_path=tmp_path / "step=7.ckpt")
+    assert 6 in skipped_steps(straight_steps.scales)
+    assert resumed_steps.scales == straight_steps.scales[7:]
+    for actual, expected in zip(resumed_steps.params, straight_steps.params[7:], strict=True):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    for actual, expected in zip(resumed_callbacks, straight_callbacks, strict=True):
+        torch.testing.assert_close(actual.state_dict(), expected.state_dict(), rtol=0, atol=0)
