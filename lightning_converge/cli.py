@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Any, Optional
+from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -36,7 +36,7 @@ class ConvergeCLI(LightningCLI):
     which carries no names; every other optimizer still gets that.
     """
 
-    def _add_configure_optimizers_method_to_model(self, subcommand: Optional[str]) -> None:
+    def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
         """LightningCLI's step (from ``instantiate_classes``, once the model is built and before the
         Trainer) that builds the ``optimizer:`` / ``lr_scheduler:`` blocks into the model's
         ``configure_optimizers``; here with named parameters for the optimizers that take them.
@@ -52,7 +52,7 @@ class ConvergeCLI(LightningCLI):
         finally:
             del self.model.parameters
 
-    def _automatic_optimizer_class(self, subcommand: Optional[str]) -> Any:
+    def _automatic_optimizer_class(self, subcommand: str | None) -> Any:
         """The class of the optimizer LightningCLI builds for ``configure_optimizers`` (the one
         optimizer argument group linked to ``"AUTOMATIC"``), None without one."""
         parser = self._parser(subcommand)

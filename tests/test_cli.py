@@ -169,7 +169,7 @@ def test_an_optimizer_block_selects_muon_which_splits_the_module_by_name(tmp_pat
     cli = ConvergeCLI(args=args, parser_kwargs={"parser_mode": "omegaconf"})
     optimizer = cli.trainer.optimizers[0]
     assert type(optimizer) is Muon and cli.trainer.global_step == 3
-    split = lambda groups: [(g["use_muon"], [id(p) for p in g["params"]]) for g in groups]  # noqa: E731
+    split = lambda groups: [(g["use_muon"], [id(p) for p in g["params"]]) for g in groups]
     assert split(optimizer.param_groups) == split(muon_parameter_groups(cli.model))
     assert [g["lr"] for g in optimizer.param_groups] == [0.02 * 0.5**3, 3e-3 * 0.5**3]
 

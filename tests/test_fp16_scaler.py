@@ -11,7 +11,8 @@ is compared, step by step, with the reference optimizer (``schedulefree``, ``tor
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -33,9 +34,9 @@ schedulefree = pytest.importorskip("schedulefree")
 STEPS = 12
 OVERFLOW_AT = (6, 9)  # 0-based steps whose loss is multiplied by OVERFLOW_FACTOR
 OVERFLOW_FACTOR = 2.0**40
-SF_ADAMW = dict(lr=2e-2, betas=(0.9, 0.999), warmup_steps=2, weight_decay=0.01)
-MUON = dict(lr=0.02, weight_decay=0.1, momentum=0.9)
-ADAMW = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
+SF_ADAMW = {"lr": 2e-2, "betas": (0.9, 0.999), "warmup_steps": 2, "weight_decay": 0.01}
+MUON = {"lr": 0.02, "weight_decay": 0.1, "momentum": 0.9}
+ADAMW = {"lr": 3e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.01}
 
 
 def make_scaler() -> torch.amp.GradScaler:
@@ -107,17 +108,17 @@ class Steps(Callback):
 
 
 def fit(model: Net, callbacks: list[Callback], ckpt_path: Any = None, **trainer_kwargs: Any) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu",
-        max_steps=STEPS,
-        plugins=[MixedPrecision("16-mixed", "cpu", scaler=make_scaler())],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    options = {
+        "accelerator": "cpu",
+        "max_steps": STEPS,
+        "plugins": [MixedPrecision("16-mixed", "cpu", scaler=make_scaler())],
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+    }
     trainer = pl.Trainer(callbacks=callbacks, **{**options, **trainer_kwargs})
     trainer.fit(model, ckpt_path=ckpt_path)
     return trainer

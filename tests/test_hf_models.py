@@ -10,7 +10,7 @@ included) and PostHocEMA, each against a reference computation, each resumed lik
 from __future__ import annotations
 
 import re
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import lightning.pytorch as pl
 import pytest
@@ -81,7 +81,7 @@ def first_wave_callbacks() -> list[pl.Callback]:
 
 
 def fit(
-    model: TinyLlama, max_steps: int, root, ckpt_path=None, callbacks: Optional[list[pl.Callback]] = None
+    model: TinyLlama, max_steps: int, root, ckpt_path=None, callbacks: list[pl.Callback] | None = None
 ) -> pl.Trainer:
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -125,8 +125,8 @@ def test_every_callback_on_a_tiny_llama_resumes_exactly_from_a_checkpoint_saved_
 
 # Llama's hidden matrices, written out from its architecture: the attention and MLP projections.
 LLAMA_HIDDEN_MATRIX = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
-MUON = dict(lr=0.02, weight_decay=0.1, momentum=0.95)
-ADAMW = dict(lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+MUON = {"lr": 0.02, "weight_decay": 0.1, "momentum": 0.95}
+ADAMW = {"lr": 3e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
 
 
 def make_muon(module: torch.nn.Module) -> Muon:
@@ -212,8 +212,8 @@ def test_muon_on_a_tied_llama_equals_torch_muon_and_adamw_and_resumes_exactly(tm
 def test_schedule_free_adamw_on_a_llama_fits_to_x_and_resumes_exactly(tmp_path, entry_point):  # noqa: F811
     """ScheduleFreeMode (from the entry point) leaves the fitted model and the checkpoint at x, as
     ``AdamWScheduleFree`` after ``eval()``; y beside it; a fit resumed after 3 steps ends identically."""
-    hyperparameters = dict(lr=3e-3, warmup_steps=2, weight_decay=0.01)
-    make = lambda module: ScheduleFreeAdamW(module.parameters(), **hyperparameters)  # noqa: E731
+    hyperparameters = {"lr": 3e-3, "warmup_steps": 2, "weight_decay": 0.01}
+    make = lambda module: ScheduleFreeAdamW(module.parameters(), **hyperparameters)
     straight = assert_resumes_exactly(lambda: TinyLlama(make), list, tmp_path)
     reference = TinyLlama()
     optimizer = schedulefree.AdamWScheduleFree(reference.parameters(), **hyperparameters)
@@ -241,7 +241,7 @@ def test_posthoc_ema_on_a_llama_follows_the_power_function_profile_and_resumes_e
         for name, tensor in expected.items():
             torch.testing.assert_close(tracked[name].double(), tensor, rtol=1e-5, atol=1e-6, msg=name)
     assert posthoc.snapshot_steps == [2, 4, 6]
-    callbacks = lambda: [PostHocEMA(sigma_rels=sigma_rels, every_n_steps=2)]  # noqa: E731
+    callbacks = lambda: [PostHocEMA(sigma_rels=sigma_rels, every_n_steps=2)]
     straight = assert_resumes_exactly(TinyLlama, callbacks, tmp_path)
     reconstructed = posthoc.reconstruct(0.07)
     model = TinyLlama()
