@@ -135,7 +135,8 @@ def runs(tmp_path_factory):
     for name in [*SCENARIOS, "resumed_resumed"]:
         paths = [out / f"{name}_rank{rank}.pt" for rank in (0, 1)]
         if not all(path.exists() for path in paths):
-            pytest.fail(f"scenario {name} left no results; the ranks' logs:\n{exits[0][1][-4000:]}\n{exits[1][1][-4000:]}")
+            logs = f"{exits[0][1][-4000:]}\n{exits[1][1][-4000:]}"
+            pytest.fail(f"scenario {name} left no results; the ranks' logs:\n{logs}")
         records[name] = [torch.load(path) for path in paths]
     return records
 
@@ -187,8 +188,8 @@ FORCED_INNER_STEPS = [[H, H]] + [expected_inner_steps(FORCED_SPEEDS[k], H) for k
 @pytest.mark.distributed
 def test_measured_inner_steps_follow_the_gathered_speeds_of_every_worker(runs):
     rank0, rank1 = runs["measured"]
-    assert [r[2] for r in rank0["rounds"]][0] == [r[2] for r in rank1["rounds"]][0] == H  # first round: H for all
-    for index, ((start, speeds, mine0), (_, speeds1, mine1)) in enumerate(zip(rank0["rounds"][1:], rank1["rounds"][1:])):
+    assert rank0["rounds"][0][2] == rank1["rounds"][0][2] == H  # the first round: H for all
+    for index, ((_, speeds, mine0), (_, speeds1, mine1)) in enumerate(zip(rank0["rounds"][1:], rank1["rounds"][1:])):
         # every worker's own measured speed reached both, and each took its share of it
         assert speeds == speeds1 == [rank0["sent_speeds"][index], rank1["sent_speeds"][index]]
         assert [mine0, mine1] == dynamic_inner_steps(speeds, H) == expected_inner_steps(speeds, H)
