@@ -87,6 +87,56 @@ def test_manual_optimization_is_refused_before_training():
     assert all(torch.equal(a, b) for a, b in zip(initial, model.parameters()))
 
 
+DYNAMIC_YAML = """
+trainer:
+  accelerator: cpu
+  devices: 1
+  strategy:
+    class_path: lightning_converge.strategies.DiLoCoStrategy
+    init_args:
+      inner_steps: 8
+      dynamic_inner_steps: true
+"""
+
+
+def test_dynamic_inner_steps_is_set_from_yaml(tmp_path, monkeypatch):
+    from lightning_converge.cli import ConvergeCLI
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # the demo config's class_paths resolve from the project root
+    monkeypatch.setattr(sys, "argv", ["lightning-converge"])
+    config = tmp_path / "strategy.yaml"
+    config.write_text(DYNAMIC_YAML)
+    args = ["--config", str(root / "configs" / "demo.yaml"), "--config", str(config)]
+    strategy = ConvergeCLI(args=args, run=False).trainer.strategy
+    assert type(strategy) is DiLoCoStrategy and isinstance(strategy._dynamic, DynamicInnerSteps)
+
+
+def _fit_one_worker(strategy) -> Regression:
+    model = Regression("AdamW")
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=12, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, strategy=strategy,
+    )
+    trainer.fit(model)
+    return model
+
+
+@pytest.mark.usefixtures("single_process_group")
+def test_one_worker_with_a_qsr_schedule_trains_as_diloco_without_dynamic_steps():
+    """A single worker is always the fastest: its inner steps are the schedule's, and it trains as plain DiLoCo
+    (with H from QSR, which reads the inner learning rate at each round's start)."""
+    from lightning_converge.schedules import QSR
+
+    def strategy(dynamic):
+        schedule = QSR(base=3, alpha=0.02, max_inner_steps=5)  # (0.02 / lr 1e-2) ** 2 = 4 steps
+        return DiLoCoStrategy(inner_steps=schedule, dynamic_inner_steps=dynamic, backend="reference")
+
+    plain, dynamic = _fit_one_worker(strategy(False)), _fit_one_worker(strategy(True))
+    for a, b in zip(plain.parameters(), dynamic.parameters()):
+        assert torch.equal(a, b)
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 0.0
