@@ -24,12 +24,16 @@ from one training batch's start to the next (a step's forward, backward,
 optimizer step, its callbacks and the next batch's loading), over the real steps
 of its current round whose batches both began and ended inside the round
 (the last step before a sync is not timed: its interval holds the sync).
-Validation inside the round is not timed; nothing is synchronized with the device
-for this (on CUDA the host may run a few kernels ahead of the device within the
+Validation inside the round is not timed. The timing synchronizes nothing with
+the device (on CUDA the host may run a few kernels ahead of the device within an
 interval). Each worker's speed travels with the round's sync, as a tiny
 all-gather on the exchange's process group beside the pseudo-gradient all-reduce
 (:meth:`~lightning_converge.strategies.diloco.exchange.PseudoGradientExchange.start_gather`),
-and every worker computes every ``H_i`` from the same gathered table.
+and every worker computes every ``H_i`` from the same gathered table: the one host
+read this adds, W numbers once a round at the sync, where the outer step on a CPU
+outer state reads the average back anyway. Time spent in Lightning's collectives
+outside validation (a checkpoint's barrier, a ``sync_dist`` log) counts as
+training time in the round it falls in.
 """
 
 from __future__ import annotations

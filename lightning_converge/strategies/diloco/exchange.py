@@ -47,6 +47,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_converge.comm import Compressor, Exchange, Layout, make_compressor
+from lightning_converge.kernels.dispatch import ScalarSlots
 
 Result = TypeVar("Result")
 
@@ -96,6 +97,7 @@ class PseudoGradientExchange:
         # With a compressor: its byte-counting collectives, and the thread they run on (they block).
         self._collectives: Optional[Exchange] = None
         self._thread: Optional[ThreadPoolExecutor] = None
+        self._scalars = ScalarSlots()  # what start_gather sends
         # The thread's side stream per CUDA device, made in the thread on first use.
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self.bytes_sent = 0
@@ -215,7 +217,8 @@ class PseudoGradientExchange:
         rank at the same point. ``device``: the pseudo-gradients' (a CUDA device under NCCL). The future
         resolves to the numbers, rank by rank, as a list of floats; :meth:`resolve_gather` waits for it."""
         world_size = dist.get_world_size(self._group)
-        mine = torch.tensor([value], dtype=torch.float64, device=device)
+        # A persistent slot, refilled without a host sync: one gather is in flight at a time (resolved at its sync).
+        mine = self._scalars("gathered", value, device, torch.float64).reshape(1)
         gathered = torch.empty(world_size, dtype=torch.float64, device=device)
         if self.compressor is None:  # the training thread issues the group's collectives
             work = dist.all_gather_into_tensor(gathered, mine, group=self._group, async_op=True)

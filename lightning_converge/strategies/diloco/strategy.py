@@ -244,7 +244,8 @@ class DiLoCoStrategy(RankStateFiles, DDPStrategy):
         self._delay = delay
         self._outer_device = available_device(outer_state_device, "outer_state_device")
         self._backend = validate_backend(backend)
-        self._scalars = ScalarSlots()  # the mixing decay on the local parameters' device, refilled at each pull
+        # The mixing decay on the local parameters' device, refilled at each pull; an idle step's loss (nan).
+        self._scalars = ScalarSlots()
         self._mixing_alpha = 0.0
         self._fragment_assignment = "contiguous"
         # This worker's inner steps in the current round and its speed (dynamic local updates), or None.
@@ -360,7 +361,7 @@ class DiLoCoStrategy(RankStateFiles, DDPStrategy):
         ``{"loss": nan, "idle": True}`` at once (Lightning refuses None under several processes; the
         callbacks' ``outputs`` say which steps were idle)."""
         if self._is_idle_step():
-            return {"loss": torch.tensor(float("nan"), device=self.root_device), "idle": True}
+            return {"loss": self._scalars("idle_loss", float("nan"), self.root_device), "idle": True}
         return super().training_step(*args, **kwargs)
 
     def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
