@@ -169,15 +169,16 @@ class Method:
 
 def methods(args: argparse.Namespace) -> list[Method]:
     """Synchronous DiLoCo first (the targets' reference; its time on the shaped link bounds DDP's there).
-    A row is one line here: e.g. ``Method("async", options=(("overlap", True),))``."""
+    A row is one line here, e.g. ``Method("async", options=(("overlap", True),))``; the plot gives each row
+    the next colour, so a new row goes last to leave the others' colours as they were."""
     return [
         Method("diloco"),
-        Method("diloco", options=(("dynamic_inner_steps", True),)),
         Method("ddp"),
         Method("async", outer_optimizer="nesterov"),
         Method("async"),
         Method("async", options=(("dynamic_inner_steps", True),)),
         Method("async", options=(("staleness_penalty", args.staleness_penalty),)),
+        Method("diloco", options=(("dynamic_inner_steps", True),)),
     ]
 
 
