@@ -137,6 +137,43 @@ def test_one_worker_with_a_qsr_schedule_trains_as_diloco_without_dynamic_steps()
         assert torch.equal(a, b)
 
 
+@pytest.mark.usefixtures("single_process_group")
+def test_an_idle_step_builds_no_host_tensors_and_reads_nothing_back(monkeypatch):
+    from test_gpu_path import _assert_steady_and_sync_free, no_host_reads
+
+    strategy = DiLoCoStrategy(inner_steps=4, dynamic_inner_steps=True, backend="reference")
+    start_round = strategy._dynamic.start_round
+
+    def one_real_step(round_length, rank):  # a single worker is the fastest: make it train 1 step of 4
+        start_round(round_length, rank)
+        strategy._dynamic.inner_steps = 1
+
+    monkeypatch.setattr(strategy._dynamic, "start_round", one_real_step)
+    optimizer_step, per_step = strategy.optimizer_step, []
+
+    def guarded(*args, **kwargs):
+        """The idle steps inside a round (not before a sync), from the second round on, without the logging."""
+        schedule = strategy._schedule
+        inside = schedule.inner_step + 1 < schedule.round_start + schedule.round_length
+        if not (strategy._is_idle_step() and inside and schedule.inner_step >= 4):
+            return optimizer_step(*args, **kwargs)
+        with monkeypatch.context() as patch:
+            patch.setattr(strategy.lightning_module, "log", lambda *a, **k: None)
+            with no_host_reads(monkeypatch) as ops:
+                output = optimizer_step(*args, **kwargs)
+        per_step.append(ops)
+        return output
+
+    monkeypatch.setattr(strategy, "optimizer_step", guarded)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=12, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, strategy=strategy,
+    )
+    trainer.fit(Regression("SGD"))
+    assert len(per_step) == 4  # steps 2 and 3 of the second and third rounds
+    _assert_steady_and_sync_free(per_step)
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 0.0
