@@ -30,7 +30,7 @@ sys.path.remove(str(SCRIPTS))
 from test_diloco import run_two_workers  # noqa: E402
 
 H = 4
-SCENARIOS = ["measured", "forced", "forced_fp16", "forced_accumulate_bf16", "resumed"]
+SCENARIOS = ["measured", "forced", "forced_fp16", "forced_accumulate_bf16", "resumed", "after_fit"]
 
 
 # ---------------------------------------------------------------------------------------- no processes
@@ -219,7 +219,7 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("diloco_dynamic")
     exits = run_two_workers("diloco_dynamic_fit.py", [str(out), *SCENARIOS], out, timeout=600)
     records = {}
-    for name in [*SCENARIOS, "resumed_resumed"]:
+    for name in [*(name for name in SCENARIOS if name != "after_fit"), "resumed_resumed", "after_fit_resumed"]:
         paths = [out / f"{name}_rank{rank}.pt" for rank in (0, 1)]
         if not all(path.exists() for path in paths):
             logs = f"{exits[0][1][-4000:]}\n{exits[1][1][-4000:]}"
@@ -319,10 +319,12 @@ def test_the_average_is_the_uniform_one_written_out(runs):
 
 
 @pytest.mark.distributed
-def test_resuming_inside_a_round_continues_with_each_workers_inner_steps(runs):
-    # Resumed at step 6, where rank 1 had done its 2 real steps of the second round and idles until step 8.
-    for straight, resumed in zip(runs["resumed"], runs["resumed_resumed"]):
-        assert resumed["real_steps"] == [s for s in straight["real_steps"] if s >= 6]
-        assert resumed["outer_steps"] == straight["outer_steps"] == 3
-        for a, b in zip(resumed["params"], straight["params"]):
-            assert torch.equal(a, b)
+def test_resuming_inside_a_round_during_or_after_fit_continues_with_each_workers_inner_steps(runs):
+    # Resumed at step 6, where rank 1 had done its 2 real steps of the second round and idles until step 8;
+    # from a checkpoint saved there during fit, and from one saved after a fit that stopped there.
+    for resumed_name in ("resumed_resumed", "after_fit_resumed"):
+        for straight, resumed in zip(runs["resumed"], runs[resumed_name]):
+            assert resumed["real_steps"] == [s for s in straight["real_steps"] if s >= 6], resumed_name
+            assert resumed["outer_steps"] == straight["outer_steps"] == 3, resumed_name
+            for a, b in zip(resumed["params"], straight["params"]):
+                assert torch.equal(a, b), resumed_name

@@ -125,5 +125,11 @@ if __name__ == "__main__":
             strategy = DynamicDiLoCo(inner_steps=4, forced=FORCED_SPEEDS)
             run = fit(strategy, "AdamW", 10, [RealSteps()], ckpt_path=ckpt_dir / "epoch=0-step=6.ckpt")
             save(out_dir, f"{name}_resumed", *run)
+        elif name == "after_fit":  # stopped at step 6, inside the second round, saved after fit, resumed to 10
+            trainer, model = fit(DynamicDiLoCo(inner_steps=4, forced=FORCED_SPEEDS), "AdamW", 6, [RealSteps()])
+            checkpoint = out_dir / "after_fit.ckpt"
+            trainer.save_checkpoint(checkpoint)
+            strategy = DynamicDiLoCo(inner_steps=4, forced=FORCED_SPEEDS)
+            save(out_dir, "after_fit_resumed", *fit(strategy, "AdamW", 10, [RealSteps()], ckpt_path=checkpoint))
         else:
             raise ValueError(f"unknown scenario {name!r}")
