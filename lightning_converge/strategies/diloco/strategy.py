@@ -57,6 +57,7 @@ from lightning_converge.kernels import ema_update
 from lightning_converge.kernels.dispatch import ScalarSlots, validate_backend
 from lightning_converge.schedules import Schedule, as_schedule
 from lightning_converge.strategies.ddp_options import as_timedelta, check_unwrapped, reject_options
+from lightning_converge.strategies.diloco.dynamic import DynamicInnerSteps
 from lightning_converge.strategies.diloco.exchange import PendingSync, PseudoGradientExchange, as_compressor
 from lightning_converge.strategies.diloco.fragments import Fragment, build_fragments, pieces_of
 from lightning_converge.strategies.diloco.outer import (
@@ -110,6 +111,13 @@ class DiLoCoStrategy(RankStateFiles, DDPStrategy):
             without its result; the average is applied at the next outer step,
             one outer step late, when the next all-reduce starts. The all-reduce is
             then hidden behind a whole inner phase (details below).
+        dynamic_inner_steps: Dynamic Local Updates (Liu et al., 2024): each round,
+            worker ``i`` runs ``H_i = max(1, round(H * v_i / max_j v_j))`` real inner
+            steps for the workers' speeds ``v`` measured over the last round, then
+            idles (draws its batches, trains on none) until the round's H steps are
+            through, so a slow worker does fewer inner steps and none waits at the
+            sync. Needs ``delay=0`` and automatic optimization; see
+            :mod:`~lightning_converge.strategies.diloco.dynamic` and below.
         outer_state_device: where the global parameters and the outer
             optimizer's state are kept; checked when the strategy is built (a
             ``"cuda"`` device on a machine without one raises then).
@@ -129,6 +137,24 @@ class DiLoCoStrategy(RankStateFiles, DDPStrategy):
             a wrapper option or a DDP communication hook given as a keyword.
 
     Only one inner optimizer is supported.
+
+    **Dynamic local updates** (``dynamic_inner_steps=True``). Every worker goes
+    through the same H Lightning steps a round, so ``max_steps``, epochs,
+    validation and checkpoints fall on the same step on every worker and every
+    run ends at the same sync; a worker's steps after its ``H_i``-th are idle (no
+    forward, backward or optimizer step, nor their callbacks' hooks; ``outputs``
+    of ``on_train_batch_end`` are ``{"loss": nan, "idle": True}``; the
+    learning-rate schedulers step, so the learning rate follows the common
+    progress). The pseudo-gradients are averaged uniformly,
+    as Liu et al.'s server applies every worker's alike: a slow worker's
+    pseudo-gradient spans fewer steps and is already the shorter for it (weighting
+    it by ``H_i`` as well would count its fewer steps twice), and with equal
+    speeds the rule is plain DiLoCo. Lightning's per-batch broadcast of rank 0's
+    SIGTERM flag is turned off (it would make every worker wait for the slowest at
+    every step; each still stops on its own SIGTERM); a ``sync_dist`` log in
+    ``training_step`` has the same effect and defeats the purpose. Each worker's
+    ``H_i`` of the current round and its timing so far are in its per-rank
+    checkpoint file. Logged: ``diloco/inner_steps`` (this worker's ``H_i``).
 
     **One model.** Between syncs each worker's parameters are its own; the
     model the workers agree on is the global parameters
@@ -160,6 +186,8 @@ class DiLoCoStrategy(RankStateFiles, DDPStrategy):
 
     # Workers step on their own gradients: Grokfast's state is saved per worker (see rank_state).
     gradients_differ_between_ranks = True
+    # Whether the strategy accepts dynamic_inner_steps=True (one fragment, synced at the round's end).
+    supports_dynamic_inner_steps = True
 
     def __init__(
         self,
@@ -171,6 +199,7 @@ class DiLoCoStrategy(RankStateFiles, DDPStrategy):
         delay: int = 0,
         outer_state_device: Union[str, torch.device] = "cpu",
         backend: str = "auto",
+        dynamic_inner_steps: bool = False,
         *,
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -197,6 +226,14 @@ class DiLoCoStrategy(RankStateFiles, DDPStrategy):
         )
         check_outer_options(outer_optimizer, outer_lr, outer_momentum)
         check_choice("delay", delay, (0, 1), owner=type(self).__name__)  # outer steps the outer update lags
+        check_choice("dynamic_inner_steps", dynamic_inner_steps, (False, True), owner=type(self).__name__)
+        if dynamic_inner_steps and not self.supports_dynamic_inner_steps:
+            raise ValueError(f"{type(self).__name__} does not support dynamic_inner_steps: use DiLoCoStrategy")
+        if dynamic_inner_steps and delay:
+            raise ValueError(
+                "dynamic_inner_steps=True needs delay=0: each round's inner steps come from the speeds that "
+                "travel with the sync before it, which delay=1 does not wait for"
+            )
         compressor = as_compressor(compressor)
         # A DiLoCo round is one fragment, applied at once, replacing the local values (Streaming sets its own).
         self._schedule = RoundSchedule(as_schedule(inner_steps, "inner_steps"))
@@ -207,9 +244,12 @@ class DiLoCoStrategy(RankStateFiles, DDPStrategy):
         self._delay = delay
         self._outer_device = available_device(outer_state_device, "outer_state_device")
         self._backend = validate_backend(backend)
-        self._scalars = ScalarSlots()  # the mixing decay on the local parameters' device, refilled at each pull
+        # The mixing decay on the local parameters' device, refilled at each pull; an idle step's loss (nan).
+        self._scalars = ScalarSlots()
         self._mixing_alpha = 0.0
         self._fragment_assignment = "contiguous"
+        # This worker's inner steps in the current round and its speed (dynamic local updates), or None.
+        self._dynamic = DynamicInnerSteps() if dynamic_inner_steps else None
         if not callable(inner_steps):
             self._schedule.check_round_length(inner_steps)
 
@@ -290,14 +330,57 @@ class DiLoCoStrategy(RankStateFiles, DDPStrategy):
                 f"{type(self).__name__} supports one inner optimizer, "
                 f"configure_optimizers returned {len(self.optimizers)}"
             )
+        if self._dynamic is not None:
+            if not trainer.lightning_module.automatic_optimization:
+                raise ValueError(
+                    f"{type(self).__name__}(dynamic_inner_steps=True) needs automatic optimization: its idle "
+                    "steps skip the module's training_step, which must not hold the optimizer steps"
+                )
+            # Lightning broadcasts rank 0's SIGTERM flag before every training batch: a collective that would
+            # make every worker wait for the slowest at every step. Each worker still stops on its own SIGTERM.
+            trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
         self._start_round()
 
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
-        """Fires for every step of the inner optimizer (automatic or manual optimization): the step,
-        then the syncs and outer updates the schedule puts after it."""
-        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        """Fires for every step of the inner optimizer (automatic or manual optimization): the step (an idle
+        one, with ``dynamic_inner_steps``, only runs the closure, whose training step it skips), then the
+        syncs and outer updates the schedule puts after it."""
+        if self._is_idle_step():
+            output = closure()
+        else:
+            output = super().optimizer_step(optimizer, closure, model, **kwargs)
         self._after_inner_step()
+        if self._dynamic is not None:
+            inner_steps = float(self._dynamic.inner_steps)
+            self.lightning_module.log("diloco/inner_steps", inner_steps, on_step=True, on_epoch=False)
         return output
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """Fires for every training batch: the module's ``training_step``, except in an idle step (with
+        ``dynamic_inner_steps``, past this worker's inner steps of the round), which returns
+        ``{"loss": nan, "idle": True}`` at once (Lightning refuses None under several processes; the
+        callbacks' ``outputs`` say which steps were idle)."""
+        if self._is_idle_step():
+            return {"loss": self._scalars("idle_loss", float("nan"), self.root_device), "idle": True}
+        return super().training_step(*args, **kwargs)
+
+    def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
+        """Fires after every training batch's ``training_step``: the backward pass (with its callbacks' hooks),
+        skipped in an idle step."""
+        if self._is_idle_step():
+            return closure_loss
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Fires before every training batch, after the callbacks' and the module's hooks: with
+        ``dynamic_inner_steps``, the clock that measures this worker's speed."""
+        if self._dynamic is not None:
+            self._dynamic.batch_starts(self._schedule.inner_step - self._schedule.round_start)
+
+    def _is_idle_step(self) -> bool:
+        """Whether the coming inner step is idle: this worker's dynamic inner steps of the round are done."""
+        schedule = self._schedule
+        return self._dynamic is not None and self._dynamic.is_idle(schedule.inner_step - schedule.round_start)
 
     def on_train_end(self) -> None:
         """Fires when ``fit`` finishes training (not on an exception), after the callbacks' ``on_train_end``:
@@ -364,12 +447,16 @@ class DiLoCoStrategy(RankStateFiles, DDPStrategy):
         """Fires before each validation (the sanity check included), after the callbacks' hook: while the
         workers train local copies, the model evaluates the global parameters, the same on every worker
         and the model checkpoints save, unless a callback evaluates with an average of them (EMA or LAWA
-        with ``validate_with="average"``)."""
+        with ``validate_with="average"``). Validation does not count as training time for ``dynamic_inner_steps``."""
+        if self._dynamic is not None:
+            self._dynamic.pause()
         self._swap_in_global_parameters()
 
     def on_validation_end(self) -> None:
         """Fires after each validation, after the callbacks' hook: the local parameters come back."""
         self._swap_out_global_parameters()
+        if self._dynamic is not None:
+            self._dynamic.resume()
 
     def _swap_in_global_parameters(self) -> None:
         agreed = self.agreed_parameters()
@@ -454,6 +541,8 @@ class DiLoCoStrategy(RankStateFiles, DDPStrategy):
         """Begin a round of inner steps at the current step (a schedule that takes ``lr`` reads the inner lr)."""
         lr = self.optimizers[0].param_groups[0]["lr"] if self._schedule.inner_steps_takes_lr else None
         self._schedule.start_round(lr)
+        if self._dynamic is not None:
+            self._dynamic.start_round(self._schedule.round_length, self.global_rank)
 
     @torch.no_grad()
     def _after_inner_step(self) -> None:
@@ -507,12 +596,16 @@ class DiLoCoStrategy(RankStateFiles, DDPStrategy):
                 fragment.in_sync = True  # the next phase starts here: a sync now would send zeros
         exchange = self._exchange.start(pseudo_grad, fragment.layout, self._schedule.inner_step)
         fragment.pending = PendingSync(apply_at_step, exchange)
+        if self._dynamic is not None:  # every worker's speed travels beside the pseudo-gradient
+            self._dynamic.share_speed(self._exchange, pseudo_grad.device)
 
     def _apply_outer_update(self, fragment: Fragment, mixing_alpha: Optional[float] = None) -> None:
         """Apply the fragment's pending average: one outer step on its global parameters, then the
         local parameters move to the new global ones (``mixing_alpha``, the strategy's by default)."""
         averaged = self._exchange.resolve(fragment.pending, self._schedule.inner_step)
         fragment.pending = None
+        if self._dynamic is not None:
+            self._dynamic.receive_speeds(self._exchange, self._schedule.inner_step)
         self._outer.step(fragment.pieces, averaged, self._schedule.inner_step)
         self._pull_global(fragment, self._mixing_alpha if mixing_alpha is None else mixing_alpha)
 
@@ -537,7 +630,10 @@ class DiLoCoStrategy(RankStateFiles, DDPStrategy):
     def _worker_state(self) -> dict[str, Any]:
         """This worker's own state; its local model also while evaluation has other weights swapped in."""
         model = self._module_state_with(self._local_params)
-        return worker_state(model, self.optimizers[0].state_dict(), self._fragments, self._exchange)
+        state = worker_state(model, self.optimizers[0].state_dict(), self._fragments, self._exchange)
+        if self._dynamic is not None:
+            state["dynamic_inner_steps"] = self._dynamic.state_dict()
+        return state
 
     def _restore_checkpoint_state(self, state: Mapping[str, Any]) -> None:
         restore_shared_state(
@@ -560,6 +656,12 @@ class DiLoCoStrategy(RankStateFiles, DDPStrategy):
             for fragment in self._fragments:
                 fragment.in_sync = True
                 fragment.origin = None
+        if self._dynamic is not None:  # this worker's inner steps of the round, or (none saved) H
+            saved = None if worker is None else worker.get("dynamic_inner_steps")
+            if saved is None:
+                self._dynamic.start_round(self._schedule.round_length, self.global_rank)
+            else:
+                self._dynamic.load_state_dict(saved)
 
     # ------------------------------------------------------------------ registration
 
