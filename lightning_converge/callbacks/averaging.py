@@ -69,8 +69,10 @@ weights as they are, sharded through the distributed checkpoint or gathered on
 rank 0: the live weights, or the average while evaluation holds it, the live
 weights then under ``"live_state_dict"``), never replaced by the average. The
 average under :attr:`checkpoint_key`, the live weights under ``"live_state_dict"``
-and the callback's ``state_dict()`` hold full tensors, gathered when the
-checkpoint is saved, and a resumed fit cuts each rank's shards out of them.
+and the callback's ``state_dict()`` hold DTensor views of each rank's shards: a
+distributed checkpoint writes them sharded, a single-file one gathers them, and a
+resumed fit (on any number of ranks) takes each rank's shards of them
+(:mod:`lightning_converge.sharding`).
 DeepSpeed is not supported.
 """
 
