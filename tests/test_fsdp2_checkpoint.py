@@ -17,9 +17,20 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
 
 from lightning_converge.callbacks.posthoc_ema import sigma_rel_to_gamma, solve_weights
-from lightning_converge.sharding import read_checkpoint
+from lightning_converge.sharding import (
+    RECORD_KEY,
+    prepare_checkpoint,
+    read_checkpoint,
+    restore_checkpoint,
+    restored_state,
+    saved_state,
+)
 
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(Path(__file__).parent))
@@ -194,3 +205,47 @@ def shard_of(tensor: torch.Tensor, rank: int, ranks: int) -> torch.Tensor:
     """Rank ``rank``'s dim-0 shard of ``tensor`` as FSDP2 cuts it (torch.chunk; empty past the last chunk)."""
     chunks = torch.chunk(tensor, ranks)
     return chunks[rank] if rank < len(chunks) else tensor[:0]
+
+
+@pytest.fixture
+def one_rank_mesh(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield init_device_mesh("cpu", (1,), mesh_dim_names=("data_parallel",))
+    dist.destroy_process_group()
+
+
+@SETTINGS
+def test_mechanism_round_trip_with_leading_dimensions(one_rank_mesh, tmp_path, distributed):
+    """The API the callbacks and strategies use, on one rank: state sharded like a parameter, with and without
+    leading unsharded dimensions (Grokfast's ring), goes through ``prepare_checkpoint`` into what the strategy
+    writes (DCP shards and records, or full tensors), and ``restore_checkpoint`` / ``restored_state`` give
+    back this rank's shards; plain values and unsharded tensors stay where they were."""
+    module = torch.nn.Linear(4, 3)
+    module.weight = torch.nn.Parameter(distribute_tensor(module.weight.detach(), one_rank_mesh, [Shard(0)]))
+    ring, average, count = torch.randn(2, 3, 4), torch.randn(3, 4), torch.tensor(5)
+    checkpoint = {
+        "state_dict": {"weight": module.weight.detach()},
+        "callbacks": {"Filter": {"ring": [saved_state(ring, module.weight, leading=1)], "count": count}},
+        "average": {"weight": saved_state(average, module.weight), "bias": module.bias.detach()},
+        "epoch": 3,
+    }
+    prepare_checkpoint(checkpoint, distributed)
+    stored = checkpoint["callbacks"]["Filter"]["ring"][0]
+    if not distributed:  # gathered: full tensors (on one rank, the shards themselves)
+        assert type(stored) is torch.Tensor and torch.equal(stored, ring)
+        assert type(checkpoint["average"]["weight"]) is torch.Tensor
+        return
+    assert stored[RECORD_KEY].startswith("_sharded_state/") and stored["placements"] == [["shard", 1]]
+    assert stored["mesh_dim_names"] == ["data_parallel"] and stored["shape"] == [2, 3, 4]
+    dcp.save({"state_dict": checkpoint.pop("state_dict")}, checkpoint_id=tmp_path / "ckpt")
+    torch.save(checkpoint, tmp_path / "ckpt" / "meta.pt")
+    loaded = torch.load(tmp_path / "ckpt" / "meta.pt", weights_only=True)
+    restore_checkpoint(loaded, tmp_path / "ckpt", module)
+    assert torch.equal(restored_state(loaded["callbacks"]["Filter"]["ring"][0], module.weight, leading=1), ring)
+    assert torch.equal(restored_state(loaded["average"]["weight"], module.weight), average)
+    assert torch.equal(loaded["callbacks"]["Filter"]["count"], count) and loaded["epoch"] == 3
+    read = read_checkpoint(tmp_path / "ckpt")
+    assert torch.equal(read["callbacks"]["Filter"]["ring"][0], ring)
+    assert list(read["state_dict"]) == ["weight"]  # the model's entries only
+    with pytest.raises(ValueError, match=r"a restored state of shape \(3, 4\) for a parameter of shape \(4, 4\)"):
+        restored_state(average, torch.nn.Parameter(distribute_tensor(torch.zeros(4, 4), one_rank_mesh, [Shard(0)])))
