@@ -225,21 +225,20 @@ def load_module_state(module: torch.nn.Module, state_dict: Mapping[str, Tensor])
 _STRATEGY_KEYS = ("state_dict", "optimizer_states")
 
 
-def _walk(container: Any, path: tuple, visit: Callable[[Any, tuple], Any]) -> Any:
+def _walk(container: Any, path: tuple, visit: Callable[[Any, tuple], Any], skip: tuple = ()) -> Any:
     """``container`` with every dict value and list item replaced, depth first, by ``visit(value, path)``
-    where that returns something other than ``None`` (dicts and lists are changed in place)."""
+    where that returns something other than ``None`` (dicts and lists are changed in place); the entries of
+    ``container`` named in ``skip`` are left alone."""
     items: Iterator = iter(container.items()) if isinstance(container, dict) else iter(enumerate(container))
     for key, value in list(items):
+        if key in skip:
+            continue
         replaced = visit(value, (*path, str(key)))
         if replaced is not None:
             container[key] = replaced
         elif isinstance(value, (dict, list)):
             _walk(value, (*path, str(key)), visit)
     return container
-
-
-def _top_level(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in checkpoint.items() if key not in _STRATEGY_KEYS}
 
 
 def writes_distributed_checkpoint(strategy: Any) -> bool:
@@ -262,22 +261,16 @@ def prepare_checkpoint(checkpoint: dict[str, Any], distributed: bool) -> None:
             return gather(value)
         key = DCP_PREFIX + "/".join(path)
         moved[key] = value
+        names = value.device_mesh.mesh_dim_names
         return {
             RECORD_KEY: key,
             "shape": list(value.shape),
             "dtype": str(value.dtype).removeprefix("torch."),
             "placements": [["shard", p.dim] if isinstance(p, Shard) else ["replicate"] for p in value.placements],
-            "mesh_dim_names": None
-            if value.device_mesh.mesh_dim_names is None
-            else list(value.device_mesh.mesh_dim_names),
+            "mesh_dim_names": None if names is None else list(names),
         }
 
-    for key, value in _top_level(checkpoint).items():
-        replaced = visit(value, (key,))
-        if replaced is not None:
-            checkpoint[key] = replaced
-        elif isinstance(value, (dict, list)):
-            _walk(value, (key,), visit)
+    _walk(checkpoint, (), visit, skip=_STRATEGY_KEYS)
     if moved:
         checkpoint["state_dict"].update(moved)
 
@@ -322,18 +315,13 @@ def restore_checkpoint(checkpoint: dict[str, Any], path: Any, module: torch.nn.M
     it, after the model is sharded). A checkpoint without records is left as it is."""
     templates: dict[str, DTensor] = {}
 
-    def visit(value: Any, path_in_checkpoint: tuple) -> Any:
+    def visit(value: Any, _path: tuple) -> Any:
         if not _is_record(value):
             return None
         templates[value[RECORD_KEY]] = template = _template(value, module)
         return template
 
-    for key, value in _top_level(checkpoint).items():
-        replaced = visit(value, (key,))
-        if replaced is not None:
-            checkpoint[key] = replaced
-        elif isinstance(value, (dict, list)):
-            _walk(value, (key,), visit)
+    _walk(checkpoint, (), visit, skip=_STRATEGY_KEYS)
     if templates:
         # The same nesting as the strategy's own save, so the keys are those DCP wrote.
         from torch.distributed.checkpoint import load
