@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import Tensor
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -324,9 +325,7 @@ def restore_checkpoint(checkpoint: dict[str, Any], path: Any, module: torch.nn.M
     _walk(checkpoint, (), visit, skip=_STRATEGY_KEYS)
     if templates:
         # The same nesting as the strategy's own save, so the keys are those DCP wrote.
-        from torch.distributed.checkpoint import load
-
-        load({"state_dict": templates}, checkpoint_id=Path(path))
+        dcp.load({"state_dict": templates}, checkpoint_id=Path(path))
 
 
 #: Marks a strategy whose checkpoint methods :func:`attach` wrapped.
@@ -363,12 +362,13 @@ def read_checkpoint(path: Any) -> dict[str, Any]:
     if not path.is_dir():
         return torch.load(path, map_location="cpu", weights_only=False)
     from lightning.fabric.utilities.load import _METADATA_FILENAME
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+    # What torch's dcp_to_torch_save does, into memory: every tensor DCP wrote, whole.
     stored: dict[str, Any] = {}
-    _load_state_dict(stored, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    reader = dcp.FileSystemReader(path)
+    _load_state_dict(stored, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     checkpoint = torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=False)
     state_dict = stored.pop("state_dict")
     _walk(checkpoint, (), lambda value, _: state_dict[value[RECORD_KEY]] if _is_record(value) else None)

@@ -26,6 +26,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import lightning.pytorch as pl
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import Tensor
 
 from lightning_converge.callbacks.averaging import AveragingCallback, accumulation_dtype, is_count
@@ -147,6 +148,7 @@ class PostHocEMA(AveragingCallback):
     number of ranks). :meth:`swap_in` and :meth:`evaluate` combine the shards on each rank and gather nothing;
     :meth:`reconstruct` combines them on each rank, then gathers the result into full tensors (one all-gather
     per tensor: every rank calls it).
+
     Under DiLoCo / Streaming DiLoCo the profiles follow the global parameters at every step (constant
     between outer steps: the profile is that of the global parameters' trajectory).
 
@@ -315,9 +317,7 @@ class PostHocEMA(AveragingCallback):
         if self.snapshot_dir is None:
             entry["profiles"] = profiles
         elif self._sharded:
-            from torch.distributed.checkpoint import save
-
-            save({"profiles": [self._saved(profile) for profile in profiles]}, checkpoint_id=entry["path"])
+            dcp.save({"profiles": [self._saved(profile) for profile in profiles]}, checkpoint_id=entry["path"])
         else:
             self.snapshot_dir.mkdir(parents=True, exist_ok=True)
             torch.save(
@@ -339,8 +339,6 @@ class PostHocEMA(AveragingCallback):
         if not Path(snapshot["path"]).is_dir():
             return torch.load(snapshot["path"], map_location="cpu", weights_only=True)["profiles"]
         # A distributed checkpoint: each rank reads its shards, sharded as the parameters are now.
-        from torch.distributed.checkpoint import load
-
         dtype = None if self.snapshot_dtype is None else SNAPSHOT_DTYPES[self.snapshot_dtype]
         shards = [
             {
@@ -349,7 +347,7 @@ class PostHocEMA(AveragingCallback):
             }
             for profile in self._profiles
         ]
-        load({"profiles": [self._saved(profile) for profile in shards]}, checkpoint_id=snapshot["path"])
+        dcp.load({"profiles": [self._saved(profile) for profile in shards]}, checkpoint_id=snapshot["path"])
         return shards
 
     @torch.no_grad()
