@@ -50,8 +50,9 @@ full tensors (inspection, tests).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -340,11 +341,11 @@ def attach(strategy: Any) -> None:
         return
     save_checkpoint, load_checkpoint = strategy.save_checkpoint, strategy.load_checkpoint
 
-    def save(checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+    def save(checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         prepare_checkpoint(checkpoint, writes_distributed_checkpoint(strategy))
         return save_checkpoint(checkpoint, filepath, storage_options)
 
-    def load(checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+    def load(checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = load_checkpoint(checkpoint_path, weights_only=weights_only)
         restore_checkpoint(checkpoint, checkpoint_path, strategy.lightning_module)
         return checkpoint

@@ -34,7 +34,7 @@ from lightning_converge.sharding import (
 
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(Path(__file__).parent))
-from test_fsdp2 import assert_same  # noqa: E402
+from test_fsdp2 import assert_same
 
 SETTINGS = pytest.mark.parametrize("distributed", [True, False], ids=["distributed_checkpoint", "full_checkpoint"])
 #: What DTensor.full_tensor (and so a gathered state) runs: the collective a sharded save must not run.

@@ -25,9 +25,9 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.tensor.debug import CommDebugMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fsdp2_fit import TwoBlocks, full, full_state  # noqa: E402
+from fsdp2_fit import TwoBlocks, full, full_state
 
-from lightning_converge.callbacks import EMA, LAWA, Grokfast, PostHocEMA  # noqa: E402
+from lightning_converge.callbacks import EMA, LAWA, Grokfast, PostHocEMA
 
 EPOCHS = 2  # 3 steps an epoch on 2 ranks (6 on 1, 2 on 4: the data is split by ranks)
 SIGMA_REL = 0.15  # between the tracked 0.1 and 0.2
@@ -121,9 +121,8 @@ def save(out_dir: Path, distributed: bool) -> dict:
     trainer.fit(model)
     trainer.save_checkpoint(out_dir / f"after_{int(distributed)}.ckpt")
     posthoc = next(cb for cb in callbacks if isinstance(cb, PostHocEMA))
-    with CommDebugMode() as comms:
-        with posthoc.swap_in(model, SIGMA_REL):
-            swapped = {name: p.to_local().clone() for name, p in model.named_parameters()}
+    with CommDebugMode() as comms, posthoc.swap_in(model, SIGMA_REL):
+        swapped = {name: p.to_local().clone() for name, p in model.named_parameters()}
     return {
         "saves": saves.saves,
         "reconstructed": posthoc.reconstruct(SIGMA_REL),
