@@ -8,6 +8,11 @@ What it measures
 
     * ``ddp``: ``strategy="ddp"``, the fp32 gradient all-reduce every step;
     * ``diloco H=..``: ``DiLoCoStrategy(inner_steps=H)``, synchronous: every round waits for the slow worker;
+    * ``diloco H=.. + dynamic H``: ``DiLoCoStrategy(inner_steps=H, dynamic_inner_steps=True)``, synchronous with
+      Liu et al.'s dynamic local updates: each round the slow worker trains ``H_i`` of the H steps, in
+      proportion to the speeds measured in the last round, and idles through the rest (it draws their
+      batches, trains on none), so its round takes about as long as a fast worker's and no worker waits
+      long at the sync; the pseudo-gradients are averaged uniformly;
     * ``async Nesterov``: ``AsyncDiLoCoStrategy(outer_optimizer="nesterov")``, plain Nesterov outer momentum on
       the stale, interleaved pseudo-gradients (the paper's unstable baseline);
     * ``async Delayed Nesterov``: ``outer_optimizer="delayed_nesterov"``, momentum updated every
@@ -15,8 +20,10 @@ What it measures
     * ``async Delayed Nesterov + dynamic H``: the same with ``dynamic_inner_steps=True``;
     * ``async Delayed Nesterov + staleness penalty``: the same with ``staleness_penalty=--staleness-penalty``.
 
-    DiLoCo's synchronous variant with dynamic local updates is not built (a synchronous round already ends
-    when its slowest worker does): it is not in the table. Every DiLoCo method uses the same H (``--h``, 20;
+    A row is one line of :func:`methods`: a kind and the strategy's options (an asynchronous overlapped
+    variant would be ``Method("async", options=(("overlap", True),))``).
+
+    Every DiLoCo method uses the same H (``--h``, 20;
     ``--h-4``, 8, with 4 workers) and outer optimizer settings: lr 0.7 and momentum 0.5, the DiLoCo
     benchmark's (there the papers' 0.9 left DiLoCo further from DDP with few outer steps; here, in a
     small trial of ``--quick``'s model with H=5, 0.9 left synchronous DiLoCo 10% above DDP and 0.5 level
@@ -27,13 +34,15 @@ What it measures
     its computing takes twice as long whatever the link; the strategies know nothing of it.
 
     Budget. The synchronous methods run ``--steps`` (200; ``--steps-4``, 80, with 4 workers) steps on
-    every worker, paced by the slow one. The asynchronous ones share the same total number of samples
-    (workers x steps x batch) in proportion to the workers' speeds (1 and 1/slowdown), as a global sample
-    counter would, so their workers end at about the same time: with 2 workers the fast one runs 4/3 and
-    the slow one 2/3 of ``--steps``. Each worker's learning-rate schedule spans its own steps. Four workers
-    on this 2-core machine are oversubscribed (two processes a core: a step computes about half as fast,
-    its CPU seconds are about half its wall-clock, and the slow worker's sleep lends its core to the
-    others), so the slow worker gets less than 2x there; the tables' "slow/fast s per step" says how much.
+    every worker, paced by the slow one; with dynamic H the slow worker's idle steps are among them, so it
+    trains fewer (the tables' "steps per rank" and samples count the steps that trained). The asynchronous
+    ones share the same total number of samples (workers x steps x batch) in proportion to the workers'
+    speeds (1 and 1/slowdown), as a global sample counter would, so their workers end at about the same
+    time: with 2 workers the fast one runs 4/3 and the slow one 2/3 of ``--steps``. Each worker's
+    learning-rate schedule spans its own steps. Four workers on this 2-core machine are oversubscribed (two
+    processes a core: a step computes about half as fast, its CPU seconds are about half its wall-clock, and
+    the slow worker's sleep lends its core to the others), so the slow worker gets less than 2x there; the
+    tables' "slow/fast s per step" (seconds per trained step) says how much.
 
     Loss. The loss of every curve is the validation loss (``--val-batches`` batches, the same for every
     method) of the model the workers agree on: during training, the strategy's ``agreed_parameters()``
@@ -87,8 +96,10 @@ import argparse
 import bisect
 import copy
 import dataclasses
+import itertools
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -111,32 +122,39 @@ MIN_SPEEDUP = 1.5
 MAX_LOSS_GAP = 0.03
 TARGET_METHOD = "async Delayed Nesterov"
 ASYNC_METRICS = ("async_diloco/rounds", "async_diloco/staleness", "async_diloco/inner_steps")
+# Each worker's inner steps of its current round: asynchronous DiLoCo's, synchronous DiLoCo's with dynamic H.
+INNER_STEPS_METRICS = ("async_diloco/inner_steps", "diloco/inner_steps")
+
+
+# How a strategy option shows in a method's name (" + dynamic H"); an option not listed shows as its name.
+OPTION_LABELS = {"dynamic_inner_steps": "dynamic H", "staleness_penalty": "staleness penalty"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """``kind`` "ddp", "diloco" (synchronous) or "async"; the rest are the asynchronous strategy's options."""
+    """``kind`` "ddp", "diloco" (synchronous) or "async"; ``outer_optimizer`` the asynchronous strategy's;
+    ``options`` more keyword arguments of the strategy, as (name, value) pairs, each named in the method's
+    name (:data:`OPTION_LABELS`)."""
 
     kind: str
     outer_optimizer: str = "delayed_nesterov"
-    dynamic_inner_steps: bool = False
-    staleness_penalty: float = 0.0
+    options: tuple[tuple[str, object], ...] = ()
 
     @property
     def is_async(self) -> bool:
         return self.kind == "async"
 
-    @property
-    def name(self) -> str:
-        if not self.is_async:
-            return self.kind
-        outer = {"nesterov": "Nesterov", "delayed_nesterov": "Delayed Nesterov"}[self.outer_optimizer]
-        options = [" + dynamic H"] if self.dynamic_inner_steps else []
-        options += [" + staleness penalty"] if self.staleness_penalty else []
-        return "".join([f"async {outer}", *options])
+    def name(self, inner_steps: int) -> str:
+        if self.kind == "ddp":
+            return "ddp"
+        if self.is_async:
+            base = "async " + {"nesterov": "Nesterov", "delayed_nesterov": "Delayed Nesterov"}[self.outer_optimizer]
+        else:
+            base = f"diloco H={inner_steps}"
+        return base + "".join(f" + {OPTION_LABELS.get(option, option)}" for option, _ in self.options)
 
     def strategy(self, inner_steps: int, args: argparse.Namespace):
-        outer = dict(outer_lr=args.outer_lr, outer_momentum=args.outer_momentum)
+        outer = dict(outer_lr=args.outer_lr, outer_momentum=args.outer_momentum, **dict(self.options))
         if self.kind == "ddp":
             return "ddp"
         if self.kind == "diloco":
@@ -145,25 +163,23 @@ class Method:
 
         return AsyncDiLoCoStrategy(
             inner_steps=inner_steps, outer_optimizer=self.outer_optimizer,
-            delayed_nesterov_period=args.delayed_period,
-            dynamic_inner_steps=self.dynamic_inner_steps, staleness_penalty=self.staleness_penalty, **outer,
+            delayed_nesterov_period=args.delayed_period, **outer,
         )
 
 
 def methods(args: argparse.Namespace) -> list[Method]:
-    """Synchronous DiLoCo first (the targets' reference; its time on the shaped link bounds DDP's there)."""
+    """Synchronous DiLoCo first (the targets' reference; its time on the shaped link bounds DDP's there).
+    A row is one line here, e.g. ``Method("async", options=(("overlap", True),))``; the plot gives each row
+    the next colour, so a new row goes last to leave the others' colours as they were."""
     return [
         Method("diloco"),
         Method("ddp"),
         Method("async", outer_optimizer="nesterov"),
         Method("async"),
-        Method("async", dynamic_inner_steps=True),
-        Method("async", staleness_penalty=args.staleness_penalty),
+        Method("async", options=(("dynamic_inner_steps", True),)),
+        Method("async", options=(("staleness_penalty", args.staleness_penalty),)),
+        Method("diloco", options=(("dynamic_inner_steps", True),)),
     ]
-
-
-def display_name(method: Method, inner_steps: int) -> str:
-    return f"diloco H={inner_steps}" if method.kind == "diloco" else method.name
 
 
 def budget(world_size: int, args: argparse.Namespace) -> int:
@@ -233,6 +249,17 @@ class AgreedSnapshots(L.Callback):
             self.clock.append(time.perf_counter())
 
 
+class TrainedSteps(L.Callback):
+    """Per step on this rank, whether it trained (False for synchronous DiLoCo's idle steps with dynamic H,
+    whose ``outputs`` say ``idle``)."""
+
+    def __init__(self) -> None:
+        self.trained: list[bool] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.trained.append(not (isinstance(outputs, dict) and outputs.get("idle", False)))
+
+
 class LoggedValues(L.Callback):
     """Per step on this rank, the value of each of ``names`` the strategy has logged (None before it has)."""
 
@@ -288,8 +315,9 @@ def train_methods_on_this_rank(args: argparse.Namespace) -> None:
 
     def train_one(index: int, method: Method, link: str) -> dict:
         record = StepRecord(count_loopback=link == "shaped" and rank == 0)
-        logged = LoggedValues(("comm/wait_seconds", *ASYNC_METRICS))
-        callbacks: list[L.Callback] = [record, logged]
+        logged = LoggedValues(("comm/wait_seconds", *ASYNC_METRICS, "diloco/inner_steps"))
+        trained = TrainedSteps()
+        callbacks: list[L.Callback] = [record, logged, trained]
         slow = SlowWorker(args.slowdown) if rank == world_size - 1 else None
         snapshots = AgreedSnapshots(max(1, steps // args.snapshots)) if rank == 0 else None
         callbacks += [callback for callback in (slow, snapshots) if callback is not None]
@@ -299,13 +327,14 @@ def train_methods_on_this_rank(args: argparse.Namespace) -> None:
         model, data, trainer = _char_lm.fit(method.strategy(inner_steps, args), world_size, max_steps,
                                             args, callbacks=callbacks)
         fit_seconds = time.perf_counter() - record.start  # the last sync included
-        if method.kind == "diloco":
+        if method == Method("diloco"):
             seconds_of_diloco[link] = fit_seconds
         if record.count_loopback:
             record.loopback_bytes.append(_dist.loopback_bytes(None))
         result = dict(
             parameters=sum(p.numel() for p in model.parameters()),
             steps=len(record.loss),
+            trained=trained.trained,
             loss=record.loss,
             bytes_sent=record.bytes_sent,
             bytes_received=record.bytes_received,
@@ -335,17 +364,20 @@ def train_methods_on_this_rank(args: argparse.Namespace) -> None:
 def merge_ranks(ranks: list[dict], batch_size: int) -> dict:
     """One method's run from its ranks' records: the validation-loss curve of the agreed model against
     seconds (from rank 0's start of training), samples finished by every worker, mean steps per worker and
-    bytes sent per worker (mean over the workers), ending with the final model when the last rank was done."""
+    bytes sent per worker (mean over the workers), ending with the final model when the last rank was done.
+    Steps and samples count the steps that trained (not synchronous DiLoCo's idle steps with dynamic H)."""
     world_size = len(ranks)
     # Every rank's step ends on rank 0's clock (perf_counter is one clock for every process of the machine).
     ends = [[rank["start"] - ranks[0]["start"] + end for end in rank["step_end_seconds"]] for rank in ranks]
+    trained_by = [list(itertools.accumulate(rank["trained"])) for rank in ranks]  # after each step
+    trained_per_rank = [sum(rank["trained"]) for rank in ranks]
 
     def finished_by(seconds: float) -> tuple[int, float]:
-        """Steps every worker had finished at ``seconds``, and the bytes they had sent and received by then."""
+        """Steps every worker had trained by ``seconds``, and the bytes they had sent and received by then."""
         counts = [bisect.bisect_right(rank_ends, seconds) for rank_ends in ends]
         moved = sum(rank["bytes_sent"][count - 1] + rank["bytes_received"][count - 1]
                     for rank, count in zip(ranks, counts) if count)
-        return sum(counts), moved
+        return sum(trained[count - 1] for trained, count in zip(trained_by, counts) if count), moved
 
     end_of_training = max(rank["start"] - ranks[0]["start"] + rank["fit_seconds"] for rank in ranks)
     curve = []
@@ -354,7 +386,7 @@ def merge_ranks(ranks: list[dict], batch_size: int) -> dict:
         steps, sent = finished_by(seconds)
         curve.append(dict(seconds=seconds, val_loss=val_loss, samples=steps * batch_size,
                           steps_per_worker=steps / world_size, bytes_per_worker=sent / world_size))
-    total_steps = sum(rank["steps"] for rank in ranks)
+    total_steps = sum(trained_per_rank)
     curve.append(dict(seconds=end_of_training, val_loss=ranks[0]["final_val_loss"], samples=total_steps * batch_size,
                       steps_per_worker=total_steps / world_size,
                       bytes_per_worker=sum(rank["bytes_total"] for rank in ranks) / world_size))
@@ -365,8 +397,9 @@ def merge_ranks(ranks: list[dict], batch_size: int) -> dict:
         final_val_loss=rank0["final_val_loss"],
         training_seconds=end_of_training,
         samples=total_steps * batch_size,
-        steps_per_rank=[rank["steps"] for rank in ranks],
-        seconds_per_step_per_rank=[rank["step_end_seconds"][-1] / rank["steps"] for rank in ranks],
+        steps_per_rank=trained_per_rank,
+        seconds_per_step_per_rank=[rank["step_end_seconds"][-1] / trained
+                                   for rank, trained in zip(ranks, trained_per_rank)],
         fit_seconds_per_rank=[rank["fit_seconds"] for rank in ranks],
         bytes_per_worker=sum(rank["bytes_total"] for rank in ranks) / world_size,
         slow_worker_slept_seconds=ranks[-1]["slept_seconds"],
@@ -390,7 +423,7 @@ def train(args: argparse.Namespace, world_size: int, netns: Optional[str], work_
     inner_steps = inner_steps_of(world_size, args)
     return {
         link: {
-            display_name(method, inner_steps): merge_ranks(
+            method.name(inner_steps): merge_ranks(
                 _char_lm.read_rank_records(out, index, link, world_size), args.batch_size
             )
             for index, method in enumerate(methods(args))
@@ -454,7 +487,8 @@ def summarize(runs: dict[str, dict], sync_name: str) -> dict[str, dict]:
             seconds_to_target=reached,
             speedup_to_target_vs_sync=None if reached is None else sync_seconds / reached,
             rounds_per_rank=last_logged(run, "async_diloco/rounds"),
-            inner_steps_per_rank=last_logged(run, "async_diloco/inner_steps"),
+            inner_steps_per_rank=[next((h for h in values if h is not None), None) for values in
+                                  zip(*(last_logged(run, name) for name in INNER_STEPS_METRICS))],
             mean_staleness=mean_staleness(run),
             slow_over_fast_seconds_per_step=slow_over_fast(run["seconds_per_step_per_rank"]),
             ranks_agree=run["ranks_agree"],
@@ -491,12 +525,11 @@ def judge_targets(summaries: dict[tuple[int, str], dict], sync_names: dict[int, 
 def results_table(summary: dict[str, dict], shaped: bool) -> str:
     header = ["method", "final val loss", "vs sync DiLoCo", "samples", "steps per rank", "MB sent+received/worker"]
     header += ["through the loopback (tc)"] if shaped else []
-    header += ["training s", "s to sync's final loss", "speed-up to it", "rounds per rank", "mean staleness",
-               "slow/fast s per step"]
+    header += ["training s", "s to sync's final loss", "speed-up to it", "rounds per rank", "last H per rank",
+               "mean staleness", "slow/fast s per step"]
     rows = []
     for name, row in summary.items():
         reached = row["seconds_to_target"] is not None
-        rounds = row["rounds_per_rank"]
         cells = [
             name,
             f"{row['final_val_loss']:.4f}",
@@ -510,12 +543,18 @@ def results_table(summary: dict[str, dict], shaped: bool) -> str:
             f"{row['training_seconds']:.1f}",
             f"{row['seconds_to_target']:.1f}" if reached else "not reached",
             f"{row['speedup_to_target_vs_sync']:.2f}x" if reached else "-",
-            "/".join("-" if r is None else f"{r:.0f}" for r in rounds) if any(r is not None for r in rounds) else "-",
+            per_rank(row["rounds_per_rank"]),
+            per_rank(row["inner_steps_per_rank"]),
             "-" if row["mean_staleness"] is None else f"{row['mean_staleness']:.2f}",
             f"{row['slow_over_fast_seconds_per_step']:.2f}",
         ]
         rows.append(cells)
     return markdown_table(header, rows)
+
+
+def per_rank(values: list[Optional[float]]) -> str:
+    """``"13/7"``: one whole number per rank; ``-`` where none was logged."""
+    return "/".join("-" if v is None else f"{v:.0f}" for v in values) if any(v is not None for v in values) else "-"
 
 
 def targets_table(verdicts: list[dict]) -> str:
@@ -547,7 +586,7 @@ def plot(runs: dict[int, dict[str, dict]], sync_names: dict[int, str], path: Pat
     for row, link in zip(axes, link_names):
         for world_size, linestyle in zip(sorted(runs), ("-", "--")):
             for name, run in runs[world_size][link].items():
-                color = colors.setdefault(name.split(" H=")[0], f"C{len(colors)}")
+                color = colors.setdefault(re.sub(r" H=\d+", "", name), f"C{len(colors)}")
                 for ax, (key, _, _) in zip(row, AXES):
                     x = [point[key] / (1e6 if key == "bytes_per_worker" else 1) for point in run["curve"]]
                     ax.plot(x, [point["val_loss"] for point in run["curve"]], color=color, linestyle=linestyle,
@@ -623,7 +662,7 @@ def main() -> None:
         runs, link, unavailable = _dist.on_shaped_link(args.rate_mbit, args.probe_mb, args.no_shaping, train_on)
 
     shaped = unavailable is None
-    sync_names = {ws: display_name(Method("diloco"), inner_steps_of(ws, args)) for ws in args.workers}
+    sync_names = {ws: Method("diloco").name(inner_steps_of(ws, args)) for ws in args.workers}
     summaries = {(ws, link_name): summarize(runs[ws][link_name], sync_names[ws])
                  for ws in args.workers for link_name in links(shaped)}
     verdicts = judge_targets(summaries, sync_names, args.slowdown)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -49,6 +50,7 @@ def rank_record(start, step_ends, sent_per_step, received_per_step, fit_seconds,
         bytes_received=[received_per_step * (i + 1) for i in range(steps)],
         bytes_total=(sent_per_step + received_per_step) * steps,
         fit_seconds=fit_seconds, slept_seconds=None, logged={}, loopback_bytes=[], parameter_checksum=1.0,
+        trained=[True] * steps,
     )
     return {**record, **extra}
 
@@ -70,6 +72,34 @@ def test_curve_points_count_what_every_rank_had_finished_on_one_clock(bench):
                          bytes_per_worker=(4 * 10 + 2 * 200) / 2)
     assert run["slow_worker_slept_seconds"] == 2.0 and run["ranks_agree"]
     assert run["seconds_per_step_per_rank"] == [4.0 / 4, 3.5 / 2]
+
+
+def test_idle_steps_of_synchronous_dynamic_h_count_no_samples_and_no_steps(bench):
+    # Both ranks step at the same times; rank 1 (the slow one) trained its first step of each round of 2 only.
+    rank0 = rank_record(100.0, [1.0, 2.0, 3.0, 4.0], 10, 10, 4.0,
+                        snapshot_seconds=[2.0], snapshot_val_loss=[3.0], final_val_loss=2.4)
+    rank1 = rank_record(100.0, [1.0, 2.0, 3.0, 4.0], 10, 10, 4.0, trained=[True, False, True, False])
+    run = bench.merge_ranks([rank0, rank1], batch_size=8)
+    at_2s, final = run["curve"]
+    assert at_2s["samples"] == (2 + 1) * 8 and at_2s["steps_per_worker"] == 3 / 2
+    assert final["samples"] == run["samples"] == (4 + 2) * 8
+    assert run["steps_per_rank"] == [4, 2]
+    assert run["seconds_per_step_per_rank"] == [4.0 / 4, 4.0 / 2]  # seconds per step trained
+
+
+def test_a_row_is_a_kind_and_the_strategys_options(bench):
+    from lightning_converge.strategies import AsyncDiLoCoStrategy, DiLoCoStrategy
+
+    args = SimpleNamespace(outer_lr=0.7, outer_momentum=0.5, delayed_period=None, staleness_penalty=0.5)
+    dynamic = bench.Method("diloco", options=(("dynamic_inner_steps", True),))
+    assert dynamic.name(20) == "diloco H=20 + dynamic H" and bench.Method("diloco").name(20) == "diloco H=20"
+    strategy = dynamic.strategy(20, args)
+    assert type(strategy) is DiLoCoStrategy and strategy._dynamic is not None
+    penalized = bench.Method("async", options=(("staleness_penalty", 0.5),))
+    assert penalized.name(20) == "async Delayed Nesterov + staleness penalty"
+    assert type(penalized.strategy(20, args)) is AsyncDiLoCoStrategy
+    names = [method.name(20) for method in bench.methods(args)]
+    assert len(set(names)) == len(names) and "diloco H=20 + dynamic H" in names
 
 
 def run_with_curve(points, samples=800):

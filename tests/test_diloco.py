@@ -906,7 +906,10 @@ def test_the_exchange_group_sees_the_same_collectives_in_the_same_order_on_every
     for code, log in exits:
         assert code == 0, log[-3000:]
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
-    for scenario, compressed in [("delayed_onebit", True), ("streaming_onebit", True), ("delayed_fp32", False)]:
+    for scenario in ["delayed_onebit", "streaming_onebit", "delayed_fp32", "dynamic_onebit", "dynamic_fp32"]:
+        compressed = scenario.endswith("onebit")
+        # dynamic_inner_steps: after each sync's exchange, the speeds' all-gather (one number a rank)
+        speeds = ["all_gather_into_tensor"] if scenario.startswith("dynamic") else []
         on_group = [
             [(thread, name, numel) for thread, name, group, numel in rank[scenario]["collectives"] if group == "exchange"]
             for rank in ranks
@@ -917,13 +920,16 @@ def test_the_exchange_group_sees_the_same_collectives_in_the_same_order_on_every
             assert len(threads) == 1 and threads.pop().startswith("diloco-exchange"), scenario
             # the 1-bit exchange: an all-to-all, then an all-gather, per sync
             names = [name for _, name, _ in on_group[0]]
-            assert names == ["all_to_all_single", "all_gather_into_tensor"] * (len(names) // 2), scenario
-            helper_threads = ranks[0][scenario]["device_helper_threads"]
-            assert len(helper_threads) == len(names) // 2, scenario
+            per_sync = ["all_to_all_single", "all_gather_into_tensor", *speeds]
+            assert names == per_sync * (len(names) // len(per_sync)), scenario
+            helper_threads = ranks[0][scenario]["device_helper_threads"]  # one per exchange, one per all-gather
+            assert len(helper_threads) == len(names) // len(per_sync) * (1 + len(speeds)), scenario
             assert all(thread.startswith("diloco-exchange") for thread in helper_threads), scenario
         else:
             assert threads == {"MainThread"}, scenario
-            assert {name for _, name, _ in on_group[0]} == {"all_reduce"}, scenario
+            names = [name for _, name, _ in on_group[0]]
+            per_sync = ["all_reduce", *speeds]
+            assert names == per_sync * (len(names) // len(per_sync)), scenario
             assert ranks[0][scenario]["device_helper_threads"] == [], scenario
 
 

@@ -70,7 +70,8 @@ def test_callbacks_under_fsdp2_train_ddps_model(ranks, run):
 @pytest.mark.distributed
 def test_second_epoch_changed_the_model_and_state_is_saved_whole(ranks):
     """The resumed runs' equality means something: the second epoch (the part they resume) changed the
-    model. The state the callbacks save is the full tensors, also of a parameter whose shard is empty."""
+    model. The callbacks' state (gathered by the script) has the full shapes, also of a parameter whose shard
+    is empty."""
     results = ranks[0]
     assert any(
         not torch.equal(a, b) for a, b in zip(results["first"]["params"].values(), results["fsdp"]["params"].values())
@@ -81,8 +82,8 @@ def test_second_epoch_changed_the_model_and_state_is_saved_whole(ranks):
 
 @pytest.mark.distributed
 def test_checkpoint_saved_during_validation_keeps_the_live_weights(ranks):
-    """Saved while validation holds EMA's average in the shards: the live weights (gathered) under
-    ``live_state_dict``, the average under ``ema_state_dict``, both full tensors."""
+    """Saved while validation holds EMA's average in the shards: the live weights under ``live_state_dict``,
+    the average under ``ema_state_dict`` (sharded in a distributed checkpoint, read back as full tensors)."""
     for results in ranks:
         during = results["fsdp"]["during_validation"]
         assert_same(during["live"], during["saved_live"], "live_state_dict")

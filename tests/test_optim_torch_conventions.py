@@ -4,7 +4,7 @@ optimizer, checked here of every rule of this pack, with and without cautious ma
 every backend (triton under its interpreter, hence the tiny tensors).
 
 Behaviours that do not depend on the backend or the masking (hooks, argument checks) run
-once per rule. Every test compares against an independent run: the same optimizer without
+once per rule. Muon, which takes named parameters, joins the tests whose inputs fit it. Every test compares against an independent run: the same optimizer without
 the interruption, ``torch.optim.AdamW``, or the parameters' real view.
 """
 
@@ -20,7 +20,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from lightning_converge.kernels.dispatch import triton_available
-from lightning_converge.optim import ADOPT, AdEMAMix, Adan, AdamW, Lion, ScheduleFreeAdamW, ScheduleFreeSGD
+from lightning_converge.optim import ADOPT, AdEMAMix, Adan, AdamW, Lion, Muon, ScheduleFreeAdamW, ScheduleFreeSGD
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
@@ -36,6 +36,15 @@ HYPERPARAMETERS = {
     ScheduleFreeAdamW: dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, warmup_steps=2),
     ScheduleFreeSGD: dict(lr=1e-2, weight_decay=0.1, warmup_steps=2),
 }
+
+# Optimizers that take named parameters (or groups saying which rule each takes), not a plain list:
+# `make` names the parameters as a module would. Muon: the (7, 2) matrix goes to Muon, the 3-D
+# tensor to its AdamW part. They join the tests below where the test's inputs fit them.
+NAMED_HYPERPARAMETERS = {
+    Muon: dict(lr=2e-2, momentum=0.9, weight_decay=0.1, adamw_lr=1e-2, adamw_weight_decay=0.0),
+}
+NAMED_RULES = [pytest.param(cls, id=cls.__name__) for cls in NAMED_HYPERPARAMETERS]
+NAMED_CONFIGS = [pytest.param(cls, False, id=cls.__name__) for cls in NAMED_HYPERPARAMETERS]
 
 
 def has_option(cls, name: str) -> bool:
@@ -81,7 +90,14 @@ def run(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], steps: int
 def make(cls, params, cautious=False, backend="reference", **overrides) -> torch.optim.Optimizer:
     if cautious:
         overrides["cautious"] = True
+    if cls in NAMED_HYPERPARAMETERS:
+        named = [(f"blocks.{index}.weight", p) for index, p in enumerate(params)]
+        return cls(named, backend=backend, **{**NAMED_HYPERPARAMETERS[cls], **overrides})
     return cls(params, backend=backend, **{**HYPERPARAMETERS[cls], **overrides})
+
+
+def all_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def assert_same(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
@@ -103,7 +119,7 @@ def _copies(optimizer, params):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("cls, cautious", CONFIGS)
+@pytest.mark.parametrize("cls, cautious", CONFIGS + NAMED_CONFIGS)
 def test_copies_keep_every_attribute_and_continue_identically(cls, cautious, backend):
     params = make_params()
     optimizer = make(cls, params, cautious, backend)
@@ -112,7 +128,9 @@ def test_copies_keep_every_attribute_and_continue_identically(cls, cautious, bac
     for how, duplicate in _copies(optimizer, params):
         assert {k for k in vars(duplicate) if not k.startswith("_")} == public, how
         assert duplicate.backend == backend, how
-        copied_params = duplicate.param_groups[0]["params"]
+        # The copies of `params`, in their order (Muon's groups hold them in another).
+        copies = dict(zip(map(id, all_params(optimizer)), all_params(duplicate)))
+        copied_params = [copies[id(p)] for p in params]
         expected = clone_params(params)
         reference = make(cls, expected, cautious, backend)
         reference.load_state_dict(copy.deepcopy(optimizer.state_dict()))
@@ -125,7 +143,7 @@ def test_copies_keep_every_attribute_and_continue_identically(cls, cautious, bac
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("cls, cautious", CONFIGS)
+@pytest.mark.parametrize("cls, cautious", CONFIGS + NAMED_CONFIGS)
 def test_state_dict_round_trip_continues_identically(cls, cautious, backend):
     """torch's test_state_dict_deterministic: save, load into a fresh optimizer over equal
     parameters, continue both; the loaded dict is left as it was."""
@@ -145,7 +163,7 @@ def test_state_dict_round_trip_continues_identically(cls, cautious, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("cls, cautious", CONFIGS)
+@pytest.mark.parametrize("cls, cautious", CONFIGS + NAMED_CONFIGS)
 def test_state_dict_with_number_steps_loads(cls, cautious, backend):
     """torch's test_load_nontensor_step: older checkpoints hold ``step`` as a Python number."""
     params = make_params()
@@ -153,7 +171,8 @@ def test_state_dict_with_number_steps_loads(cls, cautious, backend):
     run(optimizer, params, steps=2)
     saved = copy.deepcopy(optimizer.state_dict())
     for state in saved["state"].values():
-        state["step"] = state["step"].item()
+        if "step" in state:  # Muon's momentum has none
+            state["step"] = state["step"].item()
     loaded_params = clone_params(params)
     loaded = make(cls, loaded_params, cautious, backend)
     loaded.load_state_dict(saved)
@@ -229,7 +248,7 @@ def test_load_state_dict_post_hook_changes_stay(cls):
     assert target.param_groups[0]["lr"] == 0.25
 
 
-@pytest.mark.parametrize("cls", RULES)
+@pytest.mark.parametrize("cls", RULES + NAMED_RULES)
 def test_state_dict_hooks(cls):
     """torch's test_state_dict_pre_hook / post_hook: both run, the post-hook's dict is returned."""
     optimizer = make(cls, make_params())
@@ -366,7 +385,7 @@ def test_param_groups_with_their_own_hyperparameters(cls, cautious, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("cls, cautious", CONFIGS)
+@pytest.mark.parametrize("cls, cautious", CONFIGS + NAMED_CONFIGS)
 def test_step_without_gradients_changes_nothing(cls, cautious, backend):
     """torch's test_step_is_noop_when_params_have_no_grad."""
     params = make_params()
@@ -378,7 +397,7 @@ def test_step_without_gradients_changes_nothing(cls, cautious, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("cls, cautious", CONFIGS)
+@pytest.mark.parametrize("cls, cautious", CONFIGS + NAMED_CONFIGS)
 def test_zero_gradients_without_weight_decay_change_nothing(cls, cautious, backend):
     """torch's test_step_is_noop_for_zero_grads."""
     params = make_params()
@@ -391,7 +410,7 @@ def test_zero_gradients_without_weight_decay_change_nothing(cls, cautious, backe
     assert_same(params, before)
 
 
-@pytest.mark.parametrize("cls", RULES)
+@pytest.mark.parametrize("cls", RULES + NAMED_RULES)
 def test_zero_grad(cls):
     params = make_params()
     optimizer = make(cls, params)
@@ -402,7 +421,7 @@ def test_zero_grad(cls):
     assert all(p.grad is None for p in params)
 
 
-@pytest.mark.parametrize("cls, cautious", CONFIGS)
+@pytest.mark.parametrize("cls, cautious", CONFIGS + NAMED_CONFIGS)
 def test_step_with_closure(cls, cautious):
     model = torch.nn.Linear(4, 2)
     optimizer = make(cls, model.parameters(), cautious)
@@ -424,7 +443,7 @@ def test_step_with_closure(cls, cautious):
     assert not torch.equal(before, model.weight)
 
 
-@pytest.mark.parametrize("cls", RULES)
+@pytest.mark.parametrize("cls", RULES + NAMED_RULES)
 def test_step_hooks(cls):
     """torch's test_step_pre_hook / post_hook / all_hooks: the pre-hook sees the parameters
     before the update, the post-hook after; global hooks run outside the optimizer's own."""
@@ -449,18 +468,18 @@ def test_step_hooks(cls):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("cls", RULES)
+@pytest.mark.parametrize("cls", RULES + NAMED_RULES)
 def test_tensor_lr_equals_float_lr(cls, backend):
     """torch's test_tensor_lr: a 0-d tensor learning rate acts as the number."""
     params = make_params()
     tensor_params = clone_params(params)
     run(make(cls, params, backend=backend), params, steps=2)
-    lr = torch.tensor(HYPERPARAMETERS[cls]["lr"])
+    lr = torch.tensor({**HYPERPARAMETERS, **NAMED_HYPERPARAMETERS}[cls]["lr"])
     run(make(cls, tensor_params, backend=backend, lr=lr), tensor_params, steps=2)
     assert_same(tensor_params, params)
 
 
-@pytest.mark.parametrize("cls", RULES)
+@pytest.mark.parametrize("cls", RULES + NAMED_RULES)
 def test_optimizer_can_be_printed(cls):
     assert cls.__name__ in repr(make(cls, make_params()))
 
@@ -555,3 +574,16 @@ def test_torch_error_inputs_for_parameters(cls):
 def test_rule_specific_arguments_are_checked(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls([_tensor()], **kwargs)
+
+
+def test_muon_error_inputs_for_parameters():
+    """torch's error inputs where Muon's input admits them: no parameters is torch's error (not the
+    plain-list one), a parameter in two groups or twice in one is refused."""
+    sample = torch.nn.Parameter(torch.randn(2, 2))
+    for empty in ([], iter([]), torch.nn.Module().named_parameters()):
+        with pytest.raises(ValueError, match="optimizer got an empty parameter list"):
+            Muon(empty)
+    with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
+        Muon([{"params": [sample], "use_muon": True}, {"params": [sample], "use_muon": False}])
+    with pytest.raises(ValueError, match="parameter group 0 holds the same parameter twice"):
+        Muon([("blocks.0.weight", sample), ("blocks.1.weight", sample)])

@@ -69,8 +69,10 @@ weights as they are, sharded through the distributed checkpoint or gathered on
 rank 0: the live weights, or the average while evaluation holds it, the live
 weights then under ``"live_state_dict"``), never replaced by the average. The
 average under :attr:`checkpoint_key`, the live weights under ``"live_state_dict"``
-and the callback's ``state_dict()`` hold full tensors, gathered when the
-checkpoint is saved, and a resumed fit cuts each rank's shards out of them.
+and the callback's ``state_dict()`` hold DTensor views of each rank's shards: a
+distributed checkpoint writes them sharded, a single-file one gathers them, and a
+resumed fit (on any number of ranks) takes each rank's shards of them
+(:mod:`lightning_converge.sharding`).
 DeepSpeed is not supported.
 """
 
@@ -90,12 +92,13 @@ from lightning_converge.kernels.dispatch import validate_backend
 from lightning_converge.kernels.finite import all_finite
 from lightning_converge.sharding import (
     any_sharded,
-    full_state_dict,
-    full_states,
-    load_full_state_dict,
+    attach,
+    load_module_state,
     local,
-    local_shard,
     reshard,
+    restored_state,
+    saved_state,
+    saved_states,
 )
 
 VALIDATE_WITH = ("average", "live")
@@ -222,15 +225,24 @@ class AveragingCallback(Callback):
         self._tracked = {}
 
     def _restored(self, name: str, state: Tensor) -> Tensor:
-        """A restored state of the tracked tensor ``name`` (a full tensor), as the callback keeps it: this
-        rank's shard when the tensor is sharded, on the state's device."""
+        """A restored state of the tracked tensor ``name`` (a full tensor, or a DTensor when sharded), as the
+        callback keeps it: this rank's shard when the tensor is sharded, on the state's device."""
         tracked = self._tracked[name]
-        return local_shard(state, tracked).to(self._state_device(local(tracked)))
+        return restored_state(state, tracked).to(self._state_device(local(tracked)))
 
     def _saved(self, states: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Per-tensor states by name, as ``state_dict`` saves them: full tensors (shards gathered: every rank
-        saves a checkpoint, so every rank calls this)."""
-        return full_states(states, self._tracked)
+        """Per-tensor states by name, as ``state_dict`` saves them: DTensor views of this rank's shards where
+        the tensor is sharded (no gather; the checkpoint's strategy writes them, :mod:`lightning_converge.sharding`)."""
+        return saved_states(states, self._tracked)
+
+    def _sharded_state_with(self, state: Mapping[str, Tensor], shards: list[Tensor]) -> dict[str, Tensor]:
+        """A module state dict ``state`` (sharded) with ``shards`` (this rank's, in ``_names`` order, cast to the
+        tensors' dtypes) as the tracked tensors, as DTensors: nothing is gathered."""
+        replaced = {
+            name: saved_state(shard.to(live.dtype), self._tracked[name])
+            for name, shard, live in zip(self._names, shards, self._live)
+        }
+        return {**state, **replaced}
 
     def _track(self, pl_module: pl.LightningModule) -> None:
         """Collect the tensors to average from ``pl_module``, once per module and restore."""
@@ -370,23 +382,28 @@ class AveragingCallback(Callback):
         if self.checkpoint_key in checkpoint:  # full checkpoint: on_save_checkpoint, called first, wrote it
             return
         swapped = self._stash is not None  # saved during evaluation, the average swapped in
-        self._swap_in(pl_module)
-        average = full_state_dict(pl_module.state_dict())  # sharded: gathered (every rank saves)
-        self._swap_out()
+        self._track(pl_module)
         if self._sharded:
-            # Lightning's state_dict holds the model as it is: the live weights, or the average while it is
-            # swapped in for evaluation, and then the live weights go beside it (gathered).
-            live = full_state_dict(pl_module.state_dict()) if swapped else None
+            # DTensors of this rank's shards, nothing gathered. Lightning's state_dict holds the model as it
+            # is: the live weights, or the average while it is swapped in for evaluation, and then the live
+            # weights go beside it.
+            state = {name: tensor.detach() for name, tensor in pl_module.state_dict().items()}
+            averaged = self._average()
+            average = self._sharded_state_with(state, self._followed if averaged is None else averaged)
+            live = self._sharded_state_with(state, self._stash) if swapped else None
         else:
+            self._swap_in(pl_module)
+            average = pl_module.state_dict()
+            self._swap_out()
             # The strategy's view of the live weights: under DiLoCo the global parameters, not this worker's.
             live = pl_module.trainer.strategy.lightning_module_state_dict()
-        if swapped:
-            self._swap_in(pl_module)
+            if swapped:
+                self._swap_in(pl_module)
         checkpoint[self.checkpoint_key] = average
         full = "optimizer_states" in checkpoint  # not weights-only: it can resume training
         if self._kept_live is not None:  # the model holds the average since train end
             if full:
-                checkpoint[LIVE_STATE_DICT_KEY] = full_state_dict(self._kept_live)
+                checkpoint[LIVE_STATE_DICT_KEY] = dict(self._kept_live)
         elif self.validate_with == "average":
             if not self._sharded:
                 checkpoint["state_dict"] = average
@@ -416,6 +433,7 @@ class AveragingCallback(Callback):
             self._kept_live = None
             self._followed_version = None
         _SaveCheckpointHook.add(pl_module, self._write_averaged_weights)
+        attach(trainer.strategy)  # sharded state: saved through the distributed checkpoint, or gathered
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_step = trainer.global_step
@@ -457,7 +475,7 @@ class AveragingCallback(Callback):
         # state_dict, which Lightning has just loaded, is the average: training goes on from the live weights,
         # validate/test/predict(ckpt_path=...) evaluate the checkpoint's model.
         if live is not None and trainer.state.fn == TrainerFn.FITTING:
-            load_full_state_dict(pl_module, live)
+            load_module_state(pl_module, live)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]

@@ -13,7 +13,7 @@ from lightning_converge.kernels.dispatch import ScalarSlots, validate_backend
 from lightning_converge.kernels.finite import all_finite
 from lightning_converge.kernels.grokfast import grokfast_ema
 from lightning_converge.schedules import ScheduleLike, as_schedule
-from lightning_converge.sharding import full, full_states, local, local_shard
+from lightning_converge.sharding import attach, local, restored_state, saved_states
 
 FILTERS = ("ema", "ma")
 FILTER_TYPES = ("mean", "sum")
@@ -55,10 +55,12 @@ class Grokfast(pl.Callback):
     never references to the live ``.grad`` tensors, which are zeroed in place or freed.
 
     Sharded parameters (FSDP2's DTensors): the filter works on each rank's shard of the
-    gradients, its state has the shards' shapes, and a step sends nothing; the state
-    is gathered into full tensors when a checkpoint is saved and cut into this rank's
-    shards when training resumes. ``grokfast/slow_norm`` is then the norm over this
-    rank's shards (rank 0's is logged), not over the whole gradients.
+    gradients, its state has the shards' shapes, and a step sends nothing; a checkpoint
+    holds the state sharded (a distributed checkpoint, each rank writing its shards) or
+    gathered into full tensors (a single-file one), and a resumed run (on any number of
+    ranks) takes this rank's shards of it (:mod:`lightning_converge.sharding`).
+    ``grokfast/slow_norm`` is then the norm over this rank's shards (rank 0's is logged),
+    not over the whole gradients.
 
     State, by parameter name, in :meth:`state_dict` (tensors and plain values only),
     so a resumed run continues exactly. Under strategies where each rank steps on
@@ -103,6 +105,11 @@ class Grokfast(pl.Callback):
         self._params: dict[str, Tensor] = {}  # the module's parameters by name, as it holds them (DTensors or not)
         self._scalars = ScalarSlots()  # alpha and lamb on the gradients' device, refilled each step
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Fires at the start of every stage, before a checkpoint is restored: sharded state in checkpoints
+        goes through the strategy's distributed checkpoint (:func:`~lightning_converge.sharding.attach`)."""
+        attach(trainer.strategy)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Fires once, after the strategy moved the model and any checkpoint was restored:
         map parameters to their names and move restored state next to its parameter."""
@@ -113,13 +120,11 @@ class Grokfast(pl.Callback):
             for name, tensor in states.items():
                 if name not in params:
                     raise ValueError(f"Grokfast state names parameter {name!r}, which the model does not have")
-                states[name] = local_shard(tensor, params[name]).to(params[name].device)
+                states[name] = restored_state(tensor, params[name]).to(params[name].device)
         for name, window in self._window.items():  # (window_size, *shape): cut each slot
             if name not in params:
                 raise ValueError(f"Grokfast state names parameter {name!r}, which the model does not have")
-            self._window[name] = torch.stack([local_shard(slot, params[name]) for slot in window]).to(
-                params[name].device
-            )
+            self._window[name] = restored_state(window, params[name], leading=1).to(params[name].device)
         for name, count in self._pushed.items():  # the MA ring's position, one count per parameter
             if name not in params:
                 raise ValueError(f"Grokfast state names parameter {name!r}, which the model does not have")
@@ -187,17 +192,15 @@ class Grokfast(pl.Callback):
         return slows
 
     def state_dict(self) -> dict[str, Any]:
-        """The state by parameter name; shards of sharded parameters gathered (every rank saves)."""
+        """The state by parameter name; for sharded parameters DTensors of this rank's shards (nothing gathered:
+        :mod:`lightning_converge.sharding`)."""
         if self.filter == "ema":
-            return {"filter": "ema", "slow": full_states(self._slow, self._params)}
+            return {"filter": "ema", "slow": saved_states(self._slow, self._params)}
         return {
             "filter": "ma",
             "window_size": self.window_size,
-            "window": {
-                name: torch.stack([full(slot, self._params[name]) if name in self._params else slot for slot in window])
-                for name, window in self._window.items()
-            },
-            "window_sum": full_states(self._window_sum, self._params),
+            "window": saved_states(self._window, self._params, leading=1),
+            "window_sum": saved_states(self._window_sum, self._params),
             "pushed": dict(self._pushed),
         }
 
@@ -207,7 +210,7 @@ class Grokfast(pl.Callback):
                 f"the checkpoint holds Grokfast state of filter={state_dict['filter']!r}, "
                 f"but this callback has filter={self.filter!r}"
             )
-        self._params = {}  # the restored state is full: nothing to gather until training starts
+        self._params = {}  # the restored state is not this rank's shards until training starts
         if self.filter == "ema":
             self._slow = dict(state_dict["slow"])
             return

@@ -26,12 +26,13 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import lightning.pytorch as pl
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import Tensor
 
 from lightning_converge.callbacks.averaging import AveragingCallback, accumulation_dtype, is_count
 from lightning_converge.kernels.dispatch import ScalarSlots, math_dtype
 from lightning_converge.kernels.ema import ema_update
-from lightning_converge.sharding import local_shard, reshard
+from lightning_converge.sharding import full, reshard, restored_state
 
 #: The largest ``sigma_rel`` a power-function profile has (at ``gamma`` = -0.382).
 MAX_SIGMA_REL = 0.3003
@@ -93,7 +94,8 @@ class PostHocEMA(AveragingCallback):
             ``fit``, checkpoints and ``keep_average_on_train_end`` use.
         every_n_steps: a snapshot of every profile after every ``every_n_steps``-th optimizer step
             (``trainer.global_step`` a multiple of it), and one when training ends.
-        snapshot_dir: where snapshots go, one file per snapshot (``step=<t>.pt``), written by global rank 0;
+        snapshot_dir: where snapshots go, one file per snapshot (``step=<t>.pt``), written by global rank 0
+            (sharded parameters: one distributed-checkpoint directory ``step=<t>``, every rank its shards);
             it must be visible to every rank that reconstructs (a shared filesystem). None: kept in host
             memory on every rank, and saved in checkpoints.
         snapshot_dtype: None (the profiles' dtype, fp32 for fp32/bf16/fp16 weights), ``"bfloat16"`` or
@@ -138,6 +140,15 @@ class PostHocEMA(AveragingCallback):
       update; with ``snapshot_dir``, waits for rank 0's writes (a barrier) so every rank can read them.
 
     Under DDP every rank updates the same (synchronized) weights and decides alike from ``global_step``.
+
+    Sharded parameters (FSDP2): the profiles and the snapshots hold each rank's shards; nothing is gathered
+    during training. In memory, every rank keeps its own shards of each snapshot (checkpoints hold them as
+    the other sharded state, :mod:`lightning_converge.sharding`); with ``snapshot_dir`` each snapshot is a
+    distributed-checkpoint directory ``step=<t>`` to which every rank writes its shards (readable by another
+    number of ranks). :meth:`swap_in` and :meth:`evaluate` combine the shards on each rank and gather nothing;
+    :meth:`reconstruct` combines them on each rank, then gathers the result into full tensors (one all-gather
+    per tensor: every rank calls it).
+
     Under DiLoCo / Streaming DiLoCo the profiles follow the global parameters at every step (constant
     between outer steps: the profile is that of the global parameters' trajectory).
 
@@ -219,6 +230,12 @@ class PostHocEMA(AveragingCallback):
             self._profiles = [
                 {name: self._restored(name, profile[name]) for name in self._names} for profile in self._profiles
             ]
+            for snapshot in self._snapshots:  # this rank's shards, kept on the host
+                if "profiles" in snapshot:
+                    snapshot["profiles"] = [
+                        {name: restored_state(profile[name], self._tracked[name]).cpu() for name in self._names}
+                        for profile in snapshot["profiles"]
+                    ]
         else:
             self._profiles = [
                 {
@@ -283,21 +300,24 @@ class PostHocEMA(AveragingCallback):
     def _take_snapshot(self, trainer: pl.Trainer, final: bool = False) -> None:
         """Store every profile as it is now, on the host: in memory on every rank, or in a file by rank 0.
         ``final``: taken because training ended, off the ``every_n_steps`` grid (dropped if training resumes).
-        Sharded profiles are gathered first (every rank takes the snapshot): a snapshot is a full model."""
+        Sharded profiles: each rank keeps its own shards, or writes them into the snapshot's distributed
+        checkpoint (every rank takes the snapshot); nothing is gathered."""
         entry: dict[str, Any] = {"step": self._num_updates, "final": final}
-        profiles = [self._saved(profile) for profile in self._profiles]
         if self.snapshot_dir is not None:
-            entry["path"] = str(self.snapshot_dir / f"step={self._num_updates}.pt")
-            if not trainer.is_global_zero:
+            name = f"step={self._num_updates}" + ("" if self._sharded else ".pt")
+            entry["path"] = str(self.snapshot_dir / name)
+            if not (trainer.is_global_zero or self._sharded):
                 self._snapshots.append(entry)
                 return
         dtype = None if self.snapshot_dtype is None else SNAPSHOT_DTYPES[self.snapshot_dtype]
         profiles = [
             {name: average.to("cpu", dtype=dtype or average.dtype, copy=True) for name, average in profile.items()}
-            for profile in profiles
+            for profile in self._profiles
         ]
         if self.snapshot_dir is None:
             entry["profiles"] = profiles
+        elif self._sharded:
+            dcp.save({"profiles": [self._saved(profile) for profile in profiles]}, checkpoint_id=entry["path"])
         else:
             self.snapshot_dir.mkdir(parents=True, exist_ok=True)
             torch.save(
@@ -313,9 +333,22 @@ class PostHocEMA(AveragingCallback):
         return [snapshot["step"] for snapshot in self._snapshots]
 
     def _snapshot_profiles(self, snapshot: Mapping[str, Any]) -> list[dict[str, Tensor]]:
+        """A snapshot's profiles on the host: full tensors, or this rank's shards when sharded."""
         if "profiles" in snapshot:
             return snapshot["profiles"]
-        return torch.load(snapshot["path"], map_location="cpu", weights_only=True)["profiles"]
+        if not Path(snapshot["path"]).is_dir():
+            return torch.load(snapshot["path"], map_location="cpu", weights_only=True)["profiles"]
+        # A distributed checkpoint: each rank reads its shards, sharded as the parameters are now.
+        dtype = None if self.snapshot_dtype is None else SNAPSHOT_DTYPES[self.snapshot_dtype]
+        shards = [
+            {
+                name: torch.empty_like(average, dtype=dtype or average.dtype, device="cpu")
+                for name, average in profile.items()
+            }
+            for profile in self._profiles
+        ]
+        dcp.load({"profiles": [self._saved(profile) for profile in shards]}, checkpoint_id=snapshot["path"])
+        return shards
 
     @torch.no_grad()
     def reconstruct(self, sigma_rel: float, step: Optional[int] = None) -> dict[str, Tensor]:
@@ -326,7 +359,21 @@ class PostHocEMA(AveragingCallback):
         Its error is that of the profile fit, ``sum_tau (p_hat(tau) - p(tau)) * weights(tau)``: small when
         ``sigma_rel`` lies between (or near) the tracked ones and snapshots are dense (the paper's Figure 5).
         A snapshot's file is read once per call, one at a time.
+
+        Sharded parameters: each rank combines its shards, then the result is gathered (an all-gather per
+        tensor: every rank calls it); :meth:`swap_in` and :meth:`evaluate` use the shards, gathering nothing.
         """
+        shards = self._reconstruct_shards(sigma_rel, step)
+        if not self._sharded:
+            return shards
+        return {
+            name: full(shard, self._tracked[name]).cpu() if name in self._tracked else shard
+            for name, shard in shards.items()
+        }
+
+    @torch.no_grad()
+    def _reconstruct_shards(self, sigma_rel: float, step: Optional[int]) -> dict[str, Tensor]:
+        """:meth:`reconstruct` of this rank's shards (the full tensors when nothing is sharded)."""
         sigma_rel = _checked_sigma_rel(sigma_rel, "sigma_rel")
         if not self._snapshots:
             raise RuntimeError("PostHocEMA: no snapshots yet: reconstruct after fit (or after a snapshot is taken)")
@@ -359,9 +406,9 @@ class PostHocEMA(AveragingCallback):
         and ``trainer.validate`` / ``test`` with this callback evaluate it; on exit the module gets the
         weights it held before back. The tensors keep their identity, as during evaluation with an average;
         sharded parameters get their shards of it copied in place."""
-        reconstructed = self.reconstruct(sigma_rel, step)
         self._track(pl_module)
-        self._selected = [local_shard(reconstructed[name], self._tracked[name]) for name in self._names]
+        reconstructed = self._reconstruct_shards(sigma_rel, step)
+        self._selected = [reconstructed[name] for name in self._names]
         if self._sharded:
             reshard(pl_module)
         before = [tensor.clone() if self._sharded else tensor.data for tensor in self._live]
@@ -422,7 +469,13 @@ class PostHocEMA(AveragingCallback):
             "sigma_rels": list(self.sigma_rels),
             "num_updates": self._num_updates,
             "profiles": [self._saved(profile) for profile in self._profiles],
-            "snapshots": [dict(snapshot) for snapshot in self._snapshots],
+            # In memory, sharded: each rank's shards, as DTensors (the checkpoint's strategy writes them).
+            "snapshots": [
+                {**snapshot, "profiles": [self._saved(profile) for profile in snapshot["profiles"]]}
+                if "profiles" in snapshot
+                else dict(snapshot)
+                for snapshot in self._snapshots
+            ],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -139,6 +139,8 @@ class Muon(FusedOptimizer):
             say ``use_muon`` (True: 2-D real parameters only). A module or named parameters
             are split by :func:`muon_parameter_groups` (which documents the rule). A plain
             list of tensors is refused: nothing in it tells an embedding from a hidden matrix.
+            From a LightningCLI ``optimizer:`` block, :class:`~lightning_converge.cli.ConvergeCLI`
+            passes ``named_parameters()`` (``takes_named_parameters``).
         lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn:
             the Muon groups' hyperparameters, as in ``torch.optim.Muon`` (``eps`` bounds the
             norm the iteration divides by).
@@ -148,6 +150,8 @@ class Muon(FusedOptimizer):
         backend: ``"auto"``, ``"reference"``, ``"compiled"`` or ``"triton"``, for both rules.
     """
 
+    # LightningCLI's `optimizer:` block builds it from named_parameters() under ConvergeCLI (cli.py).
+    takes_named_parameters = True
     # The AdamW groups run the base class's update: its kernel and state.
     kernel = adamw
     state_names = ("exp_avg", "exp_avg_sq")
@@ -207,14 +211,18 @@ class Muon(FusedOptimizer):
         if isinstance(params, Tensor):
             raise TypeError("Muon: params must be a module, its named_parameters() or parameter groups, got a tensor")
         params = list(params)
-        if params and all(isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) for item in params):
+        if not params:
+            return params  # torch.optim's own error: "optimizer got an empty parameter list"
+        if all(isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) for item in params):
             return muon_parameter_groups(params)
-        if params and all(isinstance(item, dict) for item in params):
+        if all(isinstance(item, dict) for item in params):
             return params
         raise TypeError(
             "Muon: params must be a module, its named_parameters(), or parameter groups (dicts) that each say "
             "use_muon=True/False; a plain list of tensors does not tell embeddings and heads (AdamW) from "
-            "hidden matrices (Muon)"
+            "hidden matrices (Muon). In configure_optimizers pass Muon(self, ...) or self.named_parameters() "
+            "(which torch.optim's optimizers accept too); for a LightningCLI `optimizer:` block use "
+            "lightning_converge.cli.ConvergeCLI (the `lightning-converge` command), which passes named_parameters()"
         )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

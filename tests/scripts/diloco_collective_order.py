@@ -65,6 +65,11 @@ SCENARIOS = {
     ),
     # no compressor: asynchronous all-reduces from the training thread
     "delayed_fp32": lambda: DiLoCoStrategy(inner_steps=3, delay=1, backend="reference"),
+    # dynamic local updates: the speeds' all-gather beside each sync's exchange
+    "dynamic_onebit": lambda: DiLoCoStrategy(
+        inner_steps=3, dynamic_inner_steps=True, compressor=onebit(), backend="reference"
+    ),
+    "dynamic_fp32": lambda: DiLoCoStrategy(inner_steps=3, dynamic_inner_steps=True, backend="reference"),
 }
 
 

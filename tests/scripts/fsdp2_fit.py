@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_converge import optim
 from lightning_converge.callbacks import EMA, LAWA, Anneal, GradES, Grokfast, PostHocEMA
-from lightning_converge.sharding import reshard
+from lightning_converge.sharding import read_checkpoint, reshard
 
 WIDTH = 8
 
@@ -182,8 +182,7 @@ def fit(
         "callbacks": {type(cb).__name__: full_state(cb.state_dict()) for cb in callbacks},
     }
     if saver is not None:
-        path = saver.path / "meta.pt" if save_distributed else saver.path  # Lightning's metadata file
-        saved = torch.load(path, weights_only=False)
+        saved = read_checkpoint(saver.path)  # a distributed checkpoint's sharded state read as full tensors
         result["during_validation"] = {
             **saver.record,
             "saved_live": saved["live_state_dict"],

@@ -50,6 +50,9 @@ of Lightning, so other local-SGD strategies can build on them:
   :class:`ShardedStreamingDiLoCoStrategy` (``strategy="streaming_diloco_fsdp"``);
 * :mod:`.streaming`: :class:`StreamingDiLoCoStrategy`, the engine's streaming
   options;
+* :mod:`.dynamic`: dynamic local updates for :class:`DiLoCoStrategy`
+  (``dynamic_inner_steps=True``): each worker's inner steps a round from the
+  speeds gathered at the last sync, and the clock that measures its speed;
 * :mod:`.async_outer`, :mod:`.async_protocol`, :mod:`.asynchronous`:
   :class:`AsyncDiLoCoStrategy` (``strategy="async_diloco"``, "Asynchronous Local-SGD
   Training for Language Modeling", Liu et al., 2024): the server's outer rules

@@ -36,6 +36,7 @@ from lightning_converge.comm import Compressor
 from lightning_converge.kernels import ema_update
 from lightning_converge.kernels.dispatch import ScalarSlots, validate_backend
 from lightning_converge.schedules import Schedule, as_schedule
+from lightning_converge.strategies.diloco.dynamic import DynamicInnerSteps
 from lightning_converge.strategies.diloco.exchange import PendingSync, PseudoGradientExchange, as_compressor
 from lightning_converge.strategies.diloco.fragments import Fragment, build_fragments, pieces_of
 from lightning_converge.strategies.diloco.outer import (
@@ -65,6 +66,8 @@ class DiLoCoEngine:
 
     # Workers step on their own gradients: Grokfast's state is saved per worker (see rank_state).
     gradients_differ_between_ranks = True
+    # Whether the strategy accepts dynamic_inner_steps=True (one fragment, synced at the round's end).
+    supports_dynamic_inner_steps = False
 
     def _init_engine(
         self,
@@ -76,11 +79,20 @@ class DiLoCoEngine:
         delay: int,
         outer_state_device: Union[str, torch.device],
         backend: str,
+        dynamic_inner_steps: bool = False,
     ) -> None:
         """Check the DiLoCo options (a clear error naming the argument) and keep them; called by the
         strategy's ``__init__``."""
         check_outer_options(outer_optimizer, outer_lr, outer_momentum)
         check_choice("delay", delay, (0, 1), owner=type(self).__name__)  # outer steps the outer update lags
+        check_choice("dynamic_inner_steps", dynamic_inner_steps, (False, True), owner=type(self).__name__)
+        if dynamic_inner_steps and not self.supports_dynamic_inner_steps:
+            raise ValueError(f"{type(self).__name__} does not support dynamic_inner_steps: use DiLoCoStrategy")
+        if dynamic_inner_steps and delay:
+            raise ValueError(
+                "dynamic_inner_steps=True needs delay=0: each round's inner steps come from the speeds that "
+                "travel with the sync before it, which delay=1 does not wait for"
+            )
         compressor = as_compressor(compressor)
         # A DiLoCo round is one fragment, applied at once, replacing the local values (Streaming sets its own).
         self._schedule = RoundSchedule(as_schedule(inner_steps, "inner_steps"))
@@ -91,9 +103,12 @@ class DiLoCoEngine:
         self._delay = delay
         self._outer_device = available_device(outer_state_device, "outer_state_device")
         self._backend = validate_backend(backend)
-        self._scalars = ScalarSlots()  # the mixing decay on the local parameters' device, refilled at each pull
+        # The mixing decay on the local parameters' device, refilled at each pull; an idle step's loss (nan).
+        self._scalars = ScalarSlots()
         self._mixing_alpha = 0.0
         self._fragment_assignment = "contiguous"
+        # This worker's inner steps in the current round and its speed (dynamic local updates), or None.
+        self._dynamic = DynamicInnerSteps() if dynamic_inner_steps else None
         if not callable(inner_steps):
             self._schedule.check_round_length(inner_steps)
 
@@ -181,15 +196,58 @@ class DiLoCoEngine:
                 f"{type(self).__name__} supports one inner optimizer, "
                 f"configure_optimizers returned {len(self.optimizers)}"
             )
+        if self._dynamic is not None:
+            if not trainer.lightning_module.automatic_optimization:
+                raise ValueError(
+                    f"{type(self).__name__}(dynamic_inner_steps=True) needs automatic optimization: its idle "
+                    "steps skip the module's training_step, which must not hold the optimizer steps"
+                )
+            # Lightning broadcasts rank 0's SIGTERM flag before every training batch: a collective that would
+            # make every worker wait for the slowest at every step. Each worker still stops on its own SIGTERM.
+            trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
         self._start_round()
 
 
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
-        """Fires for every step of the inner optimizer (automatic or manual optimization): the step,
-        then the syncs and outer updates the schedule puts after it."""
-        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        """Fires for every step of the inner optimizer (automatic or manual optimization): the step (an idle
+        one, with ``dynamic_inner_steps``, only runs the closure, whose training step it skips), then the
+        syncs and outer updates the schedule puts after it."""
+        if self._is_idle_step():
+            output = closure()
+        else:
+            output = super().optimizer_step(optimizer, closure, model, **kwargs)
         self._after_inner_step()
+        if self._dynamic is not None:
+            inner_steps = float(self._dynamic.inner_steps)
+            self.lightning_module.log("diloco/inner_steps", inner_steps, on_step=True, on_epoch=False)
         return output
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """Fires for every training batch: the module's ``training_step``, except in an idle step (with
+        ``dynamic_inner_steps``, past this worker's inner steps of the round), which returns
+        ``{"loss": nan, "idle": True}`` at once (Lightning refuses None under several processes; the
+        callbacks' ``outputs`` say which steps were idle)."""
+        if self._is_idle_step():
+            return {"loss": self._scalars("idle_loss", float("nan"), self.root_device), "idle": True}
+        return super().training_step(*args, **kwargs)
+
+    def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
+        """Fires after every training batch's ``training_step``: the backward pass (with its callbacks' hooks),
+        skipped in an idle step."""
+        if self._is_idle_step():
+            return closure_loss
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Fires before every training batch, after the callbacks' and the module's hooks: with
+        ``dynamic_inner_steps``, the clock that measures this worker's speed."""
+        if self._dynamic is not None:
+            self._dynamic.batch_starts(self._schedule.inner_step - self._schedule.round_start)
+
+    def _is_idle_step(self) -> bool:
+        """Whether the coming inner step is idle: this worker's dynamic inner steps of the round are done."""
+        schedule = self._schedule
+        return self._dynamic is not None and self._dynamic.is_idle(schedule.inner_step - schedule.round_start)
 
     def on_train_end(self) -> None:
         """Fires when ``fit`` finishes training (not on an exception), after the callbacks' ``on_train_end``:
@@ -256,12 +314,16 @@ class DiLoCoEngine:
         """Fires before each validation (the sanity check included), after the callbacks' hook: while the
         workers train local copies, the model evaluates the global parameters, the same on every worker
         and the model checkpoints save, unless a callback evaluates with an average of them (EMA or LAWA
-        with ``validate_with="average"``)."""
+        with ``validate_with="average"``). Validation does not count as training time for ``dynamic_inner_steps``."""
+        if self._dynamic is not None:
+            self._dynamic.pause()
         self._swap_in_global_parameters()
 
     def on_validation_end(self) -> None:
         """Fires after each validation, after the callbacks' hook: the local parameters come back."""
         self._swap_out_global_parameters()
+        if self._dynamic is not None:
+            self._dynamic.resume()
 
     def _swap_in_global_parameters(self) -> None:
         agreed = self.agreed_parameters()
@@ -318,6 +380,8 @@ class DiLoCoEngine:
         """Begin a round of inner steps at the current step (a schedule that takes ``lr`` reads the inner lr)."""
         lr = self.optimizers[0].param_groups[0]["lr"] if self._schedule.inner_steps_takes_lr else None
         self._schedule.start_round(lr)
+        if self._dynamic is not None:
+            self._dynamic.start_round(self._schedule.round_length, self.global_rank)
 
     @torch.no_grad()
     def _after_inner_step(self) -> None:
@@ -371,12 +435,16 @@ class DiLoCoEngine:
                 fragment.in_sync = True  # the next phase starts here: a sync now would send zeros
         exchange = self._exchange.start(pseudo_grad, fragment.layout, self._schedule.inner_step)
         fragment.pending = PendingSync(apply_at_step, exchange)
+        if self._dynamic is not None:  # every worker's speed travels beside the pseudo-gradient
+            self._dynamic.share_speed(self._exchange, pseudo_grad.device)
 
     def _apply_outer_update(self, fragment: Fragment, mixing_alpha: Optional[float] = None) -> None:
         """Apply the fragment's pending average: one outer step on its global parameters, then the
         local parameters move to the new global ones (``mixing_alpha``, the strategy's by default)."""
         averaged = self._exchange.resolve(fragment.pending, self._schedule.inner_step)
         fragment.pending = None
+        if self._dynamic is not None:
+            self._dynamic.receive_speeds(self._exchange, self._schedule.inner_step)
         self._outer.step(fragment.pieces, averaged, self._schedule.inner_step)
         self._pull_global(fragment, self._mixing_alpha if mixing_alpha is None else mixing_alpha)
 
@@ -400,7 +468,10 @@ class DiLoCoEngine:
 
     def _worker_state(self) -> dict[str, Any]:
         """This worker's own state; its local model also while evaluation has other weights swapped in."""
-        return worker_state(self._local_model_state(), self._local_optimizer_state(), self._fragments, self._exchange)
+        state = worker_state(self._local_model_state(), self._local_optimizer_state(), self._fragments, self._exchange)
+        if self._dynamic is not None:
+            state["dynamic_inner_steps"] = self._dynamic.state_dict()
+        return state
 
     def _restore_checkpoint_state(self, state: Mapping[str, Any]) -> None:
         restore_shared_state(
@@ -421,6 +492,12 @@ class DiLoCoEngine:
             for fragment in self._fragments:
                 fragment.in_sync = True
                 fragment.origin = None
+        if self._dynamic is not None:  # this worker's inner steps of the round, or (none saved) H
+            saved = None if worker is None else worker.get("dynamic_inner_steps")
+            if saved is None:
+                self._dynamic.start_round(self._schedule.round_length, self.global_rank)
+            else:
+                self._dynamic.load_state_dict(saved)
 
     # ------------------------------------------------------------------ provided by the strategy
 

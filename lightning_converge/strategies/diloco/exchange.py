@@ -12,8 +12,9 @@ counts the bytes. A :class:`PendingSync` is one such average on its way.
 On CUDA and NCCL the exchange keeps two invariants:
 
 * Order of collectives. Every collective on the exchange's process group is
-  issued from one thread, in the order :meth:`~PseudoGradientExchange.start` is
-  called, which is the same on every rank (the schedule of syncs is): the
+  issued from one thread, in the order :meth:`~PseudoGradientExchange.start` and
+  :meth:`~PseudoGradientExchange.start_gather` are called, which is the same on
+  every rank (the schedule of syncs is): the
   exchange's thread with a compressor (a single worker runs the submitted
   reductions one after the other), the training thread without (an asynchronous
   all-reduce). The other thread only waits on futures, never issues a collective
@@ -46,6 +47,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_converge.comm import Compressor, Exchange, Layout, make_compressor
+from lightning_converge.kernels.dispatch import ScalarSlots
 
 Result = TypeVar("Result")
 
@@ -95,6 +97,7 @@ class PseudoGradientExchange:
         # With a compressor: its byte-counting collectives, and the thread they run on (they block).
         self._collectives: Optional[Exchange] = None
         self._thread: Optional[ThreadPoolExecutor] = None
+        self._scalars = ScalarSlots()  # what start_gather sends
         # The thread's side stream per CUDA device, made in the thread on first use.
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self.bytes_sent = 0
@@ -211,12 +214,54 @@ class PseudoGradientExchange:
                 consumer.wait_event(done)
                 pending.average.record_stream(consumer)
             self.wait_seconds += time.perf_counter() - started
-            self.bytes_sent += sent
-            self.bytes_received += received
-            self._step_bytes_sent += sent
-            self._step_bytes_received += received
+            self._count_bytes(sent, received)
             pending.exchange = None
         return pending.average
+
+    def start_gather(self, value: float, device: torch.device) -> torch.futures.Future:
+        """Start gathering one number from every worker (such as its speed) on the exchange's group, from
+        the thread and in the order of its other collectives (see the module's invariants): call it on every
+        rank at the same point. ``device``: the pseudo-gradients' (a CUDA device under NCCL). The future
+        resolves to the numbers, rank by rank, as a list of floats; :meth:`resolve_gather` waits for it."""
+        world_size = dist.get_world_size(self._group)
+        # A persistent slot, refilled without a host sync: one gather is in flight at a time (resolved at its sync).
+        mine = self._scalars("gathered", value, device, torch.float64).reshape(1)
+        gathered = torch.empty(world_size, dtype=torch.float64, device=device)
+        if self.compressor is None:  # the training thread issues the group's collectives
+            work = dist.all_gather_into_tensor(gathered, mine, group=self._group, async_op=True)
+            return work.get_future().then(lambda _: gathered.tolist())
+        future = torch.futures.Future()
+        ready = _ready_event(device)
+
+        def gather() -> None:
+            try:
+                self._run_on_device(
+                    device, ready, [mine], lambda: dist.all_gather_into_tensor(gathered, mine, group=self._group)
+                )
+                future.set_result(gathered.tolist())  # read here: the training thread is not synchronized
+            except Exception as error:  # raised again in the training thread, by wait()
+                future.set_exception(error)
+
+        self._thread.submit(gather)
+        return future
+
+    def resolve_gather(self, future: torch.futures.Future, step: int) -> list[float]:
+        """Wait for :meth:`start_gather`'s numbers (timed as waiting; counted as 8 bytes sent and 8 a worker
+        received); ``step`` is the inner step training is at, for the error a failed exchange raises."""
+        started = time.perf_counter()
+        try:
+            numbers = future.wait()
+        except RuntimeError as error:
+            raise self._failure(error, step) from error
+        self.wait_seconds += time.perf_counter() - started
+        self._count_bytes(8, 8 * len(numbers))
+        return numbers
+
+    def _count_bytes(self, sent: int, received: int) -> None:
+        self.bytes_sent += sent
+        self.bytes_received += received
+        self._step_bytes_sent += sent
+        self._step_bytes_received += received
 
     def take_step_bytes(self) -> tuple[int, int]:
         """The bytes sent and received in the exchanges completed since the last call."""

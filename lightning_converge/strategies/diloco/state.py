@@ -19,6 +19,9 @@ the checkpoint by :mod:`~lightning_converge.strategies.rank_state`::
      "fragment_origins": where each fragment's inner phase started (None: the global parameters),
      "wait_seconds": its time spent waiting on exchanges}
 
+and, with ``dynamic_inner_steps=True``, ``"dynamic_inner_steps"``: its inner steps of the current round and the
+time and steps timed in it (:class:`~lightning_converge.strategies.diloco.dynamic.DynamicInnerSteps`).
+
 The strategy restores the model and inner optimizer itself, and, resumed by
 another number of workers (no worker state), restarts the interrupted inner
 phase from the global parameters.

@@ -91,6 +91,13 @@ class DiLoCoStrategy(DiLoCoEngine, RankStateFiles, DDPStrategy):
             without its result; the average is applied at the next outer step,
             one outer step late, when the next all-reduce starts. The all-reduce is
             then hidden behind a whole inner phase (details below).
+        dynamic_inner_steps: Dynamic Local Updates (Liu et al., 2024): each round,
+            worker ``i`` runs ``H_i = max(1, round(H * v_i / max_j v_j))`` real inner
+            steps for the workers' speeds ``v`` measured over the last round, then
+            idles (draws its batches, trains on none) until the round's H steps are
+            through, so a slow worker does fewer inner steps and none waits at the
+            sync. Needs ``delay=0`` and automatic optimization; see
+            :mod:`~lightning_converge.strategies.diloco.dynamic` and below.
         outer_state_device: where the global parameters and the outer
             optimizer's state are kept; checked when the strategy is built (a
             ``"cuda"`` device on a machine without one raises then).
@@ -110,6 +117,24 @@ class DiLoCoStrategy(DiLoCoEngine, RankStateFiles, DDPStrategy):
             a wrapper option or a DDP communication hook given as a keyword.
 
     Only one inner optimizer is supported.
+
+    **Dynamic local updates** (``dynamic_inner_steps=True``). Every worker goes
+    through the same H Lightning steps a round, so ``max_steps``, epochs,
+    validation and checkpoints fall on the same step on every worker and every
+    run ends at the same sync; a worker's steps after its ``H_i``-th are idle (no
+    forward, backward or optimizer step, nor their callbacks' hooks; ``outputs``
+    of ``on_train_batch_end`` are ``{"loss": nan, "idle": True}``; the
+    learning-rate schedulers step, so the learning rate follows the common
+    progress). The pseudo-gradients are averaged uniformly,
+    as Liu et al.'s server applies every worker's alike: a slow worker's
+    pseudo-gradient spans fewer steps and is already the shorter for it (weighting
+    it by ``H_i`` as well would count its fewer steps twice), and with equal
+    speeds the rule is plain DiLoCo. Lightning's per-batch broadcast of rank 0's
+    SIGTERM flag is turned off (it would make every worker wait for the slowest at
+    every step; each still stops on its own SIGTERM); a ``sync_dist`` log in
+    ``training_step`` has the same effect and defeats the purpose. Each worker's
+    ``H_i`` of the current round and its timing so far are in its per-rank
+    checkpoint file. Logged: ``diloco/inner_steps`` (this worker's ``H_i``).
 
     **One model.** Between syncs each worker's parameters are its own; the
     model the workers agree on is the global parameters
@@ -139,6 +164,9 @@ class DiLoCoStrategy(DiLoCoEngine, RankStateFiles, DDPStrategy):
     from the global parameters (with a warning).
     """
 
+    # Whether the strategy accepts dynamic_inner_steps=True (one fragment, synced at the round's end).
+    supports_dynamic_inner_steps = True
+
     def __init__(
         self,
         inner_steps: Union[int, Schedule, Callable[[int], float]] = 500,
@@ -149,6 +177,7 @@ class DiLoCoStrategy(DiLoCoEngine, RankStateFiles, DDPStrategy):
         delay: int = 0,
         outer_state_device: Union[str, torch.device] = "cpu",
         backend: str = "auto",
+        dynamic_inner_steps: bool = False,
         *,
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -174,7 +203,15 @@ class DiLoCoStrategy(DiLoCoEngine, RankStateFiles, DDPStrategy):
             start_method=start_method,
         )
         self._init_engine(
-            inner_steps, outer_optimizer, outer_lr, outer_momentum, compressor, delay, outer_state_device, backend
+            inner_steps,
+            outer_optimizer,
+            outer_lr,
+            outer_momentum,
+            compressor,
+            delay,
+            outer_state_device,
+            backend,
+            dynamic_inner_steps,
         )
 
     # ------------------------------------------------------------------ Lightning hooks

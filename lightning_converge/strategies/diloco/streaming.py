@@ -93,6 +93,9 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
     the ``compressor`` does to the exchanged pseudo-gradients.
     """
 
+    # Fragments sync at different steps of a round, with overlap: dynamic local updates are DiLoCo's only.
+    supports_dynamic_inner_steps = False
+
     def __init__(
         self,
         inner_steps: Union[int, Schedule, Callable[[int], float]] = 500,
