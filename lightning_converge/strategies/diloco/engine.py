@@ -207,7 +207,6 @@ class DiLoCoEngine:
             trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
         self._start_round()
 
-
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
         """Fires for every step of the inner optimizer (automatic or manual optimization): the step (an idle
         one, with ``dynamic_inner_steps``, only runs the closure, whose training step it skips), then the
