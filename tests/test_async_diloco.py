@@ -19,10 +19,18 @@ import pytest
 import torch
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_converge.comm import Int8Compressor, SignCompressor, make_compressor
+from lightning_converge.comm.exchange import describe_payload, described_bytes, payload_as_bytes, payload_from_bytes
 from lightning_converge.schedules import Constant
 from lightning_converge.strategies import AsyncDiLoCoStrategy
 from lightning_converge.strategies.diloco import dynamic_inner_steps
-from lightning_converge.strategies.diloco.async_outer import AsyncOuterServer
+from lightning_converge.strategies.diloco.async_outer import AsyncOuterServer, parameters_layout
+from lightning_converge.strategies.diloco.async_protocol import (
+    MAX_PAYLOAD_TENSORS,
+    encode_pseudo_gradient,
+    payload_bytes,
+)
+from lightning_converge.strategies.diloco.asynchronous import point_to_point_compressors
 
 ROOT = Path(__file__).parents[1]
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -33,12 +41,15 @@ sys.path.remove(str(SCRIPTS))
 
 NUM_PARAMS = sum(p.numel() for p in Regression().parameters())  # 129
 SHAPES = [(7,), (3, 5), (4,)]
+NUMEL = sum(torch.Size(s).numel() for s in SHAPES)
 
 
 # ---------------------------------------------------------------------------------------- the server
 
 
-def _server(outer_optimizer, lr=0.7, momentum=0.9, period=2, penalty=0.0, max_staleness=None, params=None):
+def _server(
+    outer_optimizer, lr=0.7, momentum=0.9, period=2, penalty=0.0, max_staleness=None, params=None, compressor=None
+):
     params = params or [torch.randn(s, generator=torch.Generator().manual_seed(0)) for s in SHAPES]
     return AsyncOuterServer(
         params,
@@ -52,6 +63,7 @@ def _server(outer_optimizer, lr=0.7, momentum=0.9, period=2, penalty=0.0, max_st
         dynamic=False,
         device=torch.device("cpu"),
         backend="reference",
+        compressor=compressor,
     )
 
 
@@ -180,6 +192,82 @@ def test_server_state_round_trips_and_resumes_identically():
     assert fresh.workers == {} and fresh.version == 4
 
 
+# ---------------------------------------------------------------------------------------- compressed messages
+
+
+def _int8(block_size=8):
+    return Int8Compressor(block_size=block_size, backend="reference")
+
+
+def test_compressed_pseudo_gradients_and_replies_follow_the_rule_written_out():
+    """Three workers, a fixed arrival order: each sends int8(g + its residual) and keeps the rest (error
+    feedback); the server applies exactly the decoded value and replies with int8(theta - what the worker
+    holds), which both sides add to their copy of what the worker holds."""
+    server = _server("delayed_nesterov", period=2, compressor=_int8())
+    reference = _server("delayed_nesterov", period=2)  # fp32, fed the values written out below
+    layout = parameters_layout(server.params)
+    workers = {w: _int8() for w in range(3)}  # each worker's compressor, with its error feedback
+    codec = _int8()  # the test's own quantize / dequantize
+
+    def int8_round_trip(x):
+        return codec.dequantize(codec.quantize(x, None), x.numel())
+
+    residual = {w: torch.zeros(NUMEL) for w in range(3)}
+    held = {w: server.pull(w)[0].clone() for w in range(3)}  # what each worker holds
+    worker_view = {w: held[w].clone() for w in range(3)}
+    for w in range(3):
+        reference.pull(w)
+    for round_, (w, g) in enumerate(zip(ARRIVALS, _pseudo_gradients(len(ARRIVALS)))):
+        payload = encode_pseudo_gradient(workers[w], g.clone(), layout, rank=w, step=round_)
+        sent = int8_round_trip(g + residual[w])
+        residual[w] = g + residual[w] - sent
+        assert torch.equal(server.decode(payload), sent)
+        server.arrive(w, server.decode(payload), inner_steps=4)
+        reference.arrive(w, sent, inner_steps=4)
+        assert torch.equal(_flat(server.params), _flat(reference.params))
+
+        reply = server.pull_payload(w)
+        difference = _flat(reference.params) - held[w]
+        held[w] = held[w] + int8_round_trip(difference)
+        worker_view[w] += workers[w].decode(reply, layout)
+        assert torch.equal(server.workers[w].pulled, held[w]) and torch.equal(worker_view[w], held[w])
+        assert torch.equal(workers[w].elements.buffers(layout, torch.device("cpu"))["residual"], residual[w])
+        # What the worker holds lags the global parameters by this reply's rounding only: half a step.
+        half_step = codec.quantize(difference, None)[1].max() / 2
+        assert (_flat(server.params) - held[w]).abs().max() <= half_step * (1 + 1e-5)
+    assert all(residual[w].abs().sum() > 0 for w in range(3))  # error feedback carried over rounds
+
+
+@pytest.mark.parametrize("name", point_to_point_compressors())
+def test_every_point_to_point_compressors_payload_is_rebuilt_from_its_description_and_bytes(name):
+    compressor = make_compressor(name)
+    layout = parameters_layout([torch.empty(s) for s in SHAPES])
+    (g,) = _pseudo_gradients(1)
+    payload = encode_pseudo_gradient(compressor, g.clone(), layout, rank=1, step=0)
+    assert len(payload) <= MAX_PAYLOAD_TENSORS
+    rebuilt = payload_from_bytes(payload_as_bytes(payload), describe_payload(payload))
+    assert payload_bytes(rebuilt) == described_bytes(describe_payload(payload)) == payload_bytes(payload)
+    assert torch.equal(compressor.decode(rebuilt, layout), compressor.decode(payload, layout))
+
+
+def test_the_server_state_keeps_what_each_worker_holds_and_refuses_a_resume_that_cannot_know_it():
+    server = _server("sgd", compressor=_int8())
+    for w, g in zip(ARRIVALS[:4], _pseudo_gradients(4)):
+        server.pull(w)
+        server.arrive(w, g, inner_steps=4)
+        server.pull_payload(w)
+    state = torch.load(_saved(server.state_dict()), weights_only=True)
+    resumed = _server("sgd", compressor=_int8())
+    resumed.load_state_dict(state, same_workers=True)
+    for w in server.workers:
+        assert torch.equal(resumed.workers[w].pulled, server.workers[w].pulled)
+    assert torch.equal(_flat(resumed.pull_payload(0)), _flat(server.pull_payload(0)))
+    uncompressed = _server("sgd")
+    uncompressed.pull(0)
+    with pytest.raises(ValueError, match="saved without a compressor"):
+        _server("sgd", compressor=_int8()).load_state_dict(uncompressed.state_dict(), same_workers=True)
+
+
 def _saved(state):
     import io
 
@@ -243,7 +331,10 @@ def test_the_server_sets_each_workers_inner_steps_from_the_speeds_it_was_sent():
         ({"outer_optimizer": "adam"}, r"outer_optimizer must be one of \('delayed_nesterov', 'nesterov', 'sgd'\)"),
         ({"outer_momentum": 1.0}, r"outer_momentum must be a number in \[0, 1\)"),
         ({"outer_lr": 0.0}, "outer_lr must be a number > 0, got 0.0"),
-        ({"compressor": "int8"}, "compressor must be None"),
+        ({"compressor": "powersgd"}, r"compressor must be None or one whose payload the server decodes on its own: "
+         r"one of \['bf16', 'fp16', 'int8', 'sign', 'ternary', 'topk'\].*got 'powersgd'"),
+        ({"compressor": "onebit"}, r"got 'onebit'.*use 'sign'"),
+        ({"compressor": "int9"}, r"unknown compressor 'int9'"),
         ({"outer_state_device": "cuda:7"}, "outer_state_device"),
         ({"backend": "fast"}, "backend"),
     ],
@@ -280,6 +371,10 @@ trainer:
       staleness_penalty: 0.5
       max_staleness: 8
       timeout: 60
+      compressor:
+        class_path: lightning_converge.comm.Int8Compressor
+        init_args:
+          block_size: 64
 """
 
 
@@ -295,6 +390,7 @@ def test_a_lightningcli_yaml_builds_the_strategy_with_its_options(tmp_path, monk
     assert (strategy._delayed_nesterov_period, strategy._dynamic) == (4, True)
     assert (strategy._staleness_penalty, strategy._max_staleness) == (0.5, 8)
     assert strategy._timeout.total_seconds() == 60
+    assert type(strategy.compressor) is Int8Compressor and strategy.compressor.block_size == 64
 
 
 # ---------------------------------------------------------------------------------------- one worker
@@ -445,9 +541,11 @@ def run_workers(count: int, args: list[str], log_dir: Path, timeout: float) -> l
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The two-worker runs: ``slow``, ``killed`` then ``resumed`` from the killed run's checkpoint."""
+    """The two-worker runs: ``slow``, ``killed`` then ``resumed`` from the killed run's checkpoint; the
+    four-worker run ``four``."""
     out = tmp_path_factory.mktemp("async_diloco")
     results = {name: run_workers(2, [str(out), name], out, timeout=240) for name in ("slow", "killed")}
+    results["four"] = run_workers(4, [str(out), "four"], out, timeout=240)
     checkpoint = out / "checkpoints" / "epoch=0-step=4.ckpt"
     results["resumed"] = run_workers(2, [str(out), "resumed", str(checkpoint)], out, timeout=240)
     return out, results
@@ -564,3 +662,117 @@ def test_resuming_by_one_worker_continues_the_global_state(runs):
     assert not torch.equal(_flat(expected.params), _flat(strategy.server.params))  # it trained on from there
     for ours, final in zip(model.parameters(), strategy.server.params):
         assert torch.equal(ours.detach(), final)
+
+
+# ---------------------------------------------------------------------------------------- compressed runs
+
+BLOCK_SIZE = 16  # the compressors of async_diloco_fit.py
+
+
+def _named_layout():
+    named = list(Regression().named_parameters())
+    return parameters_layout([p for _, p in named], [name for name, _ in named])
+
+
+def _run_server(compressor, world_size):
+    """A server as the scripts' runs build it (rank 0's initial parameters, default outer options)."""
+    server = AsyncOuterServer(
+        [p.detach().clone() for p in Regression().parameters()],
+        "delayed_nesterov",
+        Constant(0.7),
+        0.9,
+        world_size,
+        0.0,
+        None,
+        inner_steps=2,
+        dynamic=False,
+        device=torch.device("cpu"),
+        backend="reference",
+        compressor=compressor,
+    )
+    for rank in range(world_size):
+        server.pull(rank)
+    return server
+
+
+def _replay(server, compressors, arrivals, recorded, steps, check_start_points=True):
+    """What the server must have done for the recorded arrival order: each worker's recorded pseudo-gradients
+    compressed here with its compressor (rank 0's in fp32), decoded and applied, each reply made. Returns
+    the payload bytes each worker sent and received."""
+    layout = _named_layout()
+    rounds = {rank: iter(rank_rounds) for rank, rank_rounds in recorded.items()}
+    sent, received = dict.fromkeys(compressors, 0), dict.fromkeys(compressors, 0)
+    for worker, *_ in arrivals:
+        start, g = next(rounds[worker])
+        if check_start_points:  # the worker's round started from what the server believes it holds
+            assert torch.equal(start, server.workers[worker].pulled)
+        if worker == 0:
+            server.arrive(0, g, inner_steps=2)
+            server.pull(0)
+            continue
+        payload = encode_pseudo_gradient(compressors[worker], g.clone(), layout, worker, steps[worker])
+        steps[worker] += 1
+        sent[worker] += payload_bytes(payload)
+        server.arrive(worker, server.decode(payload), inner_steps=2)
+        received[worker] += payload_bytes(server.pull_payload(worker))
+    return sent, received
+
+
+@pytest.mark.distributed
+def test_four_workers_with_int8_messages_apply_the_decoded_payloads_exactly_once_and_never_wait_per_round(runs):
+    out, results = runs
+    _succeeded(results, "four")
+    ranks = [_load(out, "four", rank) for rank in range(4)]
+    server, arrivals = ranks[0]["server"], ranks[0]["arrivals"]
+    # The slowed worker (rank 3) stalled before its first step until every other had completed 3 rounds.
+    assert 3 not in [worker for worker, *_ in arrivals[:9]]
+    assert next(a for a in arrivals if a[0] == 3)[2] >= 9  # its first arrival's staleness
+    # Every pseudo-gradient applied exactly once; every rank ends with the final global parameters.
+    for rank, worker in enumerate(ranks):
+        assert sum(1 for a in arrivals if a[0] == rank) == worker["sent"] == server["rounds"][rank] == worker["rounds"]
+        assert worker["sent"] == 4  # 8 steps, H = 2
+        for ours, final in zip(worker["params"], server["params"]):
+            assert torch.equal(ours, final)
+    assert server["version"] == server["arrivals"] == sum(worker["sent"] for worker in ranks)
+    # The server applied exactly decode(compress(g)) of each worker's pseudo-gradients, with each worker's
+    # error feedback, and replied with the compressed difference each worker added to what it held.
+    replayed = _run_server(Int8Compressor(block_size=BLOCK_SIZE, backend="reference"), 4)
+    compressors = {rank: Int8Compressor(block_size=BLOCK_SIZE, backend="reference") for rank in range(1, 4)}
+    recorded = {rank: worker["pseudo_gradients"] for rank, worker in enumerate(ranks)}
+    sent, received = _replay(replayed, compressors, arrivals, recorded, steps=dict.fromkeys(range(1, 4), 0))
+    assert torch.equal(_flat(replayed.params), _flat(server["params"]))
+    # Bytes logged: the payloads, compressed (int8 values and a scale per block, both ways).
+    for rank in range(1, 4):
+        assert ranks[rank]["logged"]["comm/bytes_sent_total"] == ranks[rank]["bytes_sent"] == sent[rank]
+        assert ranks[rank]["logged"]["comm/bytes_received_total"] == ranks[rank]["bytes_received"] == received[rank]
+        per_payload = NUM_PARAMS + 4 * -(-NUM_PARAMS // BLOCK_SIZE)
+        assert sent[rank] == received[rank] == 4 * per_payload
+    assert ranks[0]["logged"]["comm/bytes_sent_total"] == 0
+
+
+@pytest.mark.distributed
+def test_compressed_error_feedback_carries_through_a_checkpoint_resume(runs):
+    out, results = runs
+    _succeeded(results, "resumed")
+    checkpoint_path = out / "checkpoints" / "epoch=0-step=4.ckpt"
+    saved = torch.load(checkpoint_path, weights_only=True)["async_diloco"]
+    rank_files = Path(f"{checkpoint_path}.rank_states")
+    worker1 = torch.load(rank_files / "rank1.pt", weights_only=True)["strategy"]["async_diloco"]
+    residual = worker1["compressor"]["elements"]["residual"]
+    assert any(r.abs().sum() > 0 for r in residual.values())  # the killed run's rank 1 had error left over
+    ranks = [_load(out, "resumed_2", rank) for rank in range(2)]
+    recorded = {rank: worker["pseudo_gradients"] for rank, worker in enumerate(ranks)}
+
+    def replay(worker_compressor_state):
+        server = _run_server(SignCompressor(block_size=BLOCK_SIZE, backend="reference"), 2)
+        server.load_state_dict(saved, same_workers=True)
+        compressor = SignCompressor(block_size=BLOCK_SIZE, backend="reference")
+        if worker_compressor_state is not None:
+            compressor.load_state_dict(worker_compressor_state)
+        steps = {1: worker1["pseudo_gradients_sent"]}
+        _replay(server, {1: compressor}, ranks[0]["arrivals"], recorded, steps, worker_compressor_state is not None)
+        return _flat(server.params)
+
+    final = _flat(ranks[0]["server"]["params"])
+    assert torch.equal(replay(worker1["compressor"]), final)
+    assert not torch.equal(replay(None), final)  # what a resume that lost the error feedback would give

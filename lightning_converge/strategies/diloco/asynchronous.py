@@ -48,13 +48,25 @@ the last checkpoint is lost, nothing a checkpoint holds. ``timeout`` must exceed
 the longest round of any worker (and any time workers spend apart from each
 other before a meeting, e.g. a fast worker waiting at a checkpoint).
 
+**Compressed pseudo-gradients** (``compressor``): a worker other than rank 0 sends
+its pseudo-gradient compressed, with error feedback of its own (saved in its per-rank
+file), and the server applies the decoded value; the reply comes back compressed as
+well, as the difference between the global parameters and those the worker holds,
+with server-side error feedback (the rule:
+:mod:`~lightning_converge.strategies.diloco.async_outer`, **Compressed messages**).
+Why the reply too: fp32 parameters would be 4 bytes a parameter back for every
+byte or bit sent, most of the round trip; the difference is what changed, which
+compresses as a pseudo-gradient does, and the server's copy of what each worker
+holds keeps the error from building up. Rank 0's own worker exchanges nothing over
+the wire, so it sends and receives fp32.
+
 Logged per worker, per inner step: ``async_diloco/rounds`` (its pseudo-gradients
 applied so far), ``async_diloco/staleness`` (of its last applied pseudo-gradient:
 updates the server applied between its pull and its arrival),
 ``async_diloco/inner_steps`` (its current H), ``comm/wait_seconds`` (time blocked
-on round trips), ``comm/bytes_sent`` / ``comm/bytes_received`` (pseudo-gradient
-sent and parameters received in this step; rank 0's own worker sends nothing over
-the wire) and their ``_total``.
+on round trips), ``comm/bytes_sent`` / ``comm/bytes_received`` (the payloads of the
+pseudo-gradient sent and the parameters received in this step, compressed or not,
+headers aside; rank 0's own worker sends nothing over the wire) and their ``_total``.
 """
 
 from __future__ import annotations
@@ -77,23 +89,36 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_converge.comm import Compressor
+from lightning_converge.comm import COMPRESSORS, Compressor, Layout
 from lightning_converge.kernels.dispatch import validate_backend
 from lightning_converge.schedules import Schedule, as_schedule
 from lightning_converge.strategies.ddp_options import as_timedelta, check_unwrapped, reject_options
-from lightning_converge.strategies.diloco.async_outer import Arrival, AsyncOuterServer, check_async_options
+from lightning_converge.strategies.diloco.async_outer import (
+    Arrival,
+    AsyncOuterServer,
+    check_async_options,
+    parameters_layout,
+)
 from lightning_converge.strategies.diloco.async_protocol import (
     SERVER_RANK,
     AsyncDiLoCoError,
     Reply,
     ServerThread,
+    encode_pseudo_gradient,
+    payload_bytes,
     round_trip,
     serve_locally,
 )
+from lightning_converge.strategies.diloco.exchange import as_compressor
 from lightning_converge.strategies.diloco.outer import available_device, pseudo_gradient
 from lightning_converge.strategies.rank_state import RankStateFiles, cpu_copy, load_rank_states, save_rank_states
 
 CHECKPOINT_KEY = "async_diloco"
+
+
+def point_to_point_compressors() -> list[str]:
+    """The registered compressors' names that ``compressor`` accepts (those whose ``point_to_point`` is True)."""
+    return sorted(name for name, cls in COMPRESSORS.items() if cls.point_to_point)
 
 
 class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
@@ -115,7 +140,11 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
         staleness_penalty: lambda >= 0 of the CO2-style staleness gap penalty (0: none).
         max_staleness: drop a pseudo-gradient that arrives after more than this many updates since its
             worker pulled (None: apply every one).
-        compressor: only None (pseudo-gradients travel as fp32) for now.
+        compressor: how pseudo-gradients and replies travel between the workers and the server: None
+            (fp32), or a compressor whose payload the server decodes alone (``point_to_point``): a name
+            from :func:`point_to_point_compressors` or such a :class:`~lightning_converge.comm.Compressor`
+            (to set its options; e.g. ``Int8Compressor(block_size=64)``). See **Compressed
+            pseudo-gradients**.
         outer_state_device: where the server keeps the global parameters and outer state (rank 0).
         backend: backend of the fused outer-step kernel (``"auto"``, ``"reference"``, ``"compiled"``,
             ``"triton"``).
@@ -168,10 +197,13 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
             staleness_penalty,
             max_staleness,
         )
-        if compressor is not None:
+        compressor = as_compressor(compressor)
+        if compressor is not None and not compressor.point_to_point:
             raise ValueError(
-                f"compressor must be None for AsyncDiLoCoStrategy (compressed pseudo-gradients are not "
-                f"supported on its point-to-point control plane yet), got {compressor!r}"
+                f"compressor must be None or one whose payload the server decodes on its own: one of "
+                f"{point_to_point_compressors()} (or such a Compressor instance), got {compressor.name!r}: "
+                "it averages over all ranks with collectives ('powersgd' all-reduces its shared factors, "
+                "'onebit' is 'sign' in a two-phase all-reduce: use 'sign')"
             )
         super().__init__(
             accelerator=accelerator,
@@ -193,12 +225,14 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
         self._max_staleness = max_staleness
         self._outer_device = available_device(outer_state_device, "outer_state_device")
         self._backend = validate_backend(backend)
+        self.compressor = compressor
         # What tests and benchmarks may observe: each arrival the server handled, in order (rank 0).
         self.on_arrival: Optional[Callable[[Arrival], None]] = None
 
         # Set up by configure_ddp when fitting starts.
         self._params: list[torch.nn.Parameter] = []
         self._local_params: list[Tensor] = []
+        self._layout: Optional[Layout] = None  # the compressor's view of the flat pseudo-gradient
         self._control: Optional[dist.ProcessGroup] = None  # point-to-point round trips
         self._meet: Optional[dist.ProcessGroup] = None  # broadcasts where the workers meet
         self._server: Optional[AsyncOuterServer] = None  # rank 0
@@ -260,8 +294,10 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
         self._finished = False
         self._control = dist.new_group(backend="gloo", timeout=self._timeout)
         self._meet = dist.new_group(backend="gloo", timeout=self._timeout)
-        self._params = list(module.parameters())
+        named = list(module.named_parameters())
+        self._params = [param for _, param in named]
         self._local_params = [p.detach() for p in self._params]
+        self._layout = parameters_layout(self._params, [name for name, _ in named])
         self._reset_worker_state()
         self._origin = [p.detach().to(self._outer_device, torch.float32, copy=True) for p in self._params]
         if self.global_rank == SERVER_RANK:
@@ -278,6 +314,7 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
                 self._dynamic,
                 self._outer_device,
                 self._backend,
+                compressor=self.compressor,
             )
             for rank in range(self.world_size):
                 self._server.pull(rank)
@@ -449,6 +486,8 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
                 "wait_seconds",
             ):
                 setattr(self, name, worker[name.lstrip("_")])
+            if self.compressor is not None and worker["compressor"] is not None:
+                self.compressor.load_state_dict(worker["compressor"])
         else:
             self._set_origin(server_state["global_params"])
             self._version = server_state["version"]
@@ -477,24 +516,27 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
         speed = None
         if progressed and self._round_started is not None:
             speed = self._steps_in_round / max(started - self._round_started, 1e-9)
-        grad = pseudo_gradient(self._origin, self._local_params).cpu() if progressed else None
-        self.pseudo_gradients_sent += progressed
-        numel = sum(p.numel() for p in self._params)
+        grad = pseudo_gradient(self._origin, self._local_params) if progressed else None
         if self._server is not None:
             if self._server_thread is not None:
                 self._server_thread.raise_if_failed()
+            grad = None if grad is None else grad.to(self._outer_device)
             reply = serve_locally(self._server, self._lock, SERVER_RANK, grad, self._steps_in_round, speed, final)
             if progressed and self.on_arrival is not None:
                 self.on_arrival(Arrival(SERVER_RANK, reply.version, reply.staleness, reply.applied))
         else:
+            payload = None
+            if grad is not None:
+                step = self.pseudo_gradients_sent
+                payload = encode_pseudo_gradient(self.compressor, grad, self._layout, self.global_rank, step)
             reply = round_trip(
-                grad, numel, self._steps_in_round, speed, final, self._control, self._timeout, type(self).__name__
+                payload, self._steps_in_round, speed, final, self._control, self._timeout, type(self).__name__
             )
-            sent = 0 if grad is None else grad.numel() * grad.element_size()
-            received = 0 if reply.params is None else reply.params.numel() * reply.params.element_size()
+            sent, received = payload_bytes(payload), payload_bytes(reply.payload)
             self.bytes_sent += sent
             self.bytes_received += received
             self._step_bytes = (self._step_bytes[0] + sent, self._step_bytes[1] + received)
+        self.pseudo_gradients_sent += progressed
         self._take_reply(reply)
         self.wait_seconds += time.perf_counter() - started
         self._round_started = time.perf_counter()
@@ -506,9 +548,13 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
         self.rounds = reply.rounds
         self._round_length = reply.inner_steps
         self._steps_in_round = 0
-        if reply.params is not None:
+        if reply.payload is not None:
             self._version = reply.version
-            self._set_origin(self._split(reply.params))
+            if self._server is None and self.compressor is not None:  # the difference from what it holds
+                difference = self.compressor.decode(reply.payload, self._layout)
+                torch._foreach_add_(self._origin, [d.to(o.device) for d, o in zip(self._split(difference), self._origin)])
+            else:
+                self._set_origin(self._split(reply.payload[0]))
             for local, value in zip(self._local_params, self._origin):
                 local.copy_(value)
 
@@ -555,8 +601,13 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
 
     @torch.no_grad()
     def _take_global_parameters(self, group: dist.ProcessGroup) -> None:
-        """Collective: every worker's parameters (and round origin) become the current global ones."""
+        """Collective: every worker's parameters (and round origin) become the current global ones (for the
+        server: every worker has pulled them, exactly)."""
         flat = self._broadcast_global(group)
+        if self._server is not None:
+            with self._lock:
+                for rank in range(self.world_size):
+                    self._server.pull(rank)
         self._set_origin(self._split(flat))
         for local, value in zip(self._local_params, self._origin):
             local.copy_(value)
@@ -591,6 +642,7 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
             "wait_seconds": self.wait_seconds,
+            "compressor": None if self.compressor is None else self.compressor.state_dict(),
         }
 
     # ------------------------------------------------------------------ registration
