@@ -17,6 +17,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_converge.comm import Int8Compressor, SignCompressor, make_compressor
@@ -30,6 +31,7 @@ from lightning_converge.strategies.diloco.async_protocol import (
     encode_pseudo_gradient,
     payload_bytes,
 )
+from lightning_converge.strategies.diloco import asynchronous
 from lightning_converge.strategies.diloco.asynchronous import point_to_point_compressors
 
 ROOT = Path(__file__).parents[1]
@@ -450,6 +452,68 @@ def test_rounds_count_optimizer_steps_under_gradient_accumulation_and_bf16_autoc
         assert torch.equal(param.detach(), final)
 
 
+@pytest.mark.usefixtures("single_process_group")
+def test_resuming_from_a_checkpoint_saved_after_fit_continues_exactly(tmp_path):
+    """Lightning resumes a finished fit where it ended: 8 steps, saved after fit, resumed to 12 equals 12
+    straight (one worker: its end of fit, at a round's end, changes nothing)."""
+    straight = Regression("AdamW")
+    _fit_one_worker(straight, AsyncDiLoCoStrategy(inner_steps=2, backend="reference"), max_steps=12)
+    first = Regression("AdamW")
+    trainer = _fit_one_worker(first, AsyncDiLoCoStrategy(inner_steps=2, backend="reference"), max_steps=8)
+    trainer.save_checkpoint(tmp_path / "after_fit.ckpt")
+    resumed = Regression("AdamW")
+    strategy = AsyncDiLoCoStrategy(inner_steps=2, backend="reference")
+    _fit_one_worker(resumed, strategy, max_steps=12, ckpt_path=tmp_path / "after_fit.ckpt")
+    assert strategy.server.version == strategy.rounds == 6
+    for ours, theirs in zip(resumed.parameters(), straight.parameters()):
+        assert torch.equal(ours, theirs)
+
+
+class OverflowAt(Regression):
+    """Inner SGD; its loss is inf at optimizer step ``step``: an fp16 overflow, whose step the scaler skips."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__("SGD")
+        self.overflow_step = step
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("inf") if self.trainer.global_step == self.overflow_step else loss
+
+
+def _fp16_with_scaler():
+    # Lightning 2.6 gives CPU 16-mixed no GradScaler of its own.
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16))
+
+
+@pytest.mark.usefixtures("single_process_group")
+def test_one_worker_under_fp16_with_a_grad_scaler_equals_training_without_the_strategy_and_skips_an_overflow(
+    monkeypatch,
+):
+    computed = []
+    pseudo_gradient = asynchronous.pseudo_gradient
+
+    def recorded(origin, local):
+        computed.append(pseudo_gradient(origin, local).clone())
+        return computed[-1].clone()
+
+    monkeypatch.setattr(asynchronous, "pseudo_gradient", recorded)
+    plain, plain_precision = OverflowAt(3), _fp16_with_scaler()
+    _fit_one_worker(plain, "auto", plugins=[plain_precision])
+    model, precision = OverflowAt(3), _fp16_with_scaler()
+    strategy = AsyncDiLoCoStrategy(
+        inner_steps=1, outer_optimizer="sgd", outer_lr=1.0, outer_momentum=0.0, backend="reference"
+    )
+    _fit_one_worker(model, strategy, plugins=[precision])
+    assert precision.scaler.get_scale() == plain_precision.scaler.get_scale() == 2.0**15  # one step skipped
+    assert strategy.rounds == strategy.server.version == len(computed) == 6
+    assert all(torch.isfinite(g).all() for g in computed)
+    assert torch.equal(computed[3], torch.zeros_like(computed[3]))  # the skipped step moved nothing
+    assert all(g.abs().sum() > 0 for i, g in enumerate(computed) if i != 3)
+    for ours, theirs in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
 class GlobalParametersSeen(L.Callback):
     """The global parameters the worker pulled, each time they change (before EMA's hook, listed first)."""
 
@@ -750,29 +814,54 @@ def test_four_workers_with_int8_messages_apply_the_decoded_payloads_exactly_once
     assert ranks[0]["logged"]["comm/bytes_sent_total"] == 0
 
 
+def _replay_from_checkpoint(checkpoint_path, ranks, keep_error_feedback=True):
+    """The global parameters that a two-worker run resumed from ``checkpoint_path`` with sign-compressed
+    messages must reach (``ranks``: what each worker of it saved), replayed from the checkpoint's server
+    state and rank 1's compressor state in its per-rank file (dropped unless ``keep_error_feedback``)."""
+    saved = torch.load(checkpoint_path, weights_only=True)["async_diloco"]
+    worker1 = torch.load(Path(f"{checkpoint_path}.rank_states") / "rank1.pt", weights_only=True)
+    worker1 = worker1["strategy"]["async_diloco"]
+    server = _run_server(SignCompressor(block_size=BLOCK_SIZE, backend="reference"), 2)
+    server.load_state_dict(saved, same_workers=True)
+    compressor = SignCompressor(block_size=BLOCK_SIZE, backend="reference")
+    if keep_error_feedback:
+        compressor.load_state_dict(worker1["compressor"])
+    recorded = {rank: worker["pseudo_gradients"] for rank, worker in enumerate(ranks)}
+    steps = {1: worker1["pseudo_gradients_sent"]}
+    _replay(server, {1: compressor}, ranks[0]["arrivals"], recorded, steps, check_start_points=keep_error_feedback)
+    return _flat(server.params)
+
+
 @pytest.mark.distributed
 def test_compressed_error_feedback_carries_through_a_checkpoint_resume(runs):
     out, results = runs
     _succeeded(results, "resumed")
     checkpoint_path = out / "checkpoints" / "epoch=0-step=4.ckpt"
-    saved = torch.load(checkpoint_path, weights_only=True)["async_diloco"]
-    rank_files = Path(f"{checkpoint_path}.rank_states")
-    worker1 = torch.load(rank_files / "rank1.pt", weights_only=True)["strategy"]["async_diloco"]
-    residual = worker1["compressor"]["elements"]["residual"]
+    worker1 = torch.load(Path(f"{checkpoint_path}.rank_states") / "rank1.pt", weights_only=True)
+    residual = worker1["strategy"]["async_diloco"]["compressor"]["elements"]["residual"]
     assert any(r.abs().sum() > 0 for r in residual.values())  # the killed run's rank 1 had error left over
     ranks = [_load(out, "resumed_2", rank) for rank in range(2)]
-    recorded = {rank: worker["pseudo_gradients"] for rank, worker in enumerate(ranks)}
-
-    def replay(worker_compressor_state):
-        server = _run_server(SignCompressor(block_size=BLOCK_SIZE, backend="reference"), 2)
-        server.load_state_dict(saved, same_workers=True)
-        compressor = SignCompressor(block_size=BLOCK_SIZE, backend="reference")
-        if worker_compressor_state is not None:
-            compressor.load_state_dict(worker_compressor_state)
-        steps = {1: worker1["pseudo_gradients_sent"]}
-        _replay(server, {1: compressor}, ranks[0]["arrivals"], recorded, steps, worker_compressor_state is not None)
-        return _flat(server.params)
-
     final = _flat(ranks[0]["server"]["params"])
-    assert torch.equal(replay(worker1["compressor"]), final)
-    assert not torch.equal(replay(None), final)  # what a resume that lost the error feedback would give
+    assert torch.equal(_replay_from_checkpoint(checkpoint_path, ranks), final)
+    # What a resume that lost the error feedback would have reached instead:
+    assert not torch.equal(_replay_from_checkpoint(checkpoint_path, ranks, keep_error_feedback=False), final)
+
+
+@pytest.mark.distributed
+def test_a_checkpoint_saved_after_fit_resumes_from_the_final_global_parameters_on_every_worker(runs):
+    out, results = runs
+    _succeeded(results, "resumed")
+    first, second = ([_load(out, name, rank) for rank in range(2)] for name in ("resumed_2", "after_fit"))
+    final = _flat(first[0]["server"]["params"])
+    saved = torch.load(out / "after_fit.ckpt", weights_only=True)["async_diloco"]
+    # Saved after fit: every pseudo-gradient applied, every worker holding the final global parameters.
+    assert saved["version"] == saved["arrivals"] == 8
+    assert all(torch.equal(record["pulled"], final) for record in saved["workers"].values())
+    for worker in second:  # each resumed worker's first round started there
+        assert torch.equal(worker["pseudo_gradients"][0][0], final)
+    # Steps 9 and 10: one more round each, applied once; then every rank holds the new final parameters.
+    server = second[0]["server"]
+    assert server["version"] == server["arrivals"] == 10 and server["rounds"] == {0: 5, 1: 5}
+    for worker in second:
+        assert all(torch.equal(ours, theirs) for ours, theirs in zip(worker["params"], server["params"]))
+    assert torch.equal(_replay_from_checkpoint(out / "after_fit.ckpt", second), _flat(server["params"]))

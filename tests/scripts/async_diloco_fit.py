@@ -14,7 +14,9 @@ and on rank 0 the server's arrivals in order and counters. Scenarios:
   process) at step 6; rank 0 must fail with a clear error within the 5 s timeout (it writes
   ``killed_rank0.err``);
 * ``resumed``: resumed from ``CKPT`` (the ``killed`` run's checkpoint at step 4) by two workers, with a
-  validation at step 6 (which saves ``validation.ckpt``).
+  validation at step 6 (which saves ``validation.ckpt``), to step 8; then a checkpoint saved after that
+  fit (``after_fit.ckpt``) is resumed by a second fit in the same processes, to step 10
+  (``after_fit_rank{r}.pt``).
 
 Every worker also records, per round, where it started and the pseudo-gradient it computed (before any
 compression), so a test can replay what the server must have applied.
@@ -58,6 +60,8 @@ def int8():
 def sign():
     return SignCompressor(block_size=16, backend="reference")
 
+# Read now: Lightning's teardown takes it out of the environment (a second fit needs it).
+WORLD_SIZE = int(os.environ["WORLD_SIZE"])
 SLEEP_SECONDS = 0.3  # the slow worker's extra time per step
 TIMEOUT_SECONDS = 5.0
 
@@ -116,7 +120,7 @@ def fit(strategy, max_steps, callbacks=(), ckpt_path=None, model=None, **trainer
     model = model or Regression("AdamW")
     trainer = L.Trainer(
         accelerator="cpu",
-        devices=int(os.environ["WORLD_SIZE"]),  # before fit: still set
+        devices=WORLD_SIZE,
         strategy=strategy,
         max_steps=max_steps,
         logger=False,
@@ -160,8 +164,7 @@ def save(out_dir, name, trainer, model, **extra):
 
 if __name__ == "__main__":
     out_dir, name = Path(sys.argv[1]), sys.argv[2]
-    # Read now: Lightning's teardown takes the launcher's variables out of the environment.
-    rank, world_size = os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"]
+    rank, world_size = os.environ["LOCAL_RANK"], WORLD_SIZE
     if name == "slow":
         slow = SlowRank(out_dir, name, fast_rounds=3, seconds=SLEEP_SECONDS)
         # The slow worker's stall is a silence: the timeout must outlast it.
@@ -190,3 +193,7 @@ if __name__ == "__main__":
             check_val_every_n_epoch=None,
         )
         save(out_dir, f"{name}_{world_size}", *run, seen_in_validation=seen.seen)
+        run[0].save_checkpoint(out_dir / "after_fit.ckpt")
+        PSEUDO_GRADIENTS.clear()
+        run = fit(strategy(inner_steps=2, compressor=sign()), 10, ckpt_path=out_dir / "after_fit.ckpt")
+        save(out_dir, "after_fit", *run)
