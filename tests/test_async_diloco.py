@@ -24,14 +24,13 @@ from lightning_converge.comm import Int8Compressor, SignCompressor, make_compres
 from lightning_converge.comm.exchange import describe_payload, described_bytes, payload_as_bytes, payload_from_bytes
 from lightning_converge.schedules import Constant
 from lightning_converge.strategies import AsyncDiLoCoStrategy
-from lightning_converge.strategies.diloco import dynamic_inner_steps
+from lightning_converge.strategies.diloco import asynchronous, dynamic_inner_steps
 from lightning_converge.strategies.diloco.async_outer import AsyncOuterServer, parameters_layout
 from lightning_converge.strategies.diloco.async_protocol import (
     MAX_PAYLOAD_TENSORS,
     encode_pseudo_gradient,
     payload_bytes,
 )
-from lightning_converge.strategies.diloco import asynchronous
 from lightning_converge.strategies.diloco.asynchronous import point_to_point_compressors
 
 ROOT = Path(__file__).parents[1]
@@ -333,8 +332,11 @@ def test_the_server_sets_each_workers_inner_steps_from_the_speeds_it_was_sent():
         ({"outer_optimizer": "adam"}, r"outer_optimizer must be one of \('delayed_nesterov', 'nesterov', 'sgd'\)"),
         ({"outer_momentum": 1.0}, r"outer_momentum must be a number in \[0, 1\)"),
         ({"outer_lr": 0.0}, "outer_lr must be a number > 0, got 0.0"),
-        ({"compressor": "powersgd"}, r"compressor must be None or one whose payload the server decodes on its own: "
-         r"one of \['bf16', 'fp16', 'int8', 'sign', 'ternary', 'topk'\].*got 'powersgd'"),
+        (
+            {"compressor": "powersgd"},
+            r"compressor must be None or one whose payload the server decodes on its own: "
+            r"one of \['bf16', 'fp16', 'int8', 'sign', 'ternary', 'topk'\].*got 'powersgd'",
+        ),
         ({"compressor": "onebit"}, r"got 'onebit'.*use 'sign'"),
         ({"compressor": "int9"}, r"unknown compressor 'int9'"),
         ({"outer_state_device": "cuda:7"}, "outer_state_device"),

@@ -36,8 +36,7 @@ from diloco_fit import Regression, SeenInValidation, Validated  # noqa: E402
 
 from lightning_converge.comm import Int8Compressor, SignCompressor  # noqa: E402
 from lightning_converge.strategies import AsyncDiLoCoStrategy  # noqa: E402
-from lightning_converge.strategies.diloco import AsyncDiLoCoError  # noqa: E402
-from lightning_converge.strategies.diloco import asynchronous  # noqa: E402
+from lightning_converge.strategies.diloco import AsyncDiLoCoError, asynchronous  # noqa: E402
 
 # Each round's (start point, pseudo-gradient), flat, as this worker computed them.
 PSEUDO_GRADIENTS = []
@@ -59,6 +58,7 @@ def int8():
 
 def sign():
     return SignCompressor(block_size=16, backend="reference")
+
 
 # Read now: Lightning's teardown takes it out of the environment (a second fit needs it).
 WORLD_SIZE = int(os.environ["WORLD_SIZE"])

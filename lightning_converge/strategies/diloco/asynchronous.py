@@ -455,7 +455,6 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
             }
         return checkpoint
 
-
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         """Fires when resuming ``fit``, after ``setup``: rank 0 restores the server; each worker its round
         (or, resumed by another number of workers, starts a new one from the global parameters)."""
@@ -552,7 +551,9 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
             self._version = reply.version
             if self._server is None and self.compressor is not None:  # the difference from what it holds
                 difference = self.compressor.decode(reply.payload, self._layout)
-                torch._foreach_add_(self._origin, [d.to(o.device) for d, o in zip(self._split(difference), self._origin)])
+                torch._foreach_add_(
+                    self._origin, [d.to(o.device) for d, o in zip(self._split(difference), self._origin)]
+                )
             else:
                 self._set_origin(self._split(reply.payload[0]))
             for local, value in zip(self._local_params, self._origin):
