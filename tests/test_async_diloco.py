@@ -341,6 +341,7 @@ def test_the_server_sets_each_workers_inner_steps_from_the_speeds_it_was_sent():
         ({"compressor": "int9"}, r"unknown compressor 'int9'"),
         ({"outer_state_device": "cuda:7"}, "outer_state_device"),
         ({"backend": "fast"}, "backend"),
+        ({"overlap": 1}, "overlap must be True or False, got 1"),
     ],
 )
 def test_bad_arguments_raise_at_construction(options, match):
@@ -610,7 +611,7 @@ def runs(tmp_path_factory):
     """The two-worker runs: ``slow``, ``killed`` then ``resumed`` from the killed run's checkpoint; the
     four-worker run ``four``."""
     out = tmp_path_factory.mktemp("async_diloco")
-    results = {name: run_workers(2, [str(out), name], out, timeout=240) for name in ("slow", "killed")}
+    results = {name: run_workers(2, [str(out), name], out, timeout=240) for name in ("slow", "overlap", "killed")}
     results["four"] = run_workers(4, [str(out), "four"], out, timeout=240)
     checkpoint = out / "checkpoints" / "epoch=0-step=4.ckpt"
     results["resumed"] = run_workers(2, [str(out), "resumed", str(checkpoint)], out, timeout=240)
@@ -761,7 +762,7 @@ def _run_server(compressor, world_size):
     return server
 
 
-def _replay(server, compressors, arrivals, recorded, steps, check_start_points=True):
+def _replay(server, compressors, arrivals, recorded, steps, check_start_points=True, inner_steps=2):
     """What the server must have done for the recorded arrival order: each worker's recorded pseudo-gradients
     compressed here with its compressor (rank 0's in fp32), decoded and applied, each reply made. Returns
     the payload bytes each worker sent and received."""
@@ -773,13 +774,13 @@ def _replay(server, compressors, arrivals, recorded, steps, check_start_points=T
         if check_start_points:  # the worker's round started from what the server believes it holds
             assert torch.equal(start, server.workers[worker].pulled)
         if worker == 0:
-            server.arrive(0, g, inner_steps=2)
+            server.arrive(0, g, inner_steps=inner_steps)
             server.pull(0)
             continue
         payload = encode_pseudo_gradient(compressors[worker], g.clone(), layout, worker, steps[worker])
         steps[worker] += 1
         sent[worker] += payload_bytes(payload)
-        server.arrive(worker, server.decode(payload), inner_steps=2)
+        server.arrive(worker, server.decode(payload), inner_steps=inner_steps)
         received[worker] += payload_bytes(server.pull_payload(worker))
     return sent, received
 
@@ -867,3 +868,51 @@ def test_a_checkpoint_saved_after_fit_resumes_from_the_final_global_parameters_o
     for worker in second:
         assert all(torch.equal(ours, theirs) for ours, theirs in zip(worker["params"], server["params"]))
     assert torch.equal(_replay_from_checkpoint(out / "after_fit.ckpt", second), _flat(server["params"]))
+
+
+@pytest.mark.distributed
+def test_overlapped_round_trips_move_the_progress_since_sending_onto_each_reply_and_never_wait_for_it(runs):
+    out, results = runs
+    _succeeded(results, "overlap")
+    rank0, worker = _load(out, "overlap", 0), _load(out, "overlap", 1)
+    # Every reply arrived within the next round: the worker never blocked on one.
+    assert worker["reply_waits"] == worker["logged"]["async_diloco/reply_waits"] == 0
+    inner_steps, lr = 3, 0.05  # async_diloco_fit.py: H = 3, inner SGD lr 0.05
+    version, anchor, rounds, replies_taken = 0, None, iter(worker["pseudo_gradients"]), 0
+    x = worker["steps"][0]["params"]
+    for n, step in enumerate(worker["steps"], start=1):
+        if step["version_before"] != version:  # a reply taken between steps (a checkpoint takes it): x + (o - a)
+            torch.testing.assert_close(step["params"], x + (step["origin_before"] - anchor))
+            version, replies_taken = step["version_before"], replies_taken + 1
+        x = torch.add(step["params"], step["grads"], alpha=-lr)  # the inner SGD step
+        if step["version"] != version:  # a reply taken in this step: x + (o - a)
+            x = x + (step["origin"] - anchor)
+            version, replies_taken = step["version"], replies_taken + 1
+        torch.testing.assert_close(step["after"], x)
+        x = step["after"]
+        if n % inner_steps == 0:  # the round ends: origin - x is sent, and the worker goes on from x
+            start, g = next(rounds)
+            assert torch.equal(start, step["origin"])
+            torch.testing.assert_close(g, start - x)
+            anchor = x
+    assert replies_taken == 2  # the replies to rounds 1 and 2 (round 3's is taken when fit ends)
+    # The server's side is as without overlap: each pseudo-gradient applied once, decoded exactly.
+    server = rank0["server"]
+    assert server["version"] == server["arrivals"] == rank0["sent"] + worker["sent"] == 6
+    replayed = _run_server(Int8Compressor(block_size=BLOCK_SIZE, backend="reference"), 2)
+    recorded = {rank: r["pseudo_gradients"] for rank, r in enumerate((rank0, worker))}
+    compressors = {1: Int8Compressor(block_size=BLOCK_SIZE, backend="reference")}
+    _replay(replayed, compressors, rank0["arrivals"], recorded, steps={1: 0}, inner_steps=inner_steps)
+    assert torch.equal(_flat(replayed.params), _flat(server["params"]))
+    for ours, final in zip(worker["params"], server["params"]):
+        assert torch.equal(ours, final)
+    # The checkpoint at step 6, a meeting: worker 1 took the reply to its round 2 (sent at step 6) first, so
+    # the server's state holds both workers' 2 rounds, and what the server believes worker 1 holds is
+    # what worker 1 saved as its round's origin (and its parameters: no step since).
+    checkpoint_path = out / "overlap_checkpoints" / "epoch=0-step=6.ckpt"
+    saved = torch.load(checkpoint_path, weights_only=True)["async_diloco"]
+    assert saved["version"] == saved["arrivals"] == 4 and saved["workers"][1]["rounds"] == 2
+    worker1 = torch.load(Path(f"{checkpoint_path}.rank_states") / "rank1.pt", weights_only=True)
+    worker1 = worker1["strategy"]["async_diloco"]
+    assert torch.equal(_flat(worker1["origin"]), saved["workers"][1]["pulled"])
+    assert torch.equal(_flat(worker1["model"].values()), saved["workers"][1]["pulled"])

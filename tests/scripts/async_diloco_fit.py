@@ -10,6 +10,8 @@ and on rank 0 the server's arrivals in order and counters. Scenarios:
   step; dynamic local updates;
 * ``four``: four workers with int8-compressed messages; the last stalls until every other has done 3
   rounds, then sleeps before every step;
+* ``overlap``: two workers with overlapped round trips and int8-compressed messages, inner SGD; rank 1
+  sleeps before every step and records every step (:class:`StepRecorder`); a checkpoint at step 6;
 * ``killed``: sign-compressed messages, checkpoints every 4 steps; rank 1 exits at once (as a killed
   process) at step 6; rank 0 must fail with a clear error within the 5 s timeout (it writes
   ``killed_rank0.err``);
@@ -98,6 +100,42 @@ class SlowRank(L.Callback):
             self._signal(trainer.global_rank).touch()
 
 
+class StepRecorder(L.Callback):
+    """On rank 1, per inner step: its parameters and gradients before the step, and after it (with whatever
+    the strategy did in the step) its parameters, its round's origin and the server version it holds. It
+    sleeps ``seconds`` before every step (so the server's replies arrive within its rounds), and a second
+    more before the first."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.steps = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == 1:
+            # Rank 0 serves from its on_train_start, which a loaded machine may reach a while after rank 1.
+            time.sleep(self.seconds + (1.0 if trainer.global_step == 0 else 0.0))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_rank == 1:
+            self.steps.append(
+                {
+                    "params": torch.cat([p.detach().reshape(-1) for p in pl_module.parameters()]).clone(),
+                    "grads": torch.cat([p.grad.reshape(-1) for p in pl_module.parameters()]).clone(),
+                    **self._round(trainer, "_before"),
+                }
+            )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_rank == 1:
+            self.steps[-1]["after"] = torch.cat([p.detach().reshape(-1) for p in pl_module.parameters()]).clone()
+            self.steps[-1].update(self._round(trainer))
+
+    @staticmethod
+    def _round(trainer, suffix=""):
+        origin = torch.cat([o.reshape(-1) for o in trainer.strategy.agreed_parameters()]).clone()
+        return {f"origin{suffix}": origin, f"version{suffix}": trainer.strategy.outer_steps}
+
+
 class DieAtStep(L.Callback):
     """Rank ``rank`` exits at once before step ``step``, as a killed process would."""
 
@@ -144,6 +182,7 @@ def save(out_dir, name, trainer, model, **extra):
             "sent": strategy.pseudo_gradients_sent,
             "bytes_sent": strategy.bytes_sent,
             "bytes_received": strategy.bytes_received,
+            "reply_waits": strategy.reply_waits,
             "logged": {k: float(v) for k, v in trainer.callback_metrics.items()},
             "arrivals": [(a.worker, a.version, a.staleness, a.applied) for a in strategy.arrivals],
             "pseudo_gradients": PSEUDO_GRADIENTS,
@@ -174,6 +213,12 @@ if __name__ == "__main__":
         slow = SlowRank(out_dir, name, fast_rounds=3, seconds=SLEEP_SECONDS)
         run = fit(strategy(inner_steps=2, compressor=int8(), timeout=120), 8, [slow])
         save(out_dir, name, *run)
+    elif name == "overlap":
+        recorder = StepRecorder(seconds=SLEEP_SECONDS)
+        every_6_steps = ModelCheckpoint(out_dir / "overlap_checkpoints", save_top_k=-1, every_n_train_steps=6)
+        overlapped = strategy(inner_steps=3, compressor=int8(), overlap=True)
+        run = fit(overlapped, 9, [recorder, every_6_steps], model=Regression("SGD"))
+        save(out_dir, name, *run, steps=recorder.steps)
     elif name == "killed":
         every_4_steps = ModelCheckpoint(out_dir / "checkpoints", save_top_k=-1, every_n_train_steps=4)
         try:
