@@ -556,10 +556,10 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
         """Send this worker's pseudo-gradient (none if its round has made no progress) and, unless
         ``final``, continue from the global parameters the server returns (with overlap: at once, from
         where it is; the reply is taken when it arrives)."""
-        started = time.perf_counter()
         if self._in_flight is not None:  # the last reply is due first: this round started from it
             self.reply_waits += not final and not self._in_flight.done()
             self._take_in_flight()
+        started = time.perf_counter()
         progressed = self._steps_in_round > 0
         speed = None
         if progressed and self._round_started is not None:
