@@ -57,8 +57,9 @@ with server-side error feedback (the rule:
 Why the reply too: fp32 parameters would be 4 bytes a parameter back for every
 byte or bit sent, most of the round trip; the difference is what changed, which
 compresses as a pseudo-gradient does, and the server's copy of what each worker
-holds keeps the error from building up. Rank 0's own worker exchanges nothing over
-the wire, so it sends and receives fp32.
+holds keeps the error from building up. The cost is memory on rank 0: one fp32 copy of
+the parameters per worker, on ``outer_state_device``. Rank 0's own worker exchanges
+nothing over the wire, so it sends and receives fp32.
 
 **Overlapped round trips** (``overlap=True``; default False): a worker other than rank 0
 sends its pseudo-gradient and starts its next round at once, from where it is, and takes
