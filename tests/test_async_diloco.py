@@ -1,9 +1,12 @@
 """Asynchronous DiLoCo: the server's outer rules against the algorithms written out here, dynamic local
-updates against a table, bad arguments, one worker against plain training, and two-worker runs
-(``tests/scripts/async_diloco_fit.py``): a slow worker, a killed worker, resuming by two workers and by one.
+updates against a table, compressed messages against the compressor's own functions, bad arguments, one
+worker against plain training (also under fp16 with a GradScaler, and resumed after fit), and runs of
+``tests/scripts/async_diloco_fit.py``: a slow worker, four workers with int8 messages, overlapped round
+trips, a killed worker, resuming by two workers (during and after fit) and by one. Compressed runs are
+checked by replaying the server from the pseudo-gradients each worker recorded.
 
-The processes of a two-worker run are started here at once, as ``torchrun`` would (Lightning sees
-``LOCAL_RANK`` and launches nothing; its own launcher would kill every rank when one dies).
+The processes of a run are started here at once, as ``torchrun`` would (Lightning sees ``LOCAL_RANK``
+and launches nothing; its own launcher would kill every rank when one dies).
 """
 
 from __future__ import annotations
