@@ -1,9 +1,12 @@
 """Asynchronous DiLoCo: the server's outer rules against the algorithms written out here, dynamic local
-updates against a table, bad arguments, one worker against plain training, and two-worker runs
-(``tests/scripts/async_diloco_fit.py``): a slow worker, a killed worker, resuming by two workers and by one.
+updates against a table, compressed messages against the compressor's own functions, bad arguments, one
+worker against plain training (also under fp16 with a GradScaler, and resumed after fit), and runs of
+``tests/scripts/async_diloco_fit.py``: a slow worker, four workers with int8 messages, overlapped round
+trips, a killed worker, resuming by two workers (during and after fit) and by one. Compressed runs are
+checked by replaying the server from the pseudo-gradients each worker recorded.
 
-The processes of a two-worker run are started here at once, as ``torchrun`` would (Lightning sees
-``LOCAL_RANK`` and launches nothing; its own launcher would kill every rank when one dies).
+The processes of a run are started here at once, as ``torchrun`` would (Lightning sees ``LOCAL_RANK``
+and launches nothing; its own launcher would kill every rank when one dies).
 """
 
 from __future__ import annotations
@@ -17,12 +20,21 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_converge.comm import Int8Compressor, SignCompressor, make_compressor
+from lightning_converge.comm.exchange import describe_payload, described_bytes, payload_as_bytes, payload_from_bytes
 from lightning_converge.schedules import Constant
 from lightning_converge.strategies import AsyncDiLoCoStrategy
-from lightning_converge.strategies.diloco import dynamic_inner_steps
-from lightning_converge.strategies.diloco.async_outer import AsyncOuterServer
+from lightning_converge.strategies.diloco import asynchronous, dynamic_inner_steps
+from lightning_converge.strategies.diloco.async_outer import AsyncOuterServer, parameters_layout
+from lightning_converge.strategies.diloco.async_protocol import (
+    MAX_PAYLOAD_TENSORS,
+    encode_pseudo_gradient,
+    payload_bytes,
+)
+from lightning_converge.strategies.diloco.asynchronous import point_to_point_compressors
 
 ROOT = Path(__file__).parents[1]
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -33,12 +45,15 @@ sys.path.remove(str(SCRIPTS))
 
 NUM_PARAMS = sum(p.numel() for p in Regression().parameters())  # 129
 SHAPES = [(7,), (3, 5), (4,)]
+NUMEL = sum(torch.Size(s).numel() for s in SHAPES)
 
 
 # ---------------------------------------------------------------------------------------- the server
 
 
-def _server(outer_optimizer, lr=0.7, momentum=0.9, period=2, penalty=0.0, max_staleness=None, params=None):
+def _server(
+    outer_optimizer, lr=0.7, momentum=0.9, period=2, penalty=0.0, max_staleness=None, params=None, compressor=None
+):
     params = params or [torch.randn(s, generator=torch.Generator().manual_seed(0)) for s in SHAPES]
     return AsyncOuterServer(
         params,
@@ -52,6 +67,7 @@ def _server(outer_optimizer, lr=0.7, momentum=0.9, period=2, penalty=0.0, max_st
         dynamic=False,
         device=torch.device("cpu"),
         backend="reference",
+        compressor=compressor,
     )
 
 
@@ -180,6 +196,82 @@ def test_server_state_round_trips_and_resumes_identically():
     assert fresh.workers == {} and fresh.version == 4
 
 
+# ---------------------------------------------------------------------------------------- compressed messages
+
+
+def _int8(block_size=8):
+    return Int8Compressor(block_size=block_size, backend="reference")
+
+
+def test_compressed_pseudo_gradients_and_replies_follow_the_rule_written_out():
+    """Three workers, a fixed arrival order: each sends int8(g + its residual) and keeps the rest (error
+    feedback); the server applies exactly the decoded value and replies with int8(theta - what the worker
+    holds), which both sides add to their copy of what the worker holds."""
+    server = _server("delayed_nesterov", period=2, compressor=_int8())
+    reference = _server("delayed_nesterov", period=2)  # fp32, fed the values written out below
+    layout = parameters_layout(server.params)
+    workers = {w: _int8() for w in range(3)}  # each worker's compressor, with its error feedback
+    codec = _int8()  # the test's own quantize / dequantize
+
+    def int8_round_trip(x):
+        return codec.dequantize(codec.quantize(x, None), x.numel())
+
+    residual = {w: torch.zeros(NUMEL) for w in range(3)}
+    held = {w: server.pull(w)[0].clone() for w in range(3)}  # what each worker holds
+    worker_view = {w: held[w].clone() for w in range(3)}
+    for w in range(3):
+        reference.pull(w)
+    for round_, (w, g) in enumerate(zip(ARRIVALS, _pseudo_gradients(len(ARRIVALS)))):
+        payload = encode_pseudo_gradient(workers[w], g.clone(), layout, rank=w, step=round_)
+        sent = int8_round_trip(g + residual[w])
+        residual[w] = g + residual[w] - sent
+        assert torch.equal(server.decode(payload), sent)
+        server.arrive(w, server.decode(payload), inner_steps=4)
+        reference.arrive(w, sent, inner_steps=4)
+        assert torch.equal(_flat(server.params), _flat(reference.params))
+
+        reply = server.pull_payload(w)
+        difference = _flat(reference.params) - held[w]
+        held[w] = held[w] + int8_round_trip(difference)
+        worker_view[w] += workers[w].decode(reply, layout)
+        assert torch.equal(server.workers[w].pulled, held[w]) and torch.equal(worker_view[w], held[w])
+        assert torch.equal(workers[w].elements.buffers(layout, torch.device("cpu"))["residual"], residual[w])
+        # What the worker holds lags the global parameters by this reply's rounding only: half a step.
+        half_step = codec.quantize(difference, None)[1].max() / 2
+        assert (_flat(server.params) - held[w]).abs().max() <= half_step * (1 + 1e-5)
+    assert all(residual[w].abs().sum() > 0 for w in range(3))  # error feedback carried over rounds
+
+
+@pytest.mark.parametrize("name", point_to_point_compressors())
+def test_every_point_to_point_compressors_payload_is_rebuilt_from_its_description_and_bytes(name):
+    compressor = make_compressor(name)
+    layout = parameters_layout([torch.empty(s) for s in SHAPES])
+    (g,) = _pseudo_gradients(1)
+    payload = encode_pseudo_gradient(compressor, g.clone(), layout, rank=1, step=0)
+    assert len(payload) <= MAX_PAYLOAD_TENSORS
+    rebuilt = payload_from_bytes(payload_as_bytes(payload), describe_payload(payload))
+    assert payload_bytes(rebuilt) == described_bytes(describe_payload(payload)) == payload_bytes(payload)
+    assert torch.equal(compressor.decode(rebuilt, layout), compressor.decode(payload, layout))
+
+
+def test_the_server_state_keeps_what_each_worker_holds_and_refuses_a_resume_that_cannot_know_it():
+    server = _server("sgd", compressor=_int8())
+    for w, g in zip(ARRIVALS[:4], _pseudo_gradients(4)):
+        server.pull(w)
+        server.arrive(w, g, inner_steps=4)
+        server.pull_payload(w)
+    state = torch.load(_saved(server.state_dict()), weights_only=True)
+    resumed = _server("sgd", compressor=_int8())
+    resumed.load_state_dict(state, same_workers=True)
+    for w in server.workers:
+        assert torch.equal(resumed.workers[w].pulled, server.workers[w].pulled)
+    assert torch.equal(_flat(resumed.pull_payload(0)), _flat(server.pull_payload(0)))
+    uncompressed = _server("sgd")
+    uncompressed.pull(0)
+    with pytest.raises(ValueError, match="saved without a compressor"):
+        _server("sgd", compressor=_int8()).load_state_dict(uncompressed.state_dict(), same_workers=True)
+
+
 def _saved(state):
     import io
 
@@ -243,9 +335,16 @@ def test_the_server_sets_each_workers_inner_steps_from_the_speeds_it_was_sent():
         ({"outer_optimizer": "adam"}, r"outer_optimizer must be one of \('delayed_nesterov', 'nesterov', 'sgd'\)"),
         ({"outer_momentum": 1.0}, r"outer_momentum must be a number in \[0, 1\)"),
         ({"outer_lr": 0.0}, "outer_lr must be a number > 0, got 0.0"),
-        ({"compressor": "int8"}, "compressor must be None"),
+        (
+            {"compressor": "powersgd"},
+            r"compressor must be None or one whose payload the server decodes on its own: "
+            r"one of \['bf16', 'fp16', 'int8', 'sign', 'ternary', 'topk'\].*got 'powersgd'",
+        ),
+        ({"compressor": "onebit"}, r"got 'onebit'.*use 'sign'"),
+        ({"compressor": "int9"}, r"unknown compressor 'int9'"),
         ({"outer_state_device": "cuda:7"}, "outer_state_device"),
         ({"backend": "fast"}, "backend"),
+        ({"overlap": 1}, "overlap must be True or False, got 1"),
     ],
 )
 def test_bad_arguments_raise_at_construction(options, match):
@@ -280,6 +379,10 @@ trainer:
       staleness_penalty: 0.5
       max_staleness: 8
       timeout: 60
+      compressor:
+        class_path: lightning_converge.comm.Int8Compressor
+        init_args:
+          block_size: 64
 """
 
 
@@ -295,6 +398,7 @@ def test_a_lightningcli_yaml_builds_the_strategy_with_its_options(tmp_path, monk
     assert (strategy._delayed_nesterov_period, strategy._dynamic) == (4, True)
     assert (strategy._staleness_penalty, strategy._max_staleness) == (0.5, 8)
     assert strategy._timeout.total_seconds() == 60
+    assert type(strategy.compressor) is Int8Compressor and strategy.compressor.block_size == 64
 
 
 # ---------------------------------------------------------------------------------------- one worker
@@ -352,6 +456,68 @@ def test_rounds_count_optimizer_steps_under_gradient_accumulation_and_bf16_autoc
     assert trainer.callback_metrics["async_diloco/inner_steps"] == 3
     for param, final in zip(model.parameters(), strategy.server.params):
         assert torch.equal(param.detach(), final)
+
+
+@pytest.mark.usefixtures("single_process_group")
+def test_resuming_from_a_checkpoint_saved_after_fit_continues_exactly(tmp_path):
+    """Lightning resumes a finished fit where it ended: 8 steps, saved after fit, resumed to 12 equals 12
+    straight (one worker: its end of fit, at a round's end, changes nothing)."""
+    straight = Regression("AdamW")
+    _fit_one_worker(straight, AsyncDiLoCoStrategy(inner_steps=2, backend="reference"), max_steps=12)
+    first = Regression("AdamW")
+    trainer = _fit_one_worker(first, AsyncDiLoCoStrategy(inner_steps=2, backend="reference"), max_steps=8)
+    trainer.save_checkpoint(tmp_path / "after_fit.ckpt")
+    resumed = Regression("AdamW")
+    strategy = AsyncDiLoCoStrategy(inner_steps=2, backend="reference")
+    _fit_one_worker(resumed, strategy, max_steps=12, ckpt_path=tmp_path / "after_fit.ckpt")
+    assert strategy.server.version == strategy.rounds == 6
+    for ours, theirs in zip(resumed.parameters(), straight.parameters()):
+        assert torch.equal(ours, theirs)
+
+
+class OverflowAt(Regression):
+    """Inner SGD; its loss is inf at optimizer step ``step``: an fp16 overflow, whose step the scaler skips."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__("SGD")
+        self.overflow_step = step
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("inf") if self.trainer.global_step == self.overflow_step else loss
+
+
+def _fp16_with_scaler():
+    # Lightning 2.6 gives CPU 16-mixed no GradScaler of its own.
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16))
+
+
+@pytest.mark.usefixtures("single_process_group")
+def test_one_worker_under_fp16_with_a_grad_scaler_equals_training_without_the_strategy_and_skips_an_overflow(
+    monkeypatch,
+):
+    computed = []
+    pseudo_gradient = asynchronous.pseudo_gradient
+
+    def recorded(origin, local):
+        computed.append(pseudo_gradient(origin, local).clone())
+        return computed[-1].clone()
+
+    monkeypatch.setattr(asynchronous, "pseudo_gradient", recorded)
+    plain, plain_precision = OverflowAt(3), _fp16_with_scaler()
+    _fit_one_worker(plain, "auto", plugins=[plain_precision])
+    model, precision = OverflowAt(3), _fp16_with_scaler()
+    strategy = AsyncDiLoCoStrategy(
+        inner_steps=1, outer_optimizer="sgd", outer_lr=1.0, outer_momentum=0.0, backend="reference"
+    )
+    _fit_one_worker(model, strategy, plugins=[precision])
+    assert precision.scaler.get_scale() == plain_precision.scaler.get_scale() == 2.0**15  # one step skipped
+    assert strategy.rounds == strategy.server.version == len(computed) == 6
+    assert all(torch.isfinite(g).all() for g in computed)
+    assert torch.equal(computed[3], torch.zeros_like(computed[3]))  # the skipped step moved nothing
+    assert all(g.abs().sum() > 0 for i, g in enumerate(computed) if i != 3)
+    for ours, theirs in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
 class GlobalParametersSeen(L.Callback):
@@ -445,9 +611,11 @@ def run_workers(count: int, args: list[str], log_dir: Path, timeout: float) -> l
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The two-worker runs: ``slow``, ``killed`` then ``resumed`` from the killed run's checkpoint."""
+    """The two-worker runs: ``slow``, ``killed`` then ``resumed`` from the killed run's checkpoint; the
+    four-worker run ``four``."""
     out = tmp_path_factory.mktemp("async_diloco")
-    results = {name: run_workers(2, [str(out), name], out, timeout=240) for name in ("slow", "killed")}
+    results = {name: run_workers(2, [str(out), name], out, timeout=240) for name in ("slow", "overlap", "killed")}
+    results["four"] = run_workers(4, [str(out), "four"], out, timeout=240)
     checkpoint = out / "checkpoints" / "epoch=0-step=4.ckpt"
     results["resumed"] = run_workers(2, [str(out), "resumed", str(checkpoint)], out, timeout=240)
     return out, results
@@ -564,3 +732,190 @@ def test_resuming_by_one_worker_continues_the_global_state(runs):
     assert not torch.equal(_flat(expected.params), _flat(strategy.server.params))  # it trained on from there
     for ours, final in zip(model.parameters(), strategy.server.params):
         assert torch.equal(ours.detach(), final)
+
+
+# ---------------------------------------------------------------------------------------- compressed runs
+
+BLOCK_SIZE = 16  # the compressors of async_diloco_fit.py
+
+
+def _named_layout():
+    named = list(Regression().named_parameters())
+    return parameters_layout([p for _, p in named], [name for name, _ in named])
+
+
+def _run_server(compressor, world_size):
+    """A server as the scripts' runs build it (rank 0's initial parameters, default outer options)."""
+    server = AsyncOuterServer(
+        [p.detach().clone() for p in Regression().parameters()],
+        "delayed_nesterov",
+        Constant(0.7),
+        0.9,
+        world_size,
+        0.0,
+        None,
+        inner_steps=2,
+        dynamic=False,
+        device=torch.device("cpu"),
+        backend="reference",
+        compressor=compressor,
+    )
+    for rank in range(world_size):
+        server.pull(rank)
+    return server
+
+
+def _replay(server, compressors, arrivals, recorded, steps, check_start_points=True, inner_steps=2):
+    """What the server must have done for the recorded arrival order: each worker's recorded pseudo-gradients
+    compressed here with its compressor (rank 0's in fp32), decoded and applied, each reply made. Returns
+    the payload bytes each worker sent and received."""
+    layout = _named_layout()
+    rounds = {rank: iter(rank_rounds) for rank, rank_rounds in recorded.items()}
+    sent, received = dict.fromkeys(compressors, 0), dict.fromkeys(compressors, 0)
+    for worker, *_ in arrivals:
+        start, g = next(rounds[worker])
+        if check_start_points:  # the worker's round started from what the server believes it holds
+            assert torch.equal(start, server.workers[worker].pulled)
+        if worker == 0:
+            server.arrive(0, g, inner_steps=inner_steps)
+            server.pull(0)
+            continue
+        payload = encode_pseudo_gradient(compressors[worker], g.clone(), layout, worker, steps[worker])
+        steps[worker] += 1
+        sent[worker] += payload_bytes(payload)
+        server.arrive(worker, server.decode(payload), inner_steps=inner_steps)
+        received[worker] += payload_bytes(server.pull_payload(worker))
+    return sent, received
+
+
+@pytest.mark.distributed
+def test_four_workers_with_int8_messages_apply_the_decoded_payloads_exactly_once_and_never_wait_per_round(runs):
+    out, results = runs
+    _succeeded(results, "four")
+    ranks = [_load(out, "four", rank) for rank in range(4)]
+    server, arrivals = ranks[0]["server"], ranks[0]["arrivals"]
+    # The slowed worker (rank 3) stalled before its first step until every other had completed 3 rounds.
+    assert 3 not in [worker for worker, *_ in arrivals[:9]]
+    assert next(a for a in arrivals if a[0] == 3)[2] >= 9  # its first arrival's staleness
+    # Every pseudo-gradient applied exactly once; every rank ends with the final global parameters.
+    for rank, worker in enumerate(ranks):
+        assert sum(1 for a in arrivals if a[0] == rank) == worker["sent"] == server["rounds"][rank] == worker["rounds"]
+        assert worker["sent"] == 4  # 8 steps, H = 2
+        for ours, final in zip(worker["params"], server["params"]):
+            assert torch.equal(ours, final)
+    assert server["version"] == server["arrivals"] == sum(worker["sent"] for worker in ranks)
+    # The server applied exactly decode(compress(g)) of each worker's pseudo-gradients, with each worker's
+    # error feedback, and replied with the compressed difference each worker added to what it held.
+    replayed = _run_server(Int8Compressor(block_size=BLOCK_SIZE, backend="reference"), 4)
+    compressors = {rank: Int8Compressor(block_size=BLOCK_SIZE, backend="reference") for rank in range(1, 4)}
+    recorded = {rank: worker["pseudo_gradients"] for rank, worker in enumerate(ranks)}
+    sent, received = _replay(replayed, compressors, arrivals, recorded, steps=dict.fromkeys(range(1, 4), 0))
+    assert torch.equal(_flat(replayed.params), _flat(server["params"]))
+    # Bytes logged: the payloads, compressed (int8 values and a scale per block, both ways).
+    for rank in range(1, 4):
+        assert ranks[rank]["logged"]["comm/bytes_sent_total"] == ranks[rank]["bytes_sent"] == sent[rank]
+        assert ranks[rank]["logged"]["comm/bytes_received_total"] == ranks[rank]["bytes_received"] == received[rank]
+        per_payload = NUM_PARAMS + 4 * -(-NUM_PARAMS // BLOCK_SIZE)
+        assert sent[rank] == received[rank] == 4 * per_payload
+    assert ranks[0]["logged"]["comm/bytes_sent_total"] == 0
+
+
+def _replay_from_checkpoint(checkpoint_path, ranks, keep_error_feedback=True):
+    """The global parameters that a two-worker run resumed from ``checkpoint_path`` with sign-compressed
+    messages must reach (``ranks``: what each worker of it saved), replayed from the checkpoint's server
+    state and rank 1's compressor state in its per-rank file (dropped unless ``keep_error_feedback``)."""
+    saved = torch.load(checkpoint_path, weights_only=True)["async_diloco"]
+    worker1 = torch.load(Path(f"{checkpoint_path}.rank_states") / "rank1.pt", weights_only=True)
+    worker1 = worker1["strategy"]["async_diloco"]
+    server = _run_server(SignCompressor(block_size=BLOCK_SIZE, backend="reference"), 2)
+    server.load_state_dict(saved, same_workers=True)
+    compressor = SignCompressor(block_size=BLOCK_SIZE, backend="reference")
+    if keep_error_feedback:
+        compressor.load_state_dict(worker1["compressor"])
+    recorded = {rank: worker["pseudo_gradients"] for rank, worker in enumerate(ranks)}
+    steps = {1: worker1["pseudo_gradients_sent"]}
+    _replay(server, {1: compressor}, ranks[0]["arrivals"], recorded, steps, check_start_points=keep_error_feedback)
+    return _flat(server.params)
+
+
+@pytest.mark.distributed
+def test_compressed_error_feedback_carries_through_a_checkpoint_resume(runs):
+    out, results = runs
+    _succeeded(results, "resumed")
+    checkpoint_path = out / "checkpoints" / "epoch=0-step=4.ckpt"
+    worker1 = torch.load(Path(f"{checkpoint_path}.rank_states") / "rank1.pt", weights_only=True)
+    residual = worker1["strategy"]["async_diloco"]["compressor"]["elements"]["residual"]
+    assert any(r.abs().sum() > 0 for r in residual.values())  # the killed run's rank 1 had error left over
+    ranks = [_load(out, "resumed_2", rank) for rank in range(2)]
+    final = _flat(ranks[0]["server"]["params"])
+    assert torch.equal(_replay_from_checkpoint(checkpoint_path, ranks), final)
+    # What a resume that lost the error feedback would have reached instead:
+    assert not torch.equal(_replay_from_checkpoint(checkpoint_path, ranks, keep_error_feedback=False), final)
+
+
+@pytest.mark.distributed
+def test_a_checkpoint_saved_after_fit_resumes_from_the_final_global_parameters_on_every_worker(runs):
+    out, results = runs
+    _succeeded(results, "resumed")
+    first, second = ([_load(out, name, rank) for rank in range(2)] for name in ("resumed_2", "after_fit"))
+    final = _flat(first[0]["server"]["params"])
+    saved = torch.load(out / "after_fit.ckpt", weights_only=True)["async_diloco"]
+    # Saved after fit: every pseudo-gradient applied, every worker holding the final global parameters.
+    assert saved["version"] == saved["arrivals"] == 8
+    assert all(torch.equal(record["pulled"], final) for record in saved["workers"].values())
+    for worker in second:  # each resumed worker's first round started there
+        assert torch.equal(worker["pseudo_gradients"][0][0], final)
+    # Steps 9 and 10: one more round each, applied once; then every rank holds the new final parameters.
+    server = second[0]["server"]
+    assert server["version"] == server["arrivals"] == 10 and server["rounds"] == {0: 5, 1: 5}
+    for worker in second:
+        assert all(torch.equal(ours, theirs) for ours, theirs in zip(worker["params"], server["params"]))
+    assert torch.equal(_replay_from_checkpoint(out / "after_fit.ckpt", second), _flat(server["params"]))
+
+
+@pytest.mark.distributed
+def test_overlapped_round_trips_move_the_progress_since_sending_onto_each_reply_and_never_wait_for_it(runs):
+    out, results = runs
+    _succeeded(results, "overlap")
+    rank0, worker = _load(out, "overlap", 0), _load(out, "overlap", 1)
+    # Every reply arrived within the next round: the worker never blocked on one.
+    assert worker["reply_waits"] == worker["logged"]["async_diloco/reply_waits"] == 0
+    inner_steps, lr = 3, 0.05  # async_diloco_fit.py: H = 3, inner SGD lr 0.05
+    version, anchor, rounds, replies_taken = 0, None, iter(worker["pseudo_gradients"]), 0
+    x = worker["steps"][0]["params"]
+    for n, step in enumerate(worker["steps"], start=1):
+        if step["version_before"] != version:  # a reply taken between steps (a checkpoint takes it): x + (o - a)
+            torch.testing.assert_close(step["params"], x + (step["origin_before"] - anchor))
+            version, replies_taken = step["version_before"], replies_taken + 1
+        x = torch.add(step["params"], step["grads"], alpha=-lr)  # the inner SGD step
+        if step["version"] != version:  # a reply taken in this step: x + (o - a)
+            x = x + (step["origin"] - anchor)
+            version, replies_taken = step["version"], replies_taken + 1
+        torch.testing.assert_close(step["after"], x)
+        x = step["after"]
+        if n % inner_steps == 0:  # the round ends: origin - x is sent, and the worker goes on from x
+            start, g = next(rounds)
+            assert torch.equal(start, step["origin"])
+            torch.testing.assert_close(g, start - x)
+            anchor = x
+    assert replies_taken == 2  # the replies to rounds 1 and 2 (round 3's is taken when fit ends)
+    # The server's side is as without overlap: each pseudo-gradient applied once, decoded exactly.
+    server = rank0["server"]
+    assert server["version"] == server["arrivals"] == rank0["sent"] + worker["sent"] == 6
+    replayed = _run_server(Int8Compressor(block_size=BLOCK_SIZE, backend="reference"), 2)
+    recorded = {rank: r["pseudo_gradients"] for rank, r in enumerate((rank0, worker))}
+    compressors = {1: Int8Compressor(block_size=BLOCK_SIZE, backend="reference")}
+    _replay(replayed, compressors, rank0["arrivals"], recorded, steps={1: 0}, inner_steps=inner_steps)
+    assert torch.equal(_flat(replayed.params), _flat(server["params"]))
+    for ours, final in zip(worker["params"], server["params"]):
+        assert torch.equal(ours, final)
+    # The checkpoint at step 6, a meeting: worker 1 took the reply to its round 2 (sent at step 6) first, so
+    # the server's state holds both workers' 2 rounds, and what the server believes worker 1 holds is
+    # what worker 1 saved as its round's origin (and its parameters: no step since).
+    checkpoint_path = out / "overlap_checkpoints" / "epoch=0-step=6.ckpt"
+    saved = torch.load(checkpoint_path, weights_only=True)["async_diloco"]
+    assert saved["version"] == saved["arrivals"] == 4 and saved["workers"][1]["rounds"] == 2
+    worker1 = torch.load(Path(f"{checkpoint_path}.rank_states") / "rank1.pt", weights_only=True)
+    worker1 = worker1["strategy"]["async_diloco"]
+    assert torch.equal(_flat(worker1["origin"]), saved["workers"][1]["pulled"])
+    assert torch.equal(_flat(worker1["model"].values()), saved["workers"][1]["pulled"])

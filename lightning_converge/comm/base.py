@@ -39,6 +39,9 @@ class Compressor:
     name: ClassVar[str]
     # Whether payloads of several ranks can be summed as they are (then all-reduced).
     summable: ClassVar[bool] = False
+    # Whether one rank's payload (compress) can be decoded by another on its own, as asynchronous DiLoCo
+    # sends pseudo-gradients point to point; False where the scheme needs collectives between the ranks.
+    point_to_point: ClassVar[bool] = True
 
     def __init__(self, error_feedback: bool = True) -> None:
         if not isinstance(error_feedback, bool):

@@ -45,16 +45,57 @@ class CommStats:
         return self.uncompressed_bytes / self.bytes_sent if self.bytes_sent else 1.0
 
 
-def _as_bytes(tensors: Sequence[Tensor]) -> Tensor:
-    """All ``tensors`` as one flat uint8 buffer, so a multi-tensor payload takes one collective."""
+def payload_as_bytes(tensors: Sequence[Tensor]) -> Tensor:
+    """All ``tensors`` as one flat uint8 buffer, so a multi-tensor payload takes one collective (or message)."""
     return torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in tensors])
 
 
 def _from_bytes(buffer: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
-    """Split a uint8 buffer made by :func:`_as_bytes` back into tensors shaped and typed like ``like``."""
+    """Split a uint8 buffer made by :func:`payload_as_bytes` back into tensors shaped and typed like ``like``."""
     pieces = buffer.split([t.numel() * t.element_size() for t in like])
     # clone(): a slice at an odd byte offset cannot be viewed as a wider dtype.
     return [piece.clone().view(t.dtype).view(t.shape) for piece, t in zip(pieces, like)]
+
+
+#: The dtypes a payload tensor may have where its description travels as numbers (:func:`describe_payload`).
+PAYLOAD_DTYPES = (
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.bool,
+)
+
+
+def describe_payload(tensors: Sequence[Tensor]) -> list[int]:
+    """What a receiver of :func:`payload_as_bytes` needs to rebuild ``tensors`` without having them: per
+    tensor, its dtype's index in :data:`PAYLOAD_DTYPES` and its number of elements (point-to-point messages
+    send this ahead of the bytes)."""
+    description = []
+    for tensor in tensors:
+        if tensor.dtype not in PAYLOAD_DTYPES:
+            raise ValueError(f"a payload tensor's dtype must be one of {PAYLOAD_DTYPES}, got {tensor.dtype}")
+        description += [PAYLOAD_DTYPES.index(tensor.dtype), tensor.numel()]
+    return description
+
+
+def described_bytes(description: Sequence[int]) -> int:
+    """The size in bytes of the payload that :func:`describe_payload` described."""
+    return sum(numel * PAYLOAD_DTYPES[code].itemsize for code, numel in zip(description[0::2], description[1::2]))
+
+
+def payload_from_bytes(buffer: Tensor, description: Sequence[int]) -> list[Tensor]:
+    """The tensors (flat) that :func:`describe_payload` described and ``buffer`` holds the bytes of."""
+    like = [
+        torch.empty(numel, dtype=PAYLOAD_DTYPES[code], device="meta")
+        for code, numel in zip(description[0::2], description[1::2])
+    ]
+    return _from_bytes(buffer, like)
 
 
 class Exchange:
@@ -161,7 +202,7 @@ class Exchange:
 
         The tensors must have the same shapes and dtypes on every rank.
         """
-        rows = self._exchange_rows([_as_bytes(tensors)], dist.all_gather_into_tensor)
+        rows = self._exchange_rows([payload_as_bytes(tensors)], dist.all_gather_into_tensor)
         return [_from_bytes(row, tensors) for row in rows]
 
     def all_to_all(self, tensors: Sequence[Tensor]) -> list[list[Tensor]]:
@@ -174,7 +215,7 @@ class Exchange:
         if any(t.shape[0] != world_size for t in tensors):
             raise ValueError(f"all_to_all needs tensors with a leading dimension of {world_size} (the world size)")
         rows = [[t[j] for t in tensors] for j in range(world_size)]
-        received = self._exchange_rows([_as_bytes(row) for row in rows], dist.all_to_all_single)
+        received = self._exchange_rows([payload_as_bytes(row) for row in rows], dist.all_to_all_single)
         return [_from_bytes(row, rows[0]) for row in received]
 
     def _exchange_rows(self, rows: list[Tensor], collective: Any) -> list[Tensor]:

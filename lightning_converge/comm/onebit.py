@@ -30,3 +30,4 @@ class OneBitCompressor(SignCompressor):
 
     name = "onebit"
     two_phase_from = 1
+    point_to_point = False  # its two-phase all-reduce is what it adds to ``sign``, which goes point to point

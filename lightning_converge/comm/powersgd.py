@@ -36,6 +36,7 @@ class PowerSGDCompressor(Compressor):
 
     name = "powersgd"
     summable = True
+    point_to_point = False  # the factors are all-reduced, and every rank shares the warm start
 
     def __init__(self, error_feedback: bool = True, rank: int = 2, seed: int = 0) -> None:
         check_int("rank", rank, 1)

@@ -51,10 +51,23 @@ takes about the same wall-clock time. Speeds not yet reported (None) get ``H``.
 
 The outer learning rate may be a schedule of the inner steps applied so far,
 summed over the workers (``inner_steps_applied``).
+
+**Compressed messages** (``compressor``, a :class:`~lightning_converge.comm.Compressor`
+whose ``point_to_point`` is True): a worker sends ``compress(g_t)`` with error feedback of
+its own, and the server applies ``g_t = decode(payload)`` (:meth:`AsyncOuterServer.decode`).
+The reply is compressed too, as a difference: the server keeps, per worker, the
+global parameters as that worker holds them, ``theta_w``, and sends
+``compress(theta - theta_w)``; both sides then add ``decode(payload)`` to
+``theta_w``, bit for bit the same (:meth:`AsyncOuterServer.pull_payload`). What a
+payload did not carry stays in ``theta - theta_w`` and goes with the next reply:
+server-side error feedback, without a residual of its own. A worker's round
+starts from ``theta_w`` (its pseudo-gradient is measured from there; the staleness
+penalty's gap too), which lags ``theta`` by the compression error only.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
@@ -62,8 +75,12 @@ import torch
 from torch import Tensor
 
 from lightning_converge.checks import check_choice, check_in_range, check_int
+from lightning_converge.comm import Compressor, Exchange, Layout
 from lightning_converge.schedules import Schedule
 from lightning_converge.strategies.diloco.outer import OuterState
+
+#: The rank that runs the server (beside its own worker).
+SERVER_RANK = 0
 
 #: The outer rules the server runs; ``"delayed_nesterov"`` needs ``delayed_nesterov_period``.
 ASYNC_OUTER_OPTIMIZERS = ("delayed_nesterov", "nesterov", "sgd")
@@ -103,6 +120,29 @@ def dynamic_inner_steps(speeds: Sequence[Optional[float]], inner_steps: int) -> 
     ]
 
 
+class SoleSender(Exchange):
+    """What a compressor sees of a point-to-point message: one sender, ``rank`` (a world of one; ternary
+    draws its random numbers by it), and no collective."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__(group=None)
+        self._rank = rank
+
+    @property
+    def world_size(self) -> int:
+        return 1
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+
+def parameters_layout(params: Sequence[Tensor], names: Optional[Sequence[str]] = None) -> Layout:
+    """The compressors' view of a flat vector of ``params`` (names: their indices unless given)."""
+    names = [str(index) for index in range(len(params))] if names is None else names
+    return Layout(tuple(names), tuple(p.shape for p in params))
+
+
 @dataclass
 class Arrival:
     """What the server did with one pseudo-gradient: the version it reached, the arrival's staleness,
@@ -122,8 +162,9 @@ class WorkerRecord:
     pulled_version: int = 0
     rounds: int = 0
     speed: Optional[float] = None
-    # The global parameters it pulled (kept only with a staleness penalty).
-    pulled: Optional[list[Tensor]] = field(default=None, repr=False)
+    # The global parameters as it holds them since its last pull, flat (kept only with a staleness penalty
+    # or a compressor: with one, the sum of the decoded replies).
+    pulled: Optional[Tensor] = field(default=None, repr=False)
 
 
 class AsyncOuterServer:
@@ -138,6 +179,8 @@ class AsyncOuterServer:
         outer_momentum, delayed_nesterov_period, staleness_penalty, max_staleness, inner_steps,
             dynamic: as for :class:`~lightning_converge.strategies.diloco.AsyncDiLoCoStrategy`.
         device, backend: where the outer state lives; the fused kernel's backend.
+        compressor: how the workers' pseudo-gradients arrive and the replies go (None: fp32), see
+            **Compressed messages** above; the server compresses with a copy of its own.
     """
 
     def __init__(
@@ -153,6 +196,8 @@ class AsyncOuterServer:
         dynamic: bool,
         device: torch.device,
         backend: str,
+        *,
+        compressor: Optional[Compressor] = None,
     ) -> None:
         delayed = outer_optimizer == "delayed_nesterov"
         self._period = delayed_nesterov_period if delayed else None
@@ -169,6 +214,8 @@ class AsyncOuterServer:
         self._max_staleness = max_staleness
         self._inner_steps = inner_steps
         self._dynamic = dynamic
+        self.compressor = None if compressor is None else copy.deepcopy(compressor)
+        self.layout = parameters_layout(self.outer.params)
         # Updates applied (the version), arrivals (applied or dropped), dropped, inner steps applied.
         self.version = 0
         self.arrivals = 0
@@ -186,13 +233,33 @@ class AsyncOuterServer:
         return torch.cat([p.reshape(-1) for p in self.outer.params])
 
     def pull(self, worker: int) -> tuple[Tensor, int]:
-        """``worker`` takes the current global parameters: (flat copy, version)."""
+        """``worker`` takes the current global parameters, exactly: (flat copy, version)."""
         record = self.workers.setdefault(worker, WorkerRecord())
         record.pulled_version = self.version
         flat = self.flat_params()
-        if self._penalty > 0:
-            record.pulled = [p.clone() for p in self.outer.params]
+        if self._penalty > 0 or self.compressor is not None:
+            record.pulled = flat.clone()
         return flat, self.version
+
+    def pull_payload(self, worker: int) -> list[Tensor]:
+        """``worker`` takes the current global parameters over the wire: without a compressor ``[flat fp32
+        copy]``; with one, the compressed difference from the parameters it holds, which it adds after
+        decoding (as the server does to its copy, see **Compressed messages**)."""
+        if self.compressor is None:
+            return [self.pull(worker)[0]]
+        record = self.workers[worker]
+        payload = self.compressor.compress(
+            self.flat_params() - record.pulled, self.layout, {}, SoleSender(SERVER_RANK), record.rounds
+        )
+        record.pulled += self.compressor.decode(payload, self.layout)
+        record.pulled_version = self.version
+        return payload
+
+    def decode(self, payload: Sequence[Tensor]) -> Tensor:
+        """The flat fp32 pseudo-gradient a worker's payload stands for (without a compressor: the payload)."""
+        if self.compressor is None:
+            return payload[0]
+        return self.compressor.decode(list(payload), self.layout)
 
     def inner_steps_for(self, worker: int) -> int:
         """The inner steps ``worker`` runs in its next round (dynamic local updates, or ``inner_steps``)."""
@@ -227,7 +294,7 @@ class AsyncOuterServer:
     def _penalty_scale(self, record: WorkerRecord, grads: Sequence[Tensor]) -> float:
         if record.pulled is None:  # pulled before this server existed (resumed): no gap known
             return 1.0
-        gap = torch.linalg.vector_norm(torch.cat([(p - q).reshape(-1) for p, q in zip(self.params, record.pulled)]))
+        gap = torch.linalg.vector_norm(self.flat_params() - record.pulled)
         size = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads]))
         # The server runs beside training (its own thread), so reading these two numbers stalls no step.
         gap, size = gap.item(), size.item()
@@ -258,6 +325,7 @@ class AsyncOuterServer:
             "arrivals": self.arrivals,
             "dropped": self.dropped,
             "inner_steps_applied": self.inner_steps_applied,
+            "compressor": None if self.compressor is None else self.compressor.state_dict(),
             "workers": {
                 rank: {"pulled_version": r.pulled_version, "rounds": r.rounds, "speed": r.speed, "pulled": r.pulled}
                 for rank, r in self.workers.items()
@@ -279,13 +347,21 @@ class AsyncOuterServer:
         self.arrivals = state["arrivals"]
         self.dropped = state["dropped"]
         self.inner_steps_applied = state["inner_steps_applied"]
+        if self.compressor is not None and state.get("compressor") is not None:
+            self.compressor.load_state_dict(state["compressor"])
         self.workers = {}
         if same_workers:
+            if self.compressor is not None and any(saved["pulled"] is None for saved in state["workers"].values()):
+                raise ValueError(
+                    "AsyncDiLoCoStrategy: the checkpoint was saved without a compressor, so the server does not "
+                    "know the parameters each worker holds; resume with compressor=None, or with another number "
+                    "of workers (every worker then starts from the global parameters)"
+                )
             for rank, saved in state["workers"].items():
                 pulled = saved["pulled"]
                 self.workers[rank] = WorkerRecord(
                     saved["pulled_version"],
                     saved["rounds"],
                     saved["speed"],
-                    None if pulled is None else [t.to(self.outer.device) for t in pulled],
+                    None if pulled is None else pulled.to(self.outer.device),
                 )

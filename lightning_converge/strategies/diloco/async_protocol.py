@@ -11,14 +11,24 @@ for another: a round trip is one worker and the server.
 
 A round trip (:func:`round_trip`), worker ``w`` to rank 0:
 
-1. ``w`` sends a header ``[w, inner steps run, speed (-1: unknown), final, numel]``
-   (float64, tag :data:`TAG_ARRIVAL`), then its flat fp32 pseudo-gradient (tag
-   :data:`TAG_PSEUDO_GRADIENT`; none when ``numel`` is 0);
-2. the server applies it and answers a header ``[status, version, staleness,
-   applied, next inner steps, rounds, missing rank]`` (tag :data:`TAG_REPLY`),
-   then, unless the arrival was ``final``, the current global parameters, flat
-   fp32 (tag :data:`TAG_PARAMETERS`), which ``w`` continues from.
+1. ``w`` sends a header ``[w, inner steps run, speed (-1: unknown), final,
+   payload description]`` (float64, tag :data:`TAG_ARRIVAL`), then its payload's
+   bytes (tag :data:`TAG_PSEUDO_GRADIENT`; none when the description counts no
+   tensor): its flat fp32 pseudo-gradient, or what its compressor made of it;
+2. the server decodes and applies it and answers a header ``[status, version,
+   staleness, applied, next inner steps, rounds, missing rank, payload
+   description]`` (tag :data:`TAG_REPLY`), then, unless the arrival was
+   ``final``, the payload's bytes (tag :data:`TAG_PARAMETERS`): the current global
+   parameters, flat fp32, or, with a compressor, the compressed difference from
+   the parameters ``w`` holds
+   (:meth:`~lightning_converge.strategies.diloco.async_outer.AsyncOuterServer.pull_payload`),
+   which ``w`` continues from.
 
+A payload description is ``[count, dtype code, numel, ...]`` for up to
+:data:`MAX_PAYLOAD_TENSORS` flat tensors
+(:func:`~lightning_converge.comm.exchange.describe_payload`): what the receiver
+needs to rebuild a compressor's payload (its tensors' dtypes and sizes change
+with the compressor, and top-k's with its warm-up) from one message of bytes.
 A ``final`` arrival is a worker's last (when its ``fit`` ends); the server
 thread ends once every other worker has sent one.
 
@@ -30,9 +40,10 @@ training thread raises the same error at its next round. A worker whose server
 does not answer within ``timeout`` raises too. ``timeout`` must therefore exceed
 the longest round of any worker.
 
-Bytes: a worker counts the pseudo-gradient it sends and the parameters it
-receives (headers aside); the server's thread counts nothing (rank 0's worker
-exchanges nothing over the wire).
+Bytes: a worker counts the payloads it sends and receives (the headers aside:
+``8 * (5 + 2 * MAX_PAYLOAD_TENSORS)`` and ``8 * (8 + 2 * MAX_PAYLOAD_TENSORS)``
+bytes, one of each per round); the server's thread counts nothing (rank 0's
+worker exchanges nothing over the wire).
 """
 
 from __future__ import annotations
@@ -47,12 +58,27 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_converge.strategies.diloco.async_outer import Arrival, AsyncOuterServer, WorkerRecord
+from lightning_converge.comm import Compressor, Layout
+from lightning_converge.comm.exchange import (
+    describe_payload,
+    described_bytes,
+    payload_as_bytes,
+    payload_from_bytes,
+)
+from lightning_converge.strategies.diloco.async_outer import (
+    SERVER_RANK,
+    Arrival,
+    AsyncOuterServer,
+    SoleSender,
+    WorkerRecord,
+)
 
 TAG_ARRIVAL, TAG_PSEUDO_GRADIENT, TAG_REPLY, TAG_PARAMETERS = 11, 12, 13, 14
 STATUS_OK, STATUS_ABORT = 0.0, 1.0
-SERVER_RANK = 0
-_ARRIVAL_FIELDS, _REPLY_FIELDS = 5, 7
+#: The most tensors a payload may have (every compressor of this pack sends one or two).
+MAX_PAYLOAD_TENSORS = 4
+_DESCRIPTION_FIELDS = 1 + 2 * MAX_PAYLOAD_TENSORS
+_ARRIVAL_FIELDS, _REPLY_FIELDS = 4 + _DESCRIPTION_FIELDS, 7 + _DESCRIPTION_FIELDS
 
 
 class AsyncDiLoCoError(RuntimeError):
@@ -61,14 +87,57 @@ class AsyncDiLoCoError(RuntimeError):
 
 @dataclass
 class Reply:
-    """The server's answer to one arrival; ``params`` is None for a final arrival."""
+    """The server's answer to one arrival. ``payload``: the global parameters as
+    :meth:`~lightning_converge.strategies.diloco.async_outer.AsyncOuterServer.pull_payload` sends them
+    (``[flat fp32]`` to rank 0's own worker); None for a final arrival."""
 
     version: int
     staleness: int
     applied: bool
     inner_steps: int
     rounds: int
-    params: Optional[Tensor] = None
+    payload: Optional[list[Tensor]] = None
+
+
+def _description(payload: Optional[list[Tensor]]) -> list[float]:
+    """The header fields that describe ``payload`` (None or empty: nothing follows)."""
+    payload = payload or []
+    if len(payload) > MAX_PAYLOAD_TENSORS:
+        raise ValueError(f"a payload may have at most {MAX_PAYLOAD_TENSORS} tensors, got {len(payload)}")
+    fields = [len(payload), *describe_payload(payload)]
+    return fields + [0] * (_DESCRIPTION_FIELDS - len(fields))
+
+
+def _send_payload(payload: Optional[list[Tensor]], peer: int, group: dist.ProcessGroup, tag: int) -> None:
+    if payload:
+        dist.send(payload_as_bytes([t.cpu() for t in payload]), dst=peer, group=group, tag=tag)
+
+
+def _recv_payload(fields: list[float], peer: int, group: dist.ProcessGroup, tag: int) -> Optional[list[Tensor]]:
+    """The payload that the header ``fields`` (from :func:`_description`) announce, received from ``peer``."""
+    count = int(fields[0])
+    if not count:
+        return None
+    description = [int(value) for value in fields[1 : 1 + 2 * count]]
+    buffer = torch.empty(described_bytes(description), dtype=torch.uint8)
+    dist.recv(buffer, src=peer, group=group, tag=tag)
+    return payload_from_bytes(buffer, description)
+
+
+def payload_bytes(payload: Optional[list[Tensor]]) -> int:
+    """The bytes a payload puts on the wire (0 for None)."""
+    return sum(t.numel() * t.element_size() for t in payload or [])
+
+
+def encode_pseudo_gradient(
+    compressor: Optional[Compressor], pseudo_gradient: Tensor, layout: Layout, rank: int, step: int
+) -> list[Tensor]:
+    """A worker's payload for its flat fp32 ``pseudo_gradient`` (overwritten): ``[pseudo_gradient]``, or
+    ``compressor``'s payload with this worker's error feedback (``step``: its rounds sent before)."""
+    if compressor is None:
+        return [pseudo_gradient]
+    state = compressor.elements.buffers(layout, pseudo_gradient.device)
+    return compressor.compress(pseudo_gradient, layout, state, SoleSender(rank), step)
 
 
 def missing_worker_error(owner: str, missing: list[int], timeout: timedelta, cause: str = "") -> AsyncDiLoCoError:
@@ -88,9 +157,10 @@ def serve_locally(
     speed: Optional[float],
     final: bool,
 ) -> Reply:
-    """Rank 0's own worker: the round trip without the wire (``pseudo_gradient`` None: nothing to apply)."""
+    """Rank 0's own worker: the round trip without the wire, in fp32 (``pseudo_gradient`` None: nothing to
+    apply); the reply's payload is ``[flat fp32 global parameters]``."""
     with lock:
-        return _answer(server, worker, pseudo_gradient, inner_steps, speed, final)
+        return _answer(server, worker, pseudo_gradient, inner_steps, speed, final, remote=False)
 
 
 def _answer(
@@ -100,19 +170,20 @@ def _answer(
     inner_steps: int,
     speed: Optional[float],
     final: bool,
+    remote: bool,
 ) -> Reply:
     arrival = None if pseudo_gradient is None else server.arrive(worker, pseudo_gradient, inner_steps, speed)
     record = server.workers.setdefault(worker, WorkerRecord())
-    params = None
+    payload = None
     if not final:
-        params, _ = server.pull(worker)
+        payload = server.pull_payload(worker) if remote else [server.pull(worker)[0]]
     return Reply(
         version=server.version,
         staleness=0 if arrival is None else arrival.staleness,
         applied=arrival is not None and arrival.applied,
         inner_steps=server.inner_steps_for(worker),
         rounds=record.rounds,
-        params=params,
+        payload=payload,
     )
 
 
@@ -174,17 +245,21 @@ class ServerThread:
                     missing = sorted(r for r in self._active if now - last_seen[r] >= self._timeout.total_seconds())
                     self._fail(missing or sorted(self._active), str(error))
                     return
-                worker, inner_steps, speed, final, numel = header.tolist()
-                worker, inner_steps, numel = int(worker), int(inner_steps), int(numel)
+                worker, inner_steps, speed, final, *description = header.tolist()
+                worker, inner_steps = int(worker), int(inner_steps)
                 last_seen[worker] = time.monotonic()
-                pseudo_gradient = None
-                if numel:
-                    pseudo_gradient = torch.empty(numel, dtype=torch.float32)
-                    dist.recv(pseudo_gradient, src=worker, group=self._group, tag=TAG_PSEUDO_GRADIENT)
+                payload = _recv_payload(description, worker, self._group, TAG_PSEUDO_GRADIENT)
+                pseudo_gradient = None if payload is None else self._server.decode(payload)
                 with self._lock:
                     before = self._server.arrivals
                     reply = _answer(
-                        self._server, worker, pseudo_gradient, inner_steps, None if speed < 0 else speed, bool(final)
+                        self._server,
+                        worker,
+                        pseudo_gradient,
+                        inner_steps,
+                        None if speed < 0 else speed,
+                        bool(final),
+                        remote=True,
                     )
                     arrived = self._server.arrivals > before
                 if arrived and self._on_arrival is not None:
@@ -198,7 +273,7 @@ class ServerThread:
 
     def _fail(self, missing: list[int], cause: str) -> None:
         self.error = missing_worker_error(self._owner, missing, self._timeout, cause)
-        abort = torch.tensor([STATUS_ABORT, 0, 0, 0, 0, 0, missing[0]], dtype=torch.float64)
+        abort = torch.tensor([STATUS_ABORT, 0, 0, 0, 0, 0, missing[0], *_description(None)], dtype=torch.float64)
         # Kept, so the message outlives this call: the thread ends here, the sends complete when each is read.
         self._aborts = [
             dist.isend(abort, dst=rank, group=self._group, tag=TAG_REPLY)
@@ -208,17 +283,16 @@ class ServerThread:
 
 def _send_reply(reply: Reply, worker: int, group: dist.ProcessGroup) -> None:
     header = torch.tensor(
-        [STATUS_OK, reply.version, reply.staleness, float(reply.applied), reply.inner_steps, reply.rounds, -1],
+        [STATUS_OK, reply.version, reply.staleness, float(reply.applied), reply.inner_steps, reply.rounds, -1]
+        + _description(reply.payload),
         dtype=torch.float64,
     )
     dist.send(header, dst=worker, group=group, tag=TAG_REPLY)
-    if reply.params is not None:
-        dist.send(reply.params, dst=worker, group=group, tag=TAG_PARAMETERS)
+    _send_payload(reply.payload, worker, group, TAG_PARAMETERS)
 
 
 def round_trip(
-    pseudo_gradient: Optional[Tensor],
-    numel: int,
+    payload: Optional[list[Tensor]],
     inner_steps: int,
     speed: Optional[float],
     final: bool,
@@ -226,17 +300,17 @@ def round_trip(
     timeout: timedelta,
     owner: str,
 ) -> Reply:
-    """A worker other than rank 0: send its flat fp32 CPU ``pseudo_gradient`` (None: nothing to apply) and
-    take the server's reply and, unless ``final``, the ``numel`` global parameters."""
+    """A worker other than rank 0: send its pseudo-gradient's ``payload`` (its flat fp32 pseudo-gradient,
+    or what its compressor made of it; None: nothing to apply) and take the server's reply, with, unless
+    ``final``, the global parameters' payload."""
     rank = dist.get_rank()
-    size = 0 if pseudo_gradient is None else pseudo_gradient.numel()
     header = torch.tensor(
-        [rank, inner_steps, -1.0 if speed is None else speed, float(final), size], dtype=torch.float64
+        [rank, inner_steps, -1.0 if speed is None else speed, float(final)] + _description(payload),
+        dtype=torch.float64,
     )
     try:
         dist.send(header, dst=SERVER_RANK, group=group, tag=TAG_ARRIVAL)
-        if size:
-            dist.send(pseudo_gradient, dst=SERVER_RANK, group=group, tag=TAG_PSEUDO_GRADIENT)
+        _send_payload(payload, SERVER_RANK, group, TAG_PSEUDO_GRADIENT)
         answer = torch.empty(_REPLY_FIELDS, dtype=torch.float64)
         dist.irecv(answer, src=SERVER_RANK, group=group, tag=TAG_REPLY).wait(timeout)
     except RuntimeError as error:
@@ -244,11 +318,8 @@ def round_trip(
             f"{owner}: worker {rank} got no answer from the server (rank {SERVER_RANK}) within {timeout} "
             f"(timeout): it has died or hung. Cause: {error}"
         ) from error
-    status, version, staleness, applied, next_inner_steps, rounds, missing = answer.tolist()
+    status, version, staleness, applied, next_inner_steps, rounds, missing, *description = answer.tolist()
     if status == STATUS_ABORT:
         raise missing_worker_error(owner, [int(missing)], timeout)
-    params = None
-    if not final:
-        params = torch.empty(numel, dtype=torch.float32)
-        dist.recv(params, src=SERVER_RANK, group=group, tag=TAG_PARAMETERS)
-    return Reply(int(version), int(staleness), bool(applied), int(next_inner_steps), int(rounds), params)
+    reply_payload = _recv_payload(description, SERVER_RANK, group, TAG_PARAMETERS)
+    return Reply(int(version), int(staleness), bool(applied), int(next_inner_steps), int(rounds), reply_payload)

@@ -48,19 +48,51 @@ the last checkpoint is lost, nothing a checkpoint holds. ``timeout`` must exceed
 the longest round of any worker (and any time workers spend apart from each
 other before a meeting, e.g. a fast worker waiting at a checkpoint).
 
+**Compressed pseudo-gradients** (``compressor``): a worker other than rank 0 sends
+its pseudo-gradient compressed, with error feedback of its own (saved in its per-rank
+file), and the server applies the decoded value; the reply comes back compressed as
+well, as the difference between the global parameters and those the worker holds,
+with server-side error feedback (the rule:
+:mod:`~lightning_converge.strategies.diloco.async_outer`, **Compressed messages**).
+Why the reply too: fp32 parameters would be 4 bytes a parameter back for every
+byte or bit sent, most of the round trip; the difference is what changed, which
+compresses as a pseudo-gradient does, and the server's copy of what each worker
+holds keeps the error from building up. The cost is memory on rank 0: one fp32 copy of
+the parameters per worker, on ``outer_state_device``. Rank 0's own worker exchanges
+nothing over the wire, so it sends and receives fp32.
+
+**Overlapped round trips** (``overlap=True``; default False): a worker other than rank 0
+sends its pseudo-gradient and starts its next round at once, from where it is, and takes
+the server's reply at the first inner step after it has arrived. With ``a`` its
+parameters when it sent (the end of the last round), ``x`` its parameters after that
+inner step and ``o`` the global parameters of the reply (as it holds them), the rule is::
+
+    x <- x + (o - a);  origin <- o
+
+its progress since sending, moved onto the reply's global parameters. The round's
+pseudo-gradient ``origin - x`` at its end is then exactly its own progress over the
+round (from ``a``), as without overlap. At most one round trip is in flight: a round
+that ends before its reply has arrived waits for it (counted in ``reply_waits``), and
+so does every meeting (validation, checkpoint, end of fit), so a checkpoint never
+holds a pseudo-gradient in flight; with overlap a checkpoint is also a meeting of its
+own (the workers meet before rank 0 reads the server's state). Rank 0's own worker
+has no wire to wait on: its reply is immediate, and the rule leaves it as without overlap.
+
 Logged per worker, per inner step: ``async_diloco/rounds`` (its pseudo-gradients
 applied so far), ``async_diloco/staleness`` (of its last applied pseudo-gradient:
 updates the server applied between its pull and its arrival),
-``async_diloco/inner_steps`` (its current H), ``comm/wait_seconds`` (time blocked
-on round trips), ``comm/bytes_sent`` / ``comm/bytes_received`` (pseudo-gradient
-sent and parameters received in this step; rank 0's own worker sends nothing over
-the wire) and their ``_total``.
+``async_diloco/inner_steps`` (its current H), with overlap ``async_diloco/reply_waits``
+(round ends that waited for the last reply), ``comm/wait_seconds`` (time blocked
+on round trips), ``comm/bytes_sent`` / ``comm/bytes_received`` (the payloads of the
+pseudo-gradient sent and the parameters received in this step, compressed or not,
+headers aside; rank 0's own worker sends nothing over the wire) and their ``_total``.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any, Callable, Literal, Mapping, Optional, Union
 
@@ -77,24 +109,37 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_converge.comm import Compressor
+from lightning_converge.comm import COMPRESSORS, Compressor, Layout
 from lightning_converge.kernels.dispatch import validate_backend
 from lightning_converge.schedules import Schedule, as_schedule
 from lightning_converge.sharding import refuse_sharded
 from lightning_converge.strategies.ddp_options import as_timedelta, check_unwrapped, reject_options
-from lightning_converge.strategies.diloco.async_outer import Arrival, AsyncOuterServer, check_async_options
+from lightning_converge.strategies.diloco.async_outer import (
+    Arrival,
+    AsyncOuterServer,
+    check_async_options,
+    parameters_layout,
+)
 from lightning_converge.strategies.diloco.async_protocol import (
     SERVER_RANK,
     AsyncDiLoCoError,
     Reply,
     ServerThread,
+    encode_pseudo_gradient,
+    payload_bytes,
     round_trip,
     serve_locally,
 )
+from lightning_converge.strategies.diloco.exchange import as_compressor
 from lightning_converge.strategies.diloco.outer import available_device, pseudo_gradient
 from lightning_converge.strategies.rank_state import RankStateFiles, cpu_copy, load_rank_states, save_rank_states
 
 CHECKPOINT_KEY = "async_diloco"
+
+
+def point_to_point_compressors() -> list[str]:
+    """The registered compressors' names that ``compressor`` accepts (those whose ``point_to_point`` is True)."""
+    return sorted(name for name, cls in COMPRESSORS.items() if cls.point_to_point)
 
 
 class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
@@ -116,10 +161,16 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
         staleness_penalty: lambda >= 0 of the CO2-style staleness gap penalty (0: none).
         max_staleness: drop a pseudo-gradient that arrives after more than this many updates since its
             worker pulled (None: apply every one).
-        compressor: only None (pseudo-gradients travel as fp32) for now.
+        compressor: how pseudo-gradients and replies travel between the workers and the server: None
+            (fp32), or a compressor whose payload the server decodes alone (``point_to_point``): a name
+            from :func:`point_to_point_compressors` or such a :class:`~lightning_converge.comm.Compressor`
+            (to set its options; e.g. ``Int8Compressor(block_size=64)``). See **Compressed
+            pseudo-gradients**.
         outer_state_device: where the server keeps the global parameters and outer state (rank 0).
         backend: backend of the fused outer-step kernel (``"auto"``, ``"reference"``, ``"compiled"``,
             ``"triton"``).
+        overlap: whether a worker starts its next round while its round trip is on its way, and takes the
+            reply when it arrives (see **Overlapped round trips**).
         timeout: seconds (or a ``timedelta``) a worker may stay silent, and a collective may wait,
             before the others fail (see **Faults**).
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
@@ -146,6 +197,7 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
         compressor: Union[str, Compressor, None] = None,
         outer_state_device: Union[str, torch.device] = "cpu",
         backend: str = "auto",
+        overlap: bool = False,
         *,
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -169,10 +221,15 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
             staleness_penalty,
             max_staleness,
         )
-        if compressor is not None:
+        compressor = as_compressor(compressor)
+        if not isinstance(overlap, bool):
+            raise ValueError(f"overlap must be True or False, got {overlap!r}")
+        if compressor is not None and not compressor.point_to_point:
             raise ValueError(
-                f"compressor must be None for AsyncDiLoCoStrategy (compressed pseudo-gradients are not "
-                f"supported on its point-to-point control plane yet), got {compressor!r}"
+                f"compressor must be None or one whose payload the server decodes on its own: one of "
+                f"{point_to_point_compressors()} (or such a Compressor instance), got {compressor.name!r}: "
+                "it averages over all ranks with collectives ('powersgd' all-reduces its shared factors, "
+                "'onebit' is 'sign' in a two-phase all-reduce: use 'sign')"
             )
         super().__init__(
             accelerator=accelerator,
@@ -194,17 +251,24 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
         self._max_staleness = max_staleness
         self._outer_device = available_device(outer_state_device, "outer_state_device")
         self._backend = validate_backend(backend)
+        self.compressor = compressor
+        self._overlap = overlap
         # What tests and benchmarks may observe: each arrival the server handled, in order (rank 0).
         self.on_arrival: Optional[Callable[[Arrival], None]] = None
 
         # Set up by configure_ddp when fitting starts.
         self._params: list[torch.nn.Parameter] = []
         self._local_params: list[Tensor] = []
+        self._layout: Optional[Layout] = None  # the compressor's view of the flat pseudo-gradient
         self._control: Optional[dist.ProcessGroup] = None  # point-to-point round trips
         self._meet: Optional[dist.ProcessGroup] = None  # broadcasts where the workers meet
         self._server: Optional[AsyncOuterServer] = None  # rank 0
         self._lock = threading.Lock()
         self._server_thread: Optional[ServerThread] = None
+        # With overlap, on the other ranks: the thread that runs the round trip in flight, and its reply.
+        self._round_trips: Optional[ThreadPoolExecutor] = None
+        self._in_flight: Optional[Future] = None
+        self._anchor: list[Tensor] = []  # the parameters when the round trip in flight was sent
         self._evaluating_global = False
         self._finished = False
         self._reset_worker_state()
@@ -222,6 +286,7 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
         self.bytes_sent = 0
         self.bytes_received = 0
         self.wait_seconds = 0.0
+        self.reply_waits = 0  # with overlap: round ends at which the last reply had not arrived yet
         self._step_bytes = (0, 0)
 
     # ------------------------------------------------------------------ public read-outs
@@ -266,8 +331,13 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
         self._finished = False
         self._control = dist.new_group(backend="gloo", timeout=self._timeout)
         self._meet = dist.new_group(backend="gloo", timeout=self._timeout)
-        self._params = list(module.parameters())
+        named = list(module.named_parameters())
+        self._params = [param for _, param in named]
         self._local_params = [p.detach() for p in self._params]
+        self._layout = parameters_layout(self._params, [name for name, _ in named])
+        if self._overlap and self.global_rank != SERVER_RANK:
+            self._round_trips = ThreadPoolExecutor(max_workers=1, thread_name_prefix="async-diloco-round-trip")
+            self._anchor = [p.detach().clone() for p in self._params]
         self._reset_worker_state()
         self._origin = [p.detach().to(self._outer_device, torch.float32, copy=True) for p in self._params]
         if self.global_rank == SERVER_RANK:
@@ -284,6 +354,7 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
                 self._dynamic,
                 self._outer_device,
                 self._backend,
+                compressor=self.compressor,
             )
             for rank in range(self.world_size):
                 self._server.pull(rank)
@@ -325,6 +396,8 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
         its round trip to the server."""
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
         self._steps_in_round += 1
+        if self._in_flight is not None and self._in_flight.done():
+            self._take_in_flight()
         if self._steps_in_round >= self._round_length:
             self._end_round(final=False)
         self._log_counters()
@@ -367,6 +440,7 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
         if any(getattr(callback, "evaluates_with_average", False) for callback in callbacks):
             return
         if self._params and not self._finished and not self._evaluating_global:
+            self._take_in_flight()
             flat = self._broadcast_global(self._meet)
             for param, value in zip(self._params, self._split(flat)):
                 param.data = value.to(param.device, param.dtype, copy=True)
@@ -388,11 +462,15 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
             self._evaluating_global = False
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        """Fires when a checkpoint is assembled: the model's state with the global parameters (rank 0
-        writes the checkpoint: the server's current ones)."""
+        """Fires on every rank when a checkpoint is assembled: the model's state with the global parameters
+        (rank 0 writes the checkpoint: the server's current ones). With overlap, the workers meet first,
+        each with its reply in flight taken, so the server's state holds every pseudo-gradient sent."""
         state = super().lightning_module_state_dict()
         if self.agreed_parameters() is None:
             return state
+        if self._overlap and self.world_size > 1:
+            self._take_in_flight()
+            dist.barrier(group=self._meet)
         with self._lock:
             current = [g.clone() for g in self.global_parameters]
         for (name, param), value in zip(self.lightning_module.named_parameters(), current):
@@ -424,7 +502,6 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
             }
         return checkpoint
 
-
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         """Fires when resuming ``fit``, after ``setup``: rank 0 restores the server; each worker its round
         (or, resumed by another number of workers, starts a new one from the global parameters)."""
@@ -453,8 +530,11 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
                 "bytes_sent",
                 "bytes_received",
                 "wait_seconds",
+                "reply_waits",
             ):
                 setattr(self, name, worker[name.lstrip("_")])
+            if self.compressor is not None and worker["compressor"] is not None:
+                self.compressor.load_state_dict(worker["compressor"])
         else:
             self._set_origin(server_state["global_params"])
             self._version = server_state["version"]
@@ -466,6 +546,10 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
         back from evaluation; the control plane's groups close once the server thread has ended (after an
         error it is left to die with the process: it may be blocked on a dead worker)."""
         self.on_validation_end()
+        if self._round_trips is not None:
+            self._round_trips.shutdown(wait=False, cancel_futures=True)
+            self._round_trips = None
+            self._in_flight = None
         if self._server_thread is None:
             for group in (self._control, self._meet):
                 if group is not None:
@@ -477,46 +561,85 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
 
     def _end_round(self, final: bool) -> None:
         """Send this worker's pseudo-gradient (none if its round has made no progress) and, unless
-        ``final``, continue from the global parameters the server returns."""
+        ``final``, continue from the global parameters the server returns (with overlap: at once, from
+        where it is; the reply is taken when it arrives)."""
+        if self._in_flight is not None:  # the last reply is due first: this round started from it
+            self.reply_waits += not final and not self._in_flight.done()
+            self._take_in_flight()
         started = time.perf_counter()
         progressed = self._steps_in_round > 0
         speed = None
         if progressed and self._round_started is not None:
             speed = self._steps_in_round / max(started - self._round_started, 1e-9)
-        grad = pseudo_gradient(self._origin, self._local_params).cpu() if progressed else None
+        grad = pseudo_gradient(self._origin, self._local_params) if progressed else None
         self.pseudo_gradients_sent += progressed
-        numel = sum(p.numel() for p in self._params)
+        steps, self._steps_in_round = self._steps_in_round, 0
         if self._server is not None:
             if self._server_thread is not None:
                 self._server_thread.raise_if_failed()
-            reply = serve_locally(self._server, self._lock, SERVER_RANK, grad, self._steps_in_round, speed, final)
+            grad = None if grad is None else grad.to(self._outer_device)
+            reply = serve_locally(self._server, self._lock, SERVER_RANK, grad, steps, speed, final)
             if progressed and self.on_arrival is not None:
                 self.on_arrival(Arrival(SERVER_RANK, reply.version, reply.staleness, reply.applied))
+            self._take_reply(reply, rebase=False)
         else:
-            reply = round_trip(
-                grad, numel, self._steps_in_round, speed, final, self._control, self._timeout, type(self).__name__
-            )
-            sent = 0 if grad is None else grad.numel() * grad.element_size()
-            received = 0 if reply.params is None else reply.params.numel() * reply.params.element_size()
-            self.bytes_sent += sent
-            self.bytes_received += received
-            self._step_bytes = (self._step_bytes[0] + sent, self._step_bytes[1] + received)
-        self._take_reply(reply)
+            payload = None
+            if grad is not None:
+                step = self.pseudo_gradients_sent - 1
+                payload = encode_pseudo_gradient(self.compressor, grad, self._layout, self.global_rank, step)
+                payload = [t.cpu() for t in payload]  # here: the round trip may run on another thread
+            self._count_bytes(payload_bytes(payload), 0)
+            trip = (payload, steps, speed, final, self._control, self._timeout, type(self).__name__)
+            if self._round_trips is not None and not final:
+                for anchor, local in zip(self._anchor, self._local_params):
+                    anchor.copy_(local)
+                self._in_flight = self._round_trips.submit(round_trip, *trip)
+            else:
+                reply = round_trip(*trip)
+                self._count_bytes(0, payload_bytes(reply.payload))
+                self._take_reply(reply, rebase=False)
         self.wait_seconds += time.perf_counter() - started
         self._round_started = time.perf_counter()
 
+    def _take_in_flight(self) -> None:
+        """With overlap: wait for the reply in flight, if any (raising its round trip's error), and take it."""
+        if self._in_flight is None:
+            return
+        started = time.perf_counter()
+        reply = self._in_flight.result()
+        self.wait_seconds += time.perf_counter() - started
+        self._in_flight = None
+        self._count_bytes(0, payload_bytes(reply.payload))
+        self._take_reply(reply, rebase=True)
+
+    def _count_bytes(self, sent: int, received: int) -> None:
+        self.bytes_sent += sent
+        self.bytes_received += received
+        self._step_bytes = (self._step_bytes[0] + sent, self._step_bytes[1] + received)
+
     @torch.no_grad()
-    def _take_reply(self, reply: Reply) -> None:
+    def _take_reply(self, reply: Reply, rebase: bool) -> None:
+        """The server's reply: counters, the next round's length, and, unless the arrival was final, the new
+        origin; the local parameters become it, or, with ``rebase`` (overlap), keep their progress since
+        the round trip was sent, moved onto it (see **Overlapped round trips**)."""
         if reply.applied:
             self.staleness = reply.staleness
         self.rounds = reply.rounds
         self._round_length = reply.inner_steps
-        self._steps_in_round = 0
-        if reply.params is not None:
-            self._version = reply.version
-            self._set_origin(self._split(reply.params))
-            for local, value in zip(self._local_params, self._origin):
-                local.copy_(value)
+        if reply.payload is None:
+            return
+        self._version = reply.version
+        if self._server is None and self.compressor is not None:  # the difference from what it holds
+            difference = self.compressor.decode(reply.payload, self._layout)
+            torch._foreach_add_(self._origin, [d.to(o.device) for d, o in zip(self._split(difference), self._origin)])
+        else:
+            self._set_origin(self._split(reply.payload[0]))
+        if rebase:  # its progress since it sent, moved onto the new origin
+            for local, origin, anchor in zip(self._local_params, self._origin, self._anchor):
+                local.add_(origin.to(local.device) - anchor)
+        else:
+            for local, origin in zip(self._local_params, self._origin):
+                local.copy_(origin)
 
     def _log_counters(self) -> None:
         step_sent, step_received = self._step_bytes
@@ -530,6 +653,7 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
             ("comm/bytes_received", step_received),
             ("comm/bytes_sent_total", self.bytes_sent),
             ("comm/bytes_received_total", self.bytes_received),
+            *([("async_diloco/reply_waits", self.reply_waits)] if self._overlap else []),
         ):
             self.lightning_module.log(name, float(value), on_step=True, on_epoch=False)
 
@@ -561,8 +685,13 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
 
     @torch.no_grad()
     def _take_global_parameters(self, group: dist.ProcessGroup) -> None:
-        """Collective: every worker's parameters (and round origin) become the current global ones."""
+        """Collective: every worker's parameters (and round origin) become the current global ones (for the
+        server: every worker has pulled them, exactly)."""
         flat = self._broadcast_global(group)
+        if self._server is not None:
+            with self._lock:
+                for rank in range(self.world_size):
+                    self._server.pull(rank)
         self._set_origin(self._split(flat))
         for local, value in zip(self._local_params, self._origin):
             local.copy_(value)
@@ -597,6 +726,8 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
             "wait_seconds": self.wait_seconds,
+            "reply_waits": self.reply_waits,
+            "compressor": None if self.compressor is None else self.compressor.state_dict(),
         }
 
     # ------------------------------------------------------------------ registration
