@@ -23,6 +23,7 @@ import torch
 from fsdp2_fit import WIDTH, Block  # the two-block model of the FSDP2 callback tests (this script's folder)
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.debug import CommDebugMode
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_converge import optim
@@ -127,15 +128,58 @@ class ValidationLosses(L.Callback):
             self.losses.append(trainer.callback_metrics["val_loss"].item())
 
 
+def outer_state(strategy) -> dict:
+    """The strategy's outer state as full tensors, gathered from every rank's shards (collectives: every rank):
+    the global parameters, the outer momentum and each fragment's average in flight (by piece, or None)."""
+    params = strategy._params
+    pending = []
+    for fragment in strategy._fragments:
+        if fragment.pending is None or fragment.pending.average is None:
+            pending.append(None)
+            continue
+        shards = [strategy._local_params[index] for index, _, _ in fragment.pieces]
+        parts = fragment.pending.average.split([shard.numel() for shard in shards])
+        pending.append(
+            [gathered(part.view_as(shard), params[index]) for part, shard, (index, _, _) in zip(parts, shards, fragment.pieces)]
+        )
+    return {
+        "global_params": [gathered(g, p) for g, p in zip(strategy.global_parameters, params)],
+        "momentum_buffers": [gathered(m, p) for m, p in zip(strategy._outer.momentum_buffers, params)],
+        "pending_averages": pending,
+    }
+
+
+def gathered(shard: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The full tensor of ``shard``, sharded like ``like``: torch's own DTensor gather, not the pack's."""
+    placed = DTensor.from_local(shard.to(like.device), like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
+    return placed.full_tensor().cpu()
+
+
 class SaveAt(L.Callback):
-    """Saves a checkpoint after training step ``step`` (inside an inner phase)."""
+    """Saves a checkpoint after training step ``step`` (inside an inner phase); records the collectives the save
+    ran (by name) and the outer state it saved, gathered after the save."""
 
     def __init__(self, step: int, path: Path) -> None:
         self.step, self.path = step, path
+        self.record: dict = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
-            trainer.save_checkpoint(self.path)
+            with CommDebugMode() as comms:
+                trainer.save_checkpoint(self.path)
+            counts = {str(op): n for op, n in comms.get_comm_counts().items()}
+            self.record = {"counts": counts, "outer": outer_state(trainer.strategy)}
+
+
+class OuterStateAtTrainStart(L.Callback):
+    """Records the restored outer state when training starts, and stops there."""
+
+    def __init__(self) -> None:
+        self.record: dict = {}
+
+    def on_train_start(self, trainer, pl_module):
+        self.record = outer_state(trainer.strategy)
+        trainer.should_stop = True
 
 
 def fit(strategy, shard: str = "replica", devices: int = 4, ckpt_path=None, callbacks=()) -> dict:
@@ -160,6 +204,7 @@ def fit(strategy, shard: str = "replica", devices: int = 4, ckpt_path=None, call
     strategy = trainer.strategy
     return {
         "rank": trainer.global_rank,
+        "records": [callback.record for callback in callbacks if hasattr(callback, "record")],
         "initial": initial,
         "params": {name: full(p) for name, p in model.named_parameters()},
         "val_losses": validation.losses,
@@ -189,7 +234,18 @@ def error_of(strategy, shard: str) -> str:
 
 def main(out_dir: Path, mode: str) -> None:
     if mode == "ddp":
-        runs = {"straight": fit(DiLoCoStrategy(inner_steps=INNER_STEPS, backend="reference"), shard="no", devices=2)}
+        # The sharded run's checkpoints (2 replicas x 2 shards) resumed on 2 ranks: 2 x 1 and 1 x 2.
+        runs = {
+            f"{checkpoint}_on_{replicas}x{2 // replicas}": fit(
+                sharded_diloco(replicas=replicas),
+                devices=2,
+                ckpt_path=out_dir / f"during_{checkpoint}.ckpt",
+                callbacks=[OuterStateAtTrainStart()],
+            )
+            for checkpoint in ("distributed", "full")
+            for replicas in (2, 1)
+        }
+        runs["straight"] = fit(DiLoCoStrategy(inner_steps=INNER_STEPS, backend="reference"), shard="no", devices=2)
         runs["streaming"] = fit(StreamingDiLoCoStrategy(**STREAMING), shard="no", devices=2)
         runs["delayed"] = fit(
             DiLoCoStrategy(inner_steps=INNER_STEPS, delay=1, backend="reference"), shard="no", devices=2

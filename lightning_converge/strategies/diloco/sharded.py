@@ -24,9 +24,13 @@ tensors on ``outer_state_device``). Nothing crosses the replicas but that all-re
 
 Checkpoints: the model (the global parameters) and the inner optimizer as ``ModelParallelStrategy``
 saves them (``save_distributed_checkpoint``); ``checkpoint["diloco"]`` with the global parameters,
-the outer momentum and pending averages gathered into full tensors (so it does not depend on the
-mesh); each rank's local shards, inner-optimizer state and fragment origins in its own file
-(:mod:`~lightning_converge.strategies.rank_state`).
+the outer momentum and pending averages as DTensors sharded like the parameters, which
+:mod:`lightning_converge.sharding`'s checkpoint mechanism writes as the distributed checkpoint's shards
+(no gather; records in the metadata file) or, for a single-file checkpoint, gathers into full tensors;
+either is restored onto the current run's shards. Each rank's local shards, inner-optimizer state and
+fragment origins go in its own file (:mod:`~lightning_converge.strategies.rank_state`): they differ
+between replicas, so a run on another mesh (another number of ranks) restores the global state and
+restarts the interrupted inner phase from it, as ``diloco`` does on another number of workers.
 """
 
 from __future__ import annotations
@@ -47,7 +51,16 @@ from torch.distributed.tensor import DTensor
 from lightning_converge.checks import check_int
 from lightning_converge.comm import Compressor
 from lightning_converge.schedules import Schedule
-from lightning_converge.sharding import full, local, local_shard, reshard
+from lightning_converge.sharding import (
+    full,
+    local,
+    prepare_checkpoint,
+    reshard,
+    restore_checkpoint,
+    restored_state,
+    saved_state,
+    writes_distributed_checkpoint,
+)
 from lightning_converge.strategies.ddp_options import as_timedelta, reject_options
 from lightning_converge.strategies.diloco.engine import DiLoCoEngine
 from lightning_converge.strategies.diloco.fragments import Fragment, Piece
@@ -59,7 +72,27 @@ from lightning_converge.strategies.rank_state import RankStateFiles
 MESH_DIMS = ("replica", "data_parallel")
 
 
-class ShardedDiLoCoStrategy(DiLoCoEngine, RankStateFiles, ModelParallelStrategy):
+class _ShardedStateCheckpoints:
+    """Mixin between the DiLoCo engine and ``ModelParallelStrategy`` (the engine's ``save_checkpoint`` adds
+    ``checkpoint["diloco"]``, with DTensors, before it calls this one): the checkpoint prepared and restored
+    with :func:`~lightning_converge.sharding.prepare_checkpoint` / :func:`~lightning_converge.sharding.
+    restore_checkpoint` around ``ModelParallelStrategy``'s write and read."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        """Fires on every rank when a checkpoint is saved, after the engine added its state: the DTensors in it
+        go into the distributed checkpoint's shards, or are gathered for a single-file checkpoint."""
+        prepare_checkpoint(checkpoint, writes_distributed_checkpoint(self))
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """Fires on every rank when ``fit`` resumes, after ``setup``: what ``ModelParallelStrategy`` read, with
+        the sharded state read from the distributed checkpoint's shards onto this run's mesh."""
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        restore_checkpoint(checkpoint, checkpoint_path, self.lightning_module)
+        return checkpoint
+
+
+class ShardedDiLoCoStrategy(DiLoCoEngine, RankStateFiles, _ShardedStateCheckpoints, ModelParallelStrategy):
     """DiLoCo whose replicas are each sharded with FSDP2: inner steps sharded within a replica, the outer
     step on each rank's shards, averaged across the replicas only.
 
@@ -229,37 +262,39 @@ class ShardedDiLoCoStrategy(DiLoCoEngine, RankStateFiles, ModelParallelStrategy)
             self._restore_checkpoint_state(checkpoint["diloco"])
         return checkpoint
 
-    # ------------------------------------------------------------------ checkpoints: full tensors, shards
+    # ------------------------------------------------------------------ checkpoints: sharded state
 
     def _shared_state(self) -> dict[str, Any]:
-        """The engine's shared state with the outer state's shards gathered into full tensors (a collective
-        within each replica; the replicas hold the same values)."""
+        """The engine's shared state with the outer state's shards as DTensors sharded like the parameters
+        (views: no copy, no communication; the replicas hold the same values)."""
         state = super()._shared_state()
-        state["global_params"] = self._full(state["global_params"])
+        state["global_params"] = self._saved(state["global_params"])
         buffers = state["outer_optimizer"]["momentum_buffers"]
-        state["outer_optimizer"] = {"momentum_buffers": self._full(buffers)}
+        state["outer_optimizer"] = {"momentum_buffers": self._saved(buffers)}
         for fragment, saved in zip(self._fragments, state["fragments"]):
             saved["pieces"] = self._whole_pieces(fragment)
             if saved["pending_average"] is not None:
                 shards = self._pieces(fragment)
                 parts = saved["pending_average"].split([shard.numel() for shard in shards])
                 saved["pending_average"] = [
-                    full(part.view_as(shard), self._params[index])
+                    saved_state(part.view_as(shard), self._params[index])
                     for part, shard, (index, _, _) in zip(parts, shards, fragment.pieces)
                 ]
         return state
 
     def _restore_checkpoint_state(self, state: Mapping[str, Any]) -> None:
         state = dict(state)
-        state["global_params"] = self._shards(state["global_params"])
-        state["outer_optimizer"] = {"momentum_buffers": self._shards(state["outer_optimizer"]["momentum_buffers"])}
+        state["global_params"] = self._restored(state["global_params"])
+        state["outer_optimizer"] = {
+            "momentum_buffers": self._restored(state["outer_optimizer"]["momentum_buffers"])
+        }
         fragments = [dict(saved) for saved in state["fragments"]]
         for fragment, saved in zip(self._fragments, fragments):
             if [tuple(piece) for piece in saved["pieces"]] == self._whole_pieces(fragment):
                 saved["pieces"] = fragment.pieces  # else the engine says how the fragments differ
             if saved["pending_average"] is not None:
                 shards = [
-                    local_shard(tensor, self._params[index])
+                    restored_state(tensor, self._params[index])
                     for tensor, (index, _, _) in zip(saved["pending_average"], fragment.pieces)
                 ]
                 saved["pending_average"] = torch.cat([shard.reshape(-1) for shard in shards])
@@ -272,11 +307,11 @@ class ShardedDiLoCoStrategy(DiLoCoEngine, RankStateFiles, ModelParallelStrategy)
     def _worker_state(self) -> dict[str, Any]:
         return {**super()._worker_state(), "bytes": (self._exchange.bytes_sent, self._exchange.bytes_received)}
 
-    def _full(self, shards: Sequence[Tensor]) -> list[Tensor]:
-        return [full(shard.to(local(param).device), param) for shard, param in zip(shards, self._params)]
+    def _saved(self, shards: Sequence[Tensor]) -> list[Tensor]:
+        return [saved_state(shard, param) for shard, param in zip(shards, self._params)]
 
-    def _shards(self, tensors: Sequence[Tensor]) -> list[Tensor]:
-        return [local_shard(tensor, param) for tensor, param in zip(tensors, self._params)]
+    def _restored(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        return [restored_state(tensor, param) for tensor, param in zip(tensors, self._params)]
 
     def _pieces(self, fragment: Fragment) -> list[Tensor]:
         """The fragment's local tensors (its pieces are whole shards: the fragments here are by layer)."""
