@@ -1,8 +1,9 @@
 """DiLoCo over FSDP2 replicas (``ShardedDiLoCoStrategy``, ``strategy="diloco_fsdp"``).
 
 One launch of tests/scripts/diloco_fsdp_fit.py on 4 gloo processes (2 replicas x 2 shards) runs every sharded
-scenario, one on 2 processes runs DiLoCo over DDP on the same data (each DDP worker's batch is the union of its
-replica's two shard ranks' batches); the tests compare what each rank saved. The argument and mesh checks run
+scenario, one on 2 processes resumes its checkpoints on other meshes and runs DiLoCo over DDP on the same data
+(each DDP worker's batch is the union of its replica's two shard ranks' batches); the tests compare what each
+rank saved. The argument and mesh checks run
 here, without processes.
 """
 
@@ -18,6 +19,7 @@ import pytest
 import torch
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_converge.sharding import read_checkpoint
 from lightning_converge.strategies import ShardedDiLoCoStrategy, ShardedStreamingDiLoCoStrategy
 
 ROOT = Path(__file__).parents[1]
@@ -119,18 +121,100 @@ def test_resuming_from_a_checkpoint_inside_an_inner_phase_continues_exactly(runs
 
 
 @pytest.mark.distributed
-def test_streaming_resumes_exactly_from_a_checkpoint_with_an_average_in_flight_saved_as_full_tensors(runs):
-    """The checkpoint after fragment 0's sync holds its average, not yet applied, as full tensors (the head's
-    (1, 8) weight whole, though one shard rank holds none of it), like the global parameters."""
-    saved = torch.load(runs["out_dir"] / "streaming.ckpt" / "meta.pt", weights_only=True)["diloco"]
-    ddp_params = runs["ddp"][0]["straight"]["params"]
-    shapes = {index: tuple(p.shape) for index, p in enumerate(ddp_params.values())}
-    pending = saved["fragments"][0]["pending_average"]
-    assert [tuple(t.shape) for t in pending] == [shapes[index] for index, _, _ in saved["fragments"][0]["pieces"]]
-    assert [tuple(g.shape) for g in saved["global_params"]] == list(shapes.values())
+def test_streaming_resumes_exactly_from_a_checkpoint_with_an_average_in_flight(runs):
+    """The checkpoint after fragment 0's sync holds its average, not yet applied; the resumed run applies it."""
     for rank, results in enumerate(runs["sharded"]):
+        assert results["streaming"]["records"][0]["outer"]["pending_averages"][0] is not None
         for name, expected in results["streaming"]["params"].items():
             assert torch.equal(results["streaming_resumed"]["params"][name], expected), f"rank {rank} {name}"
+
+
+#: The checkpoints taken inside an inner phase: (file, the run that saved it).
+SAVES = {"distributed": ("during_distributed.ckpt", "straight"), "full": ("during_full.ckpt", "straight_full")}
+#: What DTensor.full_tensor (a gather of sharded state) runs: the collective a distributed save must not run.
+TENSOR_ALL_GATHER = "c10d_functional.all_gather_into_tensor"
+
+
+def outer_state_of(diloco: dict) -> dict:
+    """A checkpoint's ``checkpoint["diloco"]`` (full tensors) in the form of the script's ``outer_state``."""
+    return {
+        "global_params": diloco["global_params"],
+        "momentum_buffers": diloco["outer_optimizer"]["momentum_buffers"],
+        "pending_averages": [saved["pending_average"] for saved in diloco["fragments"]],
+    }
+
+
+def assert_outer_state_equal(state: dict, expected: dict, msg: str) -> None:
+    """Two ``outer_state`` records hold equal tensors."""
+    for key in ("global_params", "momentum_buffers", "pending_averages"):
+        assert len(state[key]) == len(expected[key]), f"{msg} {key}"
+        for index, (a, b) in enumerate(zip(state[key], expected[key])):
+            if a is None or b is None:
+                assert a is b, f"{msg} {key}[{index}]"
+            elif isinstance(a, list):
+                assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), f"{msg} {key}[{index}]"
+            else:
+                assert torch.equal(a, b), f"{msg} {key}[{index}]"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("checkpoint", ["distributed", "full"])
+def test_a_distributed_save_gathers_no_outer_state_and_a_single_file_save_gathers_it(runs, checkpoint):
+    """A distributed checkpoint's save (the model, the inner optimizer, the outer state) runs no tensor
+    all-gather, only DCP's planning exchanges; a single-file save gathers the sharded state."""
+    for rank, results in enumerate(runs["sharded"]):
+        counts = results[SAVES[checkpoint][1]]["records"][0]["counts"]
+        if checkpoint == "distributed":
+            assert TENSOR_ALL_GATHER not in counts, f"rank {rank}: {counts}"
+        else:
+            assert counts.get(TENSOR_ALL_GATHER, 0) > 0, f"rank {rank}: {counts}"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("checkpoint", ["distributed", "full", "streaming"])
+def test_the_checkpoint_holds_the_outer_state_the_ranks_held(runs, checkpoint):
+    """The distributed checkpoints keep the outer state (global parameters, outer momentum, an average in
+    flight) in DCP's shards, written by every rank, with records in rank 0's metadata file; read back whole it
+    is the state the ranks held when saving (gathered after the save). The single-file checkpoint holds it as
+    full tensors."""
+    file, run = SAVES.get(checkpoint, ("streaming.ckpt", "streaming"))
+    path = runs["out_dir"] / file
+    if checkpoint != "full":
+        assert sorted(p.name for p in path.glob("*.distcp")) == [f"__{r}_0.distcp" for r in range(4)]
+        meta = torch.load(path / "meta.pt", weights_only=True)["diloco"]
+        records = [*meta["global_params"], *meta["outer_optimizer"]["momentum_buffers"]]
+        records += [record for saved in meta["fragments"] for record in saved["pending_average"] or []]
+        assert all(isinstance(record, dict) and record["placements"] == [["shard", 0]] for record in records)
+    saved = outer_state_of(read_checkpoint(path)["diloco"])
+    for rank, results in enumerate(runs["sharded"]):
+        assert_outer_state_equal(saved, results[run]["records"][0]["outer"], f"rank {rank}")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("checkpoint", ["distributed", "full"])
+@pytest.mark.parametrize("mesh", ["2x1", "1x2"])
+def test_a_checkpoint_of_two_replicas_of_two_shards_resumes_on_another_mesh_with_the_global_state(
+    runs, checkpoint, mesh
+):
+    """Resumed on 2 ranks, as 2 replicas of 1 shard or 1 replica of 2 shards, the outer state (global
+    parameters, outer momentum) is the one the 4 ranks held when saving, resharded; the per-rank local shards
+    cannot be matched to the new ranks, so the interrupted inner phase restarts from the global parameters (as
+    ``diloco`` on another number of workers, tests/test_diloco.py)."""
+    live = runs["sharded"][0][SAVES[checkpoint][1]]["records"][0]["outer"]
+    for rank, results in enumerate(runs["ddp"]):
+        resumed = results[f"{checkpoint}_on_{mesh}"]
+        assert_outer_state_equal(resumed["records"][0], live, f"rank {rank}")
+        for (name, param), global_param in zip(resumed["params"].items(), live["global_params"], strict=True):
+            assert torch.equal(param, global_param), f"rank {rank} {name}"
+
+
+@pytest.mark.distributed
+def test_a_checkpoint_resumed_on_as_many_ranks_in_another_mesh_is_refused(runs):
+    """2 replicas x 2 shards resumed as 4 x 1: each rank would read a local state of other shards' shapes."""
+    for results in runs["sharded"]:
+        error = results["other_mesh_error"]
+        assert "saved by 2 replicas x 2 shards and is resumed as 4 x 1" in error
+        assert "Resume with replicas=2" in error
 
 
 @pytest.mark.distributed

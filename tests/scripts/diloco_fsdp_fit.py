@@ -1,11 +1,13 @@
 """DiLoCo over FSDP2 replicas (4 gloo processes, 2 replicas x 2 shards) against DiLoCo over DDP (2 processes).
 
 Run by tests/test_diloco_fsdp.py as ``python diloco_fsdp_fit.py OUT_DIR MODE`` (Lightning's launcher starts the
-other ranks). MODE ``ddp``: DiLoCo (``delay`` 0 and 1, with EMA, with LAWA) and Streaming DiLoCo fits on 2
-processes. MODE ``sharded``: on 4 processes, a straight ShardedDiLoCoStrategy fit with checkpoints taken inside
-an inner phase (distributed and full), the fits resumed from them, the same for ShardedStreamingDiLoCoStrategy
+other ranks). MODE ``sharded``: on 4 processes, a straight ShardedDiLoCoStrategy fit with checkpoints taken inside
+an inner phase (distributed and full; each save's collectives counted and the outer state it saved recorded),
+the fits resumed from them (and refused as 4 replicas x 1 shard), the same for ShardedStreamingDiLoCoStrategy
 (its checkpoint holds an average in flight), ``delay=1``, EMA and LAWA fits, and the errors of a model not
-sharded within its replica and of the strategies that cannot train a sharded one. Every rank writes
+sharded within its replica and of the strategies that cannot train a sharded one. MODE ``ddp`` (after ``sharded``): on 2 processes, the sharded
+checkpoints resumed as 2 replicas x 1 shard and 1 x 2 (the outer state recorded when training starts), then
+DiLoCo (``delay`` 0 and 1, with EMA, with LAWA) and Streaming DiLoCo fits over DDP. Every rank writes
 ``OUT_DIR/MODE_rank{r}.pt``.
 
 Data: 16 samples a step, each of the 4 sharded ranks takes every 4th; each DDP worker takes the samples of the
@@ -140,7 +142,10 @@ def outer_state(strategy) -> dict:
         shards = [strategy._local_params[index] for index, _, _ in fragment.pieces]
         parts = fragment.pending.average.split([shard.numel() for shard in shards])
         pending.append(
-            [gathered(part.view_as(shard), params[index]) for part, shard, (index, _, _) in zip(parts, shards, fragment.pieces)]
+            [
+                gathered(part.view_as(shard), params[index])
+                for part, shard, (index, _, _) in zip(parts, shards, fragment.pieces)
+            ]
         )
     return {
         "global_params": [gathered(g, p) for g, p in zip(strategy.global_parameters, params)],
@@ -151,7 +156,9 @@ def outer_state(strategy) -> dict:
 
 def gathered(shard: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The full tensor of ``shard``, sharded like ``like``: torch's own DTensor gather, not the pack's."""
-    placed = DTensor.from_local(shard.to(like.device), like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
+    placed = DTensor.from_local(
+        shard.to(like.device), like.device_mesh, like.placements, shape=like.shape, stride=like.stride()
+    )
     return placed.full_tensor().cpu()
 
 
@@ -224,9 +231,9 @@ def sharded_diloco(save_distributed: bool = True, replicas: int = 2) -> ShardedD
     )
 
 
-def error_of(strategy, shard: str) -> str:
+def error_of(strategy, shard: str, ckpt_path=None) -> str:
     try:
-        fit(strategy, shard=shard)
+        fit(strategy, shard=shard, ckpt_path=ckpt_path)
     except ValueError as error:
         return str(error)
     return "no error"
@@ -261,6 +268,7 @@ def main(out_dir: Path, mode: str) -> None:
         distributed, whole = out_dir / "during_distributed.ckpt", out_dir / "during_full.ckpt"
         runs = {"straight": fit(sharded_diloco(True), callbacks=[SaveAt(SAVE_AT, distributed)])}
         runs["resumed_distributed"] = fit(sharded_diloco(True), ckpt_path=distributed)
+        runs["other_mesh_error"] = error_of(sharded_diloco(True, replicas=4), shard="replica", ckpt_path=distributed)
         runs["straight_full"] = fit(sharded_diloco(False), callbacks=[SaveAt(SAVE_AT, whole)])
         runs["resumed_full"] = fit(sharded_diloco(False), ckpt_path=whole)
         streaming = out_dir / "streaming.ckpt"

@@ -283,11 +283,10 @@ class ShardedDiLoCoStrategy(DiLoCoEngine, RankStateFiles, _ShardedStateCheckpoin
         return state
 
     def _restore_checkpoint_state(self, state: Mapping[str, Any]) -> None:
+        self._check_saved_mesh(state.get("worker"))
         state = dict(state)
         state["global_params"] = self._restored(state["global_params"])
-        state["outer_optimizer"] = {
-            "momentum_buffers": self._restored(state["outer_optimizer"]["momentum_buffers"])
-        }
+        state["outer_optimizer"] = {"momentum_buffers": self._restored(state["outer_optimizer"]["momentum_buffers"])}
         fragments = [dict(saved) for saved in state["fragments"]]
         for fragment, saved in zip(self._fragments, fragments):
             if [tuple(piece) for piece in saved["pieces"]] == self._whole_pieces(fragment):
@@ -305,7 +304,26 @@ class ShardedDiLoCoStrategy(DiLoCoEngine, RankStateFiles, _ShardedStateCheckpoin
             self._exchange.bytes_sent, self._exchange.bytes_received = worker["bytes"]
 
     def _worker_state(self) -> dict[str, Any]:
-        return {**super()._worker_state(), "bytes": (self._exchange.bytes_sent, self._exchange.bytes_received)}
+        return {
+            **super()._worker_state(),
+            "bytes": (self._exchange.bytes_sent, self._exchange.bytes_received),
+            "mesh": tuple(self.device_mesh.shape),
+        }
+
+    def _check_saved_mesh(self, worker: Optional[Mapping[str, Any]]) -> None:
+        """Refuse this rank's saved local state (read because the number of ranks is the same) if the mesh that
+        saved it was another: its local shards and inner-optimizer state belong to another replica's shards.
+        (On another number of ranks there is no such state: the outer state is restored resharded.)"""
+        mesh = tuple(self.device_mesh.shape)
+        saved = tuple(worker.get("mesh", mesh)) if worker is not None else mesh
+        if saved != mesh:
+            raise ValueError(
+                f"{type(self).__name__}: the checkpoint was saved by {saved[0]} replicas x {saved[1]} shards and is "
+                f"resumed as {mesh[0]} x {mesh[1]} on as many ranks: each rank's saved local shards and "
+                f"inner-optimizer state cannot be matched to this mesh. Resume with replicas={saved[0]}, or on "
+                "another number of ranks (the global state is restored, resharded, and the interrupted inner "
+                "phase restarts from it)"
+            )
 
     def _saved(self, shards: Sequence[Tensor]) -> list[Tensor]:
         return [saved_state(shard, param) for shard, param in zip(shards, self._params)]
