@@ -129,8 +129,13 @@ def test_streaming_resumes_exactly_from_a_checkpoint_with_an_average_in_flight(r
             assert torch.equal(results["streaming_resumed"]["params"][name], expected), f"rank {rank} {name}"
 
 
-#: The checkpoints taken inside an inner phase: (file, the run that saved it).
-SAVES = {"distributed": ("during_distributed.ckpt", "straight"), "full": ("during_full.ckpt", "straight_full")}
+#: The checkpoints: (file, the run that saved it, its record among the run's).
+SAVES = {
+    "distributed": ("during_distributed.ckpt", "straight", 0),
+    "full": ("during_full.ckpt", "straight_full", 0),
+    "after_fit": ("after_distributed.ckpt", "straight", 1),
+    "streaming": ("streaming.ckpt", "streaming", 0),
+}
 #: What DTensor.full_tensor (a gather of sharded state) runs: the collective a distributed save must not run.
 TENSOR_ALL_GATHER = "c10d_functional.all_gather_into_tensor"
 
@@ -158,26 +163,28 @@ def assert_outer_state_equal(state: dict, expected: dict, msg: str) -> None:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("checkpoint", ["distributed", "full"])
+@pytest.mark.parametrize("checkpoint", ["distributed", "after_fit", "full"])
 def test_a_distributed_save_gathers_no_outer_state_and_a_single_file_save_gathers_it(runs, checkpoint):
-    """A distributed checkpoint's save (the model, the inner optimizer, the outer state) runs no tensor
-    all-gather, only DCP's planning exchanges; a single-file save gathers the sharded state."""
+    """A distributed checkpoint's save (the model, the inner optimizer, the outer state), during or after
+    ``fit``, runs no tensor all-gather, only DCP's planning exchanges; a single-file save gathers the sharded
+    state."""
+    _, run, index = SAVES[checkpoint]
     for rank, results in enumerate(runs["sharded"]):
-        counts = results[SAVES[checkpoint][1]]["records"][0]["counts"]
-        if checkpoint == "distributed":
+        counts = results[run]["records"][index]["counts"]
+        if checkpoint != "full":
             assert TENSOR_ALL_GATHER not in counts, f"rank {rank}: {counts}"
         else:
             assert counts.get(TENSOR_ALL_GATHER, 0) > 0, f"rank {rank}: {counts}"
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("checkpoint", ["distributed", "full", "streaming"])
+@pytest.mark.parametrize("checkpoint", ["distributed", "after_fit", "full", "streaming"])
 def test_the_checkpoint_holds_the_outer_state_the_ranks_held(runs, checkpoint):
     """The distributed checkpoints keep the outer state (global parameters, outer momentum, an average in
     flight) in DCP's shards, written by every rank, with records in rank 0's metadata file; read back whole it
-    is the state the ranks held when saving (gathered after the save). The single-file checkpoint holds it as
-    full tensors."""
-    file, run = SAVES.get(checkpoint, ("streaming.ckpt", "streaming"))
+    is the state the ranks held when saving (gathered after the save; after ``fit``, the state when training
+    ended, which such a checkpoint keeps). The single-file checkpoint holds it as full tensors."""
+    file, run, index = SAVES[checkpoint]
     path = runs["out_dir"] / file
     if checkpoint != "full":
         assert sorted(p.name for p in path.glob("*.distcp")) == [f"__{r}_0.distcp" for r in range(4)]
@@ -187,7 +194,7 @@ def test_the_checkpoint_holds_the_outer_state_the_ranks_held(runs, checkpoint):
         assert all(isinstance(record, dict) and record["placements"] == [["shard", 0]] for record in records)
     saved = outer_state_of(read_checkpoint(path)["diloco"])
     for rank, results in enumerate(runs["sharded"]):
-        assert_outer_state_equal(saved, results[run]["records"][0]["outer"], f"rank {rank}")
+        assert_outer_state_equal(saved, results[run]["records"][index]["outer"], f"rank {rank}")
 
 
 @pytest.mark.distributed
@@ -200,7 +207,8 @@ def test_a_checkpoint_of_two_replicas_of_two_shards_resumes_on_another_mesh_with
     parameters, outer momentum) is the one the 4 ranks held when saving, resharded; the per-rank local shards
     cannot be matched to the new ranks, so the interrupted inner phase restarts from the global parameters (as
     ``diloco`` on another number of workers, tests/test_diloco.py)."""
-    live = runs["sharded"][0][SAVES[checkpoint][1]]["records"][0]["outer"]
+    _, run, index = SAVES[checkpoint]
+    live = runs["sharded"][0][run]["records"][index]["outer"]
     for rank, results in enumerate(runs["ddp"]):
         resumed = results[f"{checkpoint}_on_{mesh}"]
         assert_outer_state_equal(resumed["records"][0], live, f"rank {rank}")

@@ -2,13 +2,13 @@
 
 Run by tests/test_diloco_fsdp.py as ``python diloco_fsdp_fit.py OUT_DIR MODE`` (Lightning's launcher starts the
 other ranks). MODE ``sharded``: on 4 processes, a straight ShardedDiLoCoStrategy fit with checkpoints taken inside
-an inner phase (distributed and full; each save's collectives counted and the outer state it saved recorded),
-the fits resumed from them (and refused as 4 replicas x 1 shard), the same for ShardedStreamingDiLoCoStrategy
-(its checkpoint holds an average in flight), ``delay=1``, EMA and LAWA fits, and the errors of a model not
-sharded within its replica and of the strategies that cannot train a sharded one. MODE ``ddp`` (after ``sharded``): on 2 processes, the sharded
-checkpoints resumed as 2 replicas x 1 shard and 1 x 2 (the outer state recorded when training starts), then
-DiLoCo (``delay`` 0 and 1, with EMA, with LAWA) and Streaming DiLoCo fits over DDP. Every rank writes
-``OUT_DIR/MODE_rank{r}.pt``.
+an inner phase (distributed and full) and after it (distributed), each save's collectives counted and the outer
+state it saved recorded, the fits resumed from them (and refused as 4 replicas x 1 shard), the same for
+ShardedStreamingDiLoCoStrategy (its checkpoint holds an average in flight), ``delay=1``, EMA and LAWA fits, and
+the errors of a model not sharded within its replica and of the strategies that cannot train a sharded one.
+MODE ``ddp`` (after ``sharded``): on 2 processes, the sharded checkpoints resumed as 2 replicas x 1 shard and
+1 x 2 (the outer state recorded when training starts), then DiLoCo (``delay`` 0 and 1, with EMA, with LAWA) and
+Streaming DiLoCo fits over DDP. Every rank writes ``OUT_DIR/MODE_rank{r}.pt``.
 
 Data: 16 samples a step, each of the 4 sharded ranks takes every 4th; each DDP worker takes the samples of the
 two ranks of its replica (ranks 2r and 2r+1), so a DDP worker's batch is the union of its replica's batches.
@@ -178,6 +178,24 @@ class SaveAt(L.Callback):
             self.record = {"counts": counts, "outer": outer_state(trainer.strategy)}
 
 
+class SaveAfterFit(L.Callback):
+    """Saves a checkpoint when ``fit`` has ended (as after ``trainer.fit`` returns); records the collectives the
+    save ran and the outer state when training ended, which the checkpoint keeps (taken in ``on_train_end``,
+    which Lightning runs before the strategy's ends the local training)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.record: dict = {}
+
+    def on_train_end(self, trainer, pl_module):
+        self.record["outer"] = outer_state(trainer.strategy)
+
+    def on_fit_end(self, trainer, pl_module):
+        with CommDebugMode() as comms:
+            trainer.save_checkpoint(self.path)
+        self.record["counts"] = {str(op): n for op, n in comms.get_comm_counts().items()}
+
+
 class OuterStateAtTrainStart(L.Callback):
     """Records the restored outer state when training starts, and stops there."""
 
@@ -266,7 +284,8 @@ def main(out_dir: Path, mode: str) -> None:
             )
     else:
         distributed, whole = out_dir / "during_distributed.ckpt", out_dir / "during_full.ckpt"
-        runs = {"straight": fit(sharded_diloco(True), callbacks=[SaveAt(SAVE_AT, distributed)])}
+        after = out_dir / "after_distributed.ckpt"
+        runs = {"straight": fit(sharded_diloco(True), callbacks=[SaveAt(SAVE_AT, distributed), SaveAfterFit(after)])}
         runs["resumed_distributed"] = fit(sharded_diloco(True), ckpt_path=distributed)
         runs["other_mesh_error"] = error_of(sharded_diloco(True, replicas=4), shard="replica", ckpt_path=distributed)
         runs["straight_full"] = fit(sharded_diloco(False), callbacks=[SaveAt(SAVE_AT, whole)])
