@@ -29,8 +29,9 @@ the outer momentum and pending averages as DTensors sharded like the parameters,
 (no gather; records in the metadata file) or, for a single-file checkpoint, gathers into full tensors;
 either is restored onto the current run's shards. Each rank's local shards, inner-optimizer state and
 fragment origins go in its own file (:mod:`~lightning_converge.strategies.rank_state`): they differ
-between replicas, so a run on another mesh (another number of ranks) restores the global state and
-restarts the interrupted inner phase from it, as ``diloco`` does on another number of workers.
+between replicas and shards: a run on another number of ranks (another mesh) restores the global state
+resharded and restarts the interrupted inner phase from it, as ``diloco`` does on another number of workers;
+a run on as many ranks in another mesh is refused when it resumes.
 """
 
 from __future__ import annotations
