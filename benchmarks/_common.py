@@ -3,6 +3,7 @@
 - :func:`quiet_trainer`: a CPU Trainer without logger, checkpoints, progress bar or sanity check.
 - :func:`fit_classifier`: the digits classifier, trained with a seed and callbacks.
 - :class:`ValidationCurve`: logged validation metrics after every validation.
+- :class:`LoopTimer`: the time of each training-loop iteration, warm-up epochs dropped.
 - :class:`StreamingRoofline`: the memory bandwidth a streaming pass gets on this machine.
 - :func:`machine`, :func:`markdown_table`, :func:`result_paths`: the record of a run.
 """
@@ -73,6 +74,30 @@ class ValidationCurve(L.Callback):
         self.steps.append(trainer.global_step)
         for metric, values in self.values.items():
             values.append(float(trainer.callback_metrics[metric]))
+
+
+class LoopTimer(L.Callback):
+    """Times training-loop iterations: from one batch's ``on_train_batch_start`` to the next one's.
+
+    Iterations that start in the first ``skip_epochs`` epochs are warm-up and are
+    dropped; the rest are split into those within an epoch and those that cross
+    into the next epoch (they hold the epoch-end and epoch-start hooks).
+    """
+
+    def __init__(self, skip_epochs: int = 1) -> None:
+        self.skip_epochs = skip_epochs
+        self.starts: list[tuple[int, float]] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self.starts.append((trainer.current_epoch, time.perf_counter()))
+
+    def iterations(self) -> tuple[list[float], list[float]]:
+        """(seconds of iterations within an epoch, seconds of iterations crossing an epoch boundary)."""
+        within, crossing = [], []
+        for (epoch, start), (next_epoch, next_start) in zip(self.starts, self.starts[1:]):
+            if epoch >= self.skip_epochs:
+                (within if next_epoch == epoch else crossing).append(next_start - start)
+        return within, crossing
 
 
 class StreamingRoofline:
