@@ -19,10 +19,12 @@ What it measures, in one run
         bytes are the exact figure; the RSS rise adds gradients, activations, communication buffers and
         whatever torch and Lightning allocate, and shows whether the state's saving survives them.
         Step time: one training-loop iteration (forward, backward, gradient exchange, optimizer step, every
-        callback hook) from one batch start to the next on rank 0 (the ranks meet at every step), after a
-        warm-up epoch (the first fit of each configuration, untimed, compiles our kernels). Configurations
-        alternate in rounds, in an order shuffled every round (the same order on both ranks), so that load
-        from other processes on this shared machine falls on all of them alike: median and quartiles.
+        callback hook) from one batch start to the next on rank 0 (the ranks meet at every step), on the wall
+        clock and in CPU time (the process's own work, steadier when other jobs share the CPU, but blind to
+        waiting for the other rank), after a warm-up epoch (the first fit of each configuration, untimed,
+        compiles our kernels). Configurations alternate in rounds, in an order shuffled every round (the same
+        order on both ranks), so that load from other processes on this shared machine falls on all of them
+        alike: median and quartiles.
         Lightning's ``EMAWeightAveraging`` under FSDP2 is tried last; it does not support sharded models,
         and what happens is recorded (the exception's first line), not fatal.
     Optimizer step on DTensors. The GPT-like parameter shapes of ``optimizer_step.py`` (``--opt-params``,
@@ -213,7 +215,7 @@ def fit_config(config: Config, args: argparse.Namespace, epochs: int, rank: int,
     )
     if not measure_memory:
         trainer.fit(model, loader)
-        return dict(iterations_s=timer.iterations()[0])
+        return dict(iterations_s=timer.iterations()[0], cpu_iterations_s=timer.iterations("cpu")[0])
     release_freed_memory()
     reset_peak_rss()
     start_rss = rss_kb("VmRSS")
@@ -361,21 +363,24 @@ def launch_part(part: str, args: argparse.Namespace, work_dir: Path) -> list[dic
 
 
 def summarize_callbacks(ranks: list[dict]) -> dict:
-    """Per configuration: rank 0's iteration times (quartiles) and the time each method adds to its strategy's
-    run without averaging; every rank's memory figures, and how far the peak RSS of the fit rose above the
-    RSS at its start."""
+    """Per configuration: rank 0's iteration times (wall-clock quartiles, CPU median) and the time each method
+    adds to its strategy's run without averaging; every rank's memory figures, and how far the peak RSS of the
+    fit rose above the RSS at its start."""
     rows = {}
     for name, fits in ranks[0]["records"].items():
         memory = [rank["memory"][name] for rank in ranks]
         rows[name] = dict(
             **quartiles_ms([seconds for fit in fits for seconds in fit["iterations_s"]]),
+            cpu_median_ms=statistics.median(seconds for fit in fits for seconds in fit["cpu_iterations_s"]) * 1e3,
             **{key: [record[key] for record in memory]
                for key in ("callback_state_bytes", "parameter_bytes", "optimizer_state_bytes")},
             peak_rss_mb=[record["peak_rss_kb"] / 1024 for record in memory],
             peak_above_start_mb=[(record["peak_rss_kb"] - record["start_rss_kb"]) / 1024 for record in memory],
         )
     for name, row in rows.items():
-        row["added_ms"] = row["median_ms"] - rows[f"{name.split()[0]} no averaging"]["median_ms"]
+        baseline = rows[f"{name.split()[0]} no averaging"]
+        row["added_ms"] = row["median_ms"] - baseline["median_ms"]
+        row["cpu_added_ms"] = row["cpu_median_ms"] - baseline["cpu_median_ms"]
     return dict(rows=rows, unsupported=ranks[0]["unsupported"],
                 unsupported_per_rank=[rank["unsupported"] for rank in ranks])
 
@@ -406,8 +411,8 @@ def callbacks_tables(summary: dict, args: argparse.Namespace) -> str:
     rows = [
         [name, mb(row["callback_state_bytes"]), mb(row["parameter_bytes"]), mb(row["optimizer_state_bytes"]),
          " / ".join(f"{v:.0f}" for v in row["peak_rss_mb"]), " / ".join(f"{v:.0f}" for v in row["peak_above_start_mb"]),
-         f"{row['median_ms']:.1f}", f"({row['p25_ms']:.1f}-{row['p75_ms']:.1f})",
-         "-" if name.endswith("no averaging") else f"{row['added_ms']:+.1f}"]
+         f"{row['median_ms']:.1f}", f"({row['p25_ms']:.1f}-{row['p75_ms']:.1f})", f"{row['cpu_median_ms']:.1f}",
+         *(["-", "-"] if name.endswith("no averaging") else [f"{row['added_ms']:+.1f}", f"{row['cpu_added_ms']:+.1f}"])]
         for name, row in summary["rows"].items()
     ]
     unsupported = "; ".join(f"{name}: {result['error'] or 'ran'}" for name, result in summary["unsupported"].items())
@@ -415,7 +420,7 @@ def callbacks_tables(summary: dict, args: argparse.Namespace) -> str:
              f"(per rank: rank 0 / rank 1; MB = 2^20 bytes; step time: rank 0's iterations, median and "
              f"quartiles over {args.rounds} rounds x {args.timed_epochs * (args.steps_per_epoch - 1)} steps)")
     header = ["configuration", "state MB/rank", "params MB/rank", "optimizer MB/rank", "peak RSS MB",
-              "peak above start MB", "ms/step", "(p25-p75)", "ms added"]
+              "peak above start MB", "ms/step", "(p25-p75)", "CPU ms/step", "ms added", "CPU ms added"]
     return f"{title}\n\n{markdown_table(header, rows)}\n\nTried: {unsupported}"
 
 

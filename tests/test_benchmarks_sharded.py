@@ -45,7 +45,8 @@ def rank_records(rank: int) -> dict:
     }
     state = {"ddp no averaging": 0, "ddp ours EMA": 400, "fsdp2 no averaging": 0, "fsdp2 ours EMA": 200 + rank}
     return dict(
-        records={name: [dict(iterations_s=fit) for fit in fits] for name, fits in iterations.items()},
+        records={name: [dict(iterations_s=fit, cpu_iterations_s=[t / 2 for t in fit]) for fit in fits]
+                 for name, fits in iterations.items()},
         memory={name: dict(callback_state_bytes=state[name], parameter_bytes=400, optimizer_state_bytes=800,
                            start_rss_kb=1024 * (100 + rank), peak_rss_kb=1024 * (150 + rank) + state[name])
                 for name in iterations},
@@ -64,6 +65,9 @@ def test_callbacks_summary_times_rank_0_and_charges_each_method_against_its_stra
     # Against FSDP2 without averaging, not DDP's.
     fsdp_baseline = statistics.quantiles([0.20, 0.22, 0.21, 0.23], n=4)[1]
     assert ema["added_ms"] == pytest.approx((median - fsdp_baseline) * 1e3)
+    assert ema["cpu_median_ms"] == pytest.approx(statistics.median(times) / 2 * 1e3)
+    assert ema["cpu_added_ms"] == pytest.approx((statistics.median(times) - statistics.median([0.20, 0.22, 0.21, 0.23]))
+                                                / 2 * 1e3)
     assert rows["ddp ours EMA"]["added_ms"] == pytest.approx(
         (statistics.quantiles([0.12, 0.14, 0.13, 0.15], n=4)[1] - statistics.quantiles([0.10, 0.12, 0.11, 0.13],
                                                                                          n=4)[1]) * 1e3)
