@@ -41,8 +41,8 @@ What it measures, in one run
     Threads: one intra-op thread per rank (2 ranks on this 2-core machine).
 
 How to run (from the repository root)
-    python benchmarks/sharded.py             # about 6 minutes on 2 quiet cores
-    python benchmarks/sharded.py --quick     # smoke run, about 1 minute: a 1 M-parameter model, 1 round
+    python benchmarks/sharded.py             # about 7 minutes here with other jobs running
+    python benchmarks/sharded.py --quick     # smoke run, about 3 minutes (mostly compiling): 2 blocks of width 256
                                              # (its numbers only show that the code runs)
     python benchmarks/sharded.py --part optimizer --opt-params 25e6
 
@@ -466,7 +466,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = 2 * ("callbacks" in report) + ("optimizer" in report)
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.5), constrained_layout=True, squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), constrained_layout=True, squeeze=False)
     axes = list(axes[0])
     if "callbacks" in report:
         rows = report["callbacks"]["rows"]
@@ -485,7 +485,7 @@ def plot(report: dict, path: Path) -> None:
         ax = axes.pop(0)
         time_panel(ax, rows, ["tab:blue" if name.startswith("ours") else "tab:orange" for name in rows],
                    "optimizer.step()")
-        ax.set_title(f"AdamW, {report['optimizer']['n_params'] / 1e6:.1f} M parameters over 2 ranks")
+        ax.set_title(f"AdamW on DTensors, {report['optimizer']['n_params'] / 1e6:.0f} M params, 2 ranks")
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

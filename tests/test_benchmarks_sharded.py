@@ -1,6 +1,6 @@
 """``benchmarks/sharded.py``'s bookkeeping, on made-up rank records (no training, no processes).
 
-The benchmark itself is run by hand (``--quick`` in about a minute on a quiet machine); these check what
+The benchmark itself is run by hand (``--quick`` in about 3 minutes, mostly compiling); these check what
 turns its measurements into the tables: the state bytes it counts, and the per-rank figures, quartiles and
 ratios of the summaries.
 """
