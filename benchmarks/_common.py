@@ -3,6 +3,7 @@
 - :func:`quiet_trainer`: a CPU Trainer without logger, checkpoints, progress bar or sanity check.
 - :func:`fit_classifier`: the digits classifier, trained with a seed and callbacks.
 - :class:`ValidationCurve`: logged validation metrics after every validation.
+- :class:`LoopTimer`: the time of each training-loop iteration, warm-up epochs dropped.
 - :class:`StreamingRoofline`: the memory bandwidth a streaming pass gets on this machine.
 - :func:`machine`, :func:`markdown_table`, :func:`result_paths`: the record of a run.
 """
@@ -73,6 +74,35 @@ class ValidationCurve(L.Callback):
         self.steps.append(trainer.global_step)
         for metric, values in self.values.items():
             values.append(float(trainer.callback_metrics[metric]))
+
+
+class LoopTimer(L.Callback):
+    """Times training-loop iterations: from one batch's ``on_train_batch_start`` to the next one's.
+
+    Iterations that start in the first ``skip_epochs`` epochs are warm-up and are
+    dropped; the rest are split into those within an epoch and those that cross
+    into the next epoch (they hold the epoch-end and epoch-start hooks). Each is
+    timed on the wall clock and in CPU time (all of this process's threads): on a
+    machine shared with other jobs the CPU time is the steadier figure, though it
+    leaves out what the process waited for (another rank, I/O).
+    """
+
+    def __init__(self, skip_epochs: int = 1) -> None:
+        self.skip_epochs = skip_epochs
+        self.starts: list[tuple[int, float, float]] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self.starts.append((trainer.current_epoch, time.perf_counter(), time.process_time()))
+
+    def iterations(self, clock: str = "wall") -> tuple[list[float], list[float]]:
+        """(seconds of iterations within an epoch, seconds of iterations crossing an epoch boundary), on the
+        ``"wall"`` clock or in ``"cpu"`` time."""
+        index = {"wall": 1, "cpu": 2}[clock]
+        within, crossing = [], []
+        for start, end in zip(self.starts, self.starts[1:]):
+            if start[0] >= self.skip_epochs:
+                (within if end[0] == start[0] else crossing).append(end[index] - start[index])
+        return within, crossing
 
 
 class StreamingRoofline:

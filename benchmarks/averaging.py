@@ -94,6 +94,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     REPO,
+    LoopTimer,
     StreamingRoofline,
     ValidationCurve,
     fit_classifier,
@@ -289,30 +290,6 @@ OVERHEAD_METHODS = {
     ),
 }
 BASELINE = "no averaging"
-
-
-class LoopTimer(L.Callback):
-    """Times training-loop iterations: from one batch's ``on_train_batch_start`` to the next one's.
-
-    Iterations that start in the first ``skip_epochs`` epochs are warm-up and are
-    dropped; the rest are split into those within an epoch and those that cross
-    into the next epoch (they hold the epoch-end and epoch-start hooks).
-    """
-
-    def __init__(self, skip_epochs: int = 1) -> None:
-        self.skip_epochs = skip_epochs
-        self.starts: list[tuple[int, float]] = []
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        self.starts.append((trainer.current_epoch, time.perf_counter()))
-
-    def iterations(self) -> tuple[list[float], list[float]]:
-        """(seconds of iterations within an epoch, seconds of iterations crossing an epoch boundary)."""
-        within, crossing = [], []
-        for (epoch, start), (next_epoch, next_start) in zip(self.starts, self.starts[1:]):
-            if epoch >= self.skip_epochs:
-                (within if next_epoch == epoch else crossing).append(next_start - start)
-        return within, crossing
 
 
 def fit_for_timing(model: LinearStack, loader: DataLoader, method: OverheadMethod, epochs: int) -> LoopTimer:
