@@ -18,10 +18,11 @@ What it measures
     * ``async Delayed Nesterov``: ``outer_optimizer="delayed_nesterov"``, momentum updated every
       ``--delayed-period`` arrivals (default: the number of workers);
     * ``async Delayed Nesterov + dynamic H``: the same with ``dynamic_inner_steps=True``;
-    * ``async Delayed Nesterov + staleness penalty``: the same with ``staleness_penalty=--staleness-penalty``.
+    * ``async Delayed Nesterov + staleness penalty``: the same with ``staleness_penalty=--staleness-penalty``;
+    * ``async Delayed Nesterov + overlap``: the same with ``overlap=True``: a worker starts its next round as
+      soon as it has sent its pseudo-gradient and rebases its progress onto the server's reply when it comes.
 
-    A row is one line of :func:`methods`: a kind and the strategy's options (an asynchronous overlapped
-    variant would be ``Method("async", options=(("overlap", True),))``).
+    A row is one line of :func:`methods`: a kind and the strategy's options.
 
     Every DiLoCo method uses the same H (``--h``, 20;
     ``--h-4``, 8, with 4 workers) and outer optimizer settings: lr 0.7 and momentum 0.5, the DiLoCo
@@ -127,7 +128,7 @@ INNER_STEPS_METRICS = ("async_diloco/inner_steps", "diloco/inner_steps")
 
 
 # How a strategy option shows in a method's name (" + dynamic H"); an option not listed shows as its name.
-OPTION_LABELS = {"dynamic_inner_steps": "dynamic H", "staleness_penalty": "staleness penalty"}
+OPTION_LABELS = {"dynamic_inner_steps": "dynamic H", "staleness_penalty": "staleness penalty", "overlap": "overlap"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +180,7 @@ def methods(args: argparse.Namespace) -> list[Method]:
         Method("async", options=(("dynamic_inner_steps", True),)),
         Method("async", options=(("staleness_penalty", args.staleness_penalty),)),
         Method("diloco", options=(("dynamic_inner_steps", True),)),
+        Method("async", options=(("overlap", True),)),
     ]
 
 

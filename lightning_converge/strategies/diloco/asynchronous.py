@@ -130,6 +130,7 @@ from lightning_converge.strategies.diloco.async_protocol import (
     round_trip,
     serve_locally,
 )
+from lightning_converge.strategies.diloco.dynamic import disable_sigterm_broadcast
 from lightning_converge.strategies.diloco.exchange import as_compressor
 from lightning_converge.strategies.diloco.outer import available_device, pseudo_gradient
 from lightning_converge.strategies.rank_state import RankStateFiles, cpu_copy, load_rank_states, save_rank_states
@@ -371,10 +372,7 @@ class AsyncDiLoCoStrategy(RankStateFiles, DDPStrategy):
                 f"{type(self).__name__} supports one inner optimizer, configure_optimizers returned "
                 f"{len(self.optimizers)}"
             )
-        # Lightning broadcasts rank 0's SIGTERM flag before every training batch: a collective that would
-        # make every worker wait for the slowest at every step. Each worker still stops on its own
-        # SIGTERM: the epoch loop checks its flag after every batch.
-        trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
+        disable_sigterm_broadcast(trainer)
 
     def on_train_start(self) -> None:
         """Fires when training starts, after a resumed state is restored: rank 0 starts serving."""

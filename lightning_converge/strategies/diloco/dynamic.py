@@ -47,6 +47,14 @@ from lightning_converge.strategies.diloco.async_outer import dynamic_inner_steps
 from lightning_converge.strategies.diloco.exchange import PseudoGradientExchange
 
 
+def disable_sigterm_broadcast(trainer: Any) -> None:
+    """Stop Lightning from broadcasting rank 0's SIGTERM flag before every training batch: a collective that
+    would make every worker wait for the slowest at every step (for workers that run at their own pace:
+    dynamic local updates, asynchronous DiLoCo). Each worker still stops on its own SIGTERM: the epoch loop
+    checks its flag after every batch."""
+    trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
+
+
 class DynamicInnerSteps:
     """This worker's inner steps in the current round, and the clock that measures its speed.
 

@@ -36,7 +36,7 @@ from lightning_converge.comm import Compressor
 from lightning_converge.kernels import ema_update
 from lightning_converge.kernels.dispatch import ScalarSlots, validate_backend
 from lightning_converge.schedules import Schedule, as_schedule
-from lightning_converge.strategies.diloco.dynamic import DynamicInnerSteps
+from lightning_converge.strategies.diloco.dynamic import DynamicInnerSteps, disable_sigterm_broadcast
 from lightning_converge.strategies.diloco.exchange import PendingSync, PseudoGradientExchange, as_compressor
 from lightning_converge.strategies.diloco.fragments import Fragment, build_fragments, pieces_of
 from lightning_converge.strategies.diloco.outer import (
@@ -202,9 +202,7 @@ class DiLoCoEngine:
                     f"{type(self).__name__}(dynamic_inner_steps=True) needs automatic optimization: its idle "
                     "steps skip the module's training_step, which must not hold the optimizer steps"
                 )
-            # Lightning broadcasts rank 0's SIGTERM flag before every training batch: a collective that would
-            # make every worker wait for the slowest at every step. Each worker still stops on its own SIGTERM.
-            trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
+            disable_sigterm_broadcast(trainer)
         self._start_round()
 
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
