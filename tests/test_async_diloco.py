@@ -404,18 +404,6 @@ def test_a_lightningcli_yaml_builds_the_strategy_with_its_options(tmp_path, monk
 # ---------------------------------------------------------------------------------------- one worker
 
 
-@pytest.fixture
-def single_process_group():
-    """A one-worker fit opens a process group in this process and sets the launcher's environment
-    variables: undo both, so later tests start clean."""
-    environment = dict(os.environ)
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(environment)
-
-
 def _fit_one_worker(model, strategy, max_steps=6, ckpt_path=None, **trainer_options):
     trainer = L.Trainer(
         accelerator="cpu",

@@ -245,18 +245,6 @@ def test_more_fragments_than_tensors_is_an_error():
 # ---------------------------------------------------------------------------------------- one worker, in process
 
 
-@pytest.fixture
-def single_process_group():
-    """A one-worker fit opens a process group in this process and sets the launcher's environment
-    variables: undo both, so later tests start clean."""
-    environment = dict(os.environ)
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(environment)
-
-
 class TwoOptimizers(Regression):
     def __init__(self) -> None:
         super().__init__()

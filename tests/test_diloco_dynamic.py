@@ -9,7 +9,6 @@ inner steps, and the parameters, can be written out here (:func:`simulate`).
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -59,18 +58,6 @@ class ManualOptimization(Regression):
         optimizer.zero_grad()
         self.manual_backward(super().training_step(batch, batch_idx))
         optimizer.step()
-
-
-@pytest.fixture
-def single_process_group():
-    """A one-worker fit opens a process group in this process and sets the launcher's environment
-    variables: undo both, so later tests start clean."""
-    environment = dict(os.environ)
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(environment)
 
 
 @pytest.mark.usefixtures("single_process_group")

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from ema_pytorch import post_hoc_ema as ema_pytorch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from test_diloco import single_process_group  # noqa: F401  (the fixture: undo a one-worker fit's process group)
 from test_gpu_path import _assert_steady_and_sync_free, no_host_reads
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset

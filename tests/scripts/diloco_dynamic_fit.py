@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
-from diloco_fit import Recording, Regression  # noqa: E402
+from diloco_fit import Recording, fit  # noqa: E402
 
 from lightning_converge.strategies import DiLoCoStrategy  # noqa: E402
 
@@ -62,24 +62,6 @@ class RealSteps(L.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.steps.append(trainer.global_step)
         time.sleep(self.sleep)
-
-
-def fit(strategy, inner_optimizer, max_steps, callbacks=(), ckpt_path=None, **trainer_options):
-    model = Regression(inner_optimizer)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=strategy,
-        max_steps=max_steps,
-        logger=False,
-        callbacks=list(callbacks),
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **trainer_options,
-    )
-    trainer.fit(model, ckpt_path=ckpt_path)
-    return trainer, model
 
 
 def save(out_dir, name, trainer, model):
